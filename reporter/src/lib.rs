@@ -1,0 +1,1 @@
+//! iac-reporter (under construction).

@@ -1,0 +1,19 @@
+//! The contract between the iac-runner services.
+//!
+//! - [`names`]: streams, subjects, consumers, the status bucket and headers, as constants.
+//! - [`events`]: the JSON messages on `IAC_EVENTS` and `IAC_RESULTS`, and request validation.
+//! - [`signature`]: GitHub's `X-Hub-Signature-256` HMAC, signed and verified.
+//! - [`rules`]: which services a changed path affects, and service discovery by `deploy.py`.
+//! - [`nats`]: NATS connection settings, stream and consumer provisioning.
+//! - [`shutdown`]: the shutdown signal every service loop watches.
+//! - [`telemetry`]: `LOG_FORMAT` / `RUST_LOG` logging set-up.
+//! - [`ops`]: the `/metrics`, `/health`, `/ready` endpoint of the worker and reporter.
+
+pub mod events;
+pub mod names;
+pub mod nats;
+pub mod ops;
+pub mod rules;
+pub mod shutdown;
+pub mod signature;
+pub mod telemetry;

@@ -1,0 +1,40 @@
+//! Names operators script against: streams, subjects, consumers, buckets and headers.
+//!
+//! They are part of the product: the README lists each one, and a test checks that the README
+//! and these constants agree.
+
+/// Stream holding every accepted event (verified pushes and manual sync requests).
+pub const EVENTS_STREAM: &str = "IAC_EVENTS";
+/// Subjects of [`EVENTS_STREAM`].
+pub const EVENTS_SUBJECTS: &str = "iac.events.>";
+/// A verified GitHub push to the deployed branch.
+pub const PUSH_SUBJECT: &str = "iac.events.push";
+/// A manual sync request (signed `POST /sync`, or `nats pub`).
+pub const SYNC_SUBJECT: &str = "iac.events.sync";
+
+/// Stream holding what the worker did.
+pub const RESULTS_STREAM: &str = "IAC_RESULTS";
+/// Subjects of [`RESULTS_STREAM`].
+pub const RESULTS_SUBJECTS: &str = "iac.results.>";
+/// A sync began: commit and services decided.
+pub const STARTED_SUBJECT: &str = "iac.results.started";
+/// A sync ended: per-service outcomes and totals, or an error.
+pub const FINISHED_SUBJECT: &str = "iac.results.finished";
+
+/// The one durable consumer that serializes syncs (`max_ack_pending = 1`).
+pub const WORKER_CONSUMER: &str = "iac-worker";
+/// The durable pull consumer shared by every reporter process on [`RESULTS_STREAM`].
+pub const REPORTER_CONSUMER: &str = "iac-reporter";
+/// The reporter's own durable consumer on pushes in [`EVENTS_STREAM`] (the "queued" status).
+pub const REPORTER_EVENTS_CONSUMER: &str = "iac-reporter-events";
+/// Key-value bucket with the last status claimed per (repository, commit, context).
+pub const STATUS_BUCKET: &str = "IAC_STATUSES";
+
+/// Correlation id of an event; carried by the event and by every result about it.
+pub const EVENT_ID_HEADER: &str = "Iac-Event-Id";
+/// Set on a replayed message: the stream sequence of the original.
+pub const REPLAY_OF_HEADER: &str = "Iac-Replay-Of";
+/// Set on a replayed event whose tasks must run even where they would be skipped.
+pub const FORCE_HEADER: &str = "Iac-Force";
+/// JetStream's de-duplication header.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";

@@ -1,0 +1,536 @@
+//! Connecting to NATS and provisioning the streams and consumers every service relies on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{ConnectOptions, ServerAddr};
+use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::names::*;
+use crate::shutdown::Shutdown;
+
+/// NATS connection and stream settings shared by every service.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URLs, comma-separated (give every node of a cluster).
+    #[arg(
+        long = "nats-url",
+        env = "NATS_URL",
+        value_name = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ',',
+        value_parser = parse_server_addr
+    )]
+    pub urls: Vec<ServerAddr>,
+
+    /// Credentials file (JWT + NKey) for NATS.
+    #[arg(long = "nats-creds", env = "NATS_CREDS", value_name = "NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+
+    /// NATS user name (with NATS_PASSWORD).
+    #[arg(
+        long = "nats-user",
+        env = "NATS_USER",
+        value_name = "NATS_USER",
+        requires = "password"
+    )]
+    pub user: Option<String>,
+
+    /// NATS password.
+    #[arg(
+        long = "nats-password",
+        env = "NATS_PASSWORD",
+        value_name = "NATS_PASSWORD",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub password: Option<SecretString>,
+
+    /// NATS token.
+    #[arg(
+        long = "nats-token",
+        env = "NATS_TOKEN",
+        value_name = "NATS_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub token: Option<SecretString>,
+
+    /// CA certificate (PEM) to verify the NATS server's TLS certificate.
+    #[arg(long = "nats-ca", env = "NATS_CA", value_name = "NATS_CA")]
+    pub ca: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub streams: StreamSettings,
+}
+
+/// Settings of `IAC_EVENTS` and `IAC_RESULTS`.
+#[derive(Debug, Clone, Args)]
+pub struct StreamSettings {
+    /// Replicas of each stream (3 on a three-node cluster).
+    #[arg(
+        long = "stream-replicas",
+        env = "STREAM_REPLICAS",
+        value_name = "STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=5)
+    )]
+    pub replicas: u8,
+
+    /// How long events and results are kept (the audit log), e.g. `30d`.
+    #[arg(
+        long = "stream-max-age",
+        env = "STREAM_MAX_AGE",
+        value_name = "STREAM_MAX_AGE",
+        default_value = "30d",
+        value_parser = parse_positive_duration
+    )]
+    pub max_age: Duration,
+
+    /// Window in which a repeated `Nats-Msg-Id` (GitHub delivery id) is stored once, e.g. `2m`.
+    #[arg(
+        long = "duplicate-window",
+        env = "DUPLICATE_WINDOW",
+        value_name = "DUPLICATE_WINDOW",
+        default_value = "2m",
+        value_parser = parse_positive_duration
+    )]
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            replicas: 1,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+fn parse_server_addr(s: &str) -> Result<ServerAddr, String> {
+    s.trim()
+        .parse::<ServerAddr>()
+        .map_err(|e| format!("not a NATS URL: {e}"))
+}
+
+/// Parses a secret without ever putting its value into an error.
+pub fn parse_secret(s: &str) -> Result<SecretString, String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(SecretString::from(s))
+}
+
+/// A duration such as `30s`, `5m`, `30d`; zero is refused.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 30d)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Connects with the configured auth. The client keeps reconnecting forever, also when the
+/// first attempt fails, so a service can start before NATS and recover when NATS comes back.
+pub async fn connect(args: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
+    let mut options = ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * 2u64.saturating_pow(attempts.min(6) as u32)).min(2_000))
+        })
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                other => tracing::debug!(event = %other, "NATS client event"),
+            }
+        });
+    if let Some(path) = &args.creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| ConnectError::Creds(path.display().to_string(), e.to_string()))?;
+    }
+    if let (Some(user), Some(password)) = (&args.user, &args.password) {
+        options = options.user_and_password(user.clone(), password.expose_secret().to_string());
+    }
+    if let Some(token) = &args.token {
+        options = options.token(token.expose_secret().to_string());
+    }
+    if let Some(ca) = &args.ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    options
+        .connect(args.urls.clone())
+        .await
+        .map_err(|e| ConnectError::Connect(e.to_string()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("NATS_CREDS: cannot read credentials file {0}: {1}")]
+    Creds(String, String),
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+}
+
+/// Why the streams or consumers could not be brought to the configuration the code expects.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("JetStream request failed for {what}: {reason}")]
+    JetStream { what: String, reason: String },
+    #[error(
+        "{what} differs from the expected configuration in {fields} and could not be updated: {reason}"
+    )]
+    Drift {
+        what: String,
+        fields: String,
+        reason: String,
+    },
+}
+
+fn js_err(what: &str, e: impl std::fmt::Display) -> ProvisionError {
+    ProvisionError::JetStream {
+        what: what.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// `IAC_EVENTS`: limits retention (replayable audit log), file storage.
+pub fn events_stream_config(settings: &StreamSettings) -> stream::Config {
+    stream_config(
+        EVENTS_STREAM,
+        EVENTS_SUBJECTS,
+        "Accepted iac-runner events",
+        settings,
+    )
+}
+
+/// `IAC_RESULTS`: what the worker did, same retention rules.
+pub fn results_stream_config(settings: &StreamSettings) -> stream::Config {
+    stream_config(
+        RESULTS_STREAM,
+        RESULTS_SUBJECTS,
+        "iac-runner sync results",
+        settings,
+    )
+}
+
+fn stream_config(
+    name: &str,
+    subjects: &str,
+    description: &str,
+    settings: &StreamSettings,
+) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        description: Some(description.to_string()),
+        subjects: vec![subjects.to_string()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: settings.max_age,
+        duplicate_window: settings.duplicate_window,
+        num_replicas: settings.replicas as usize,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// The fields of a stream the runner depends on, compared to find drift.
+fn stream_drift(want: &stream::Config, have: &stream::Config) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    if want.subjects != have.subjects {
+        fields.push("subjects");
+    }
+    if want.retention != have.retention {
+        fields.push("retention");
+    }
+    if want.storage != have.storage {
+        fields.push("storage");
+    }
+    if want.max_age != have.max_age {
+        fields.push("max_age");
+    }
+    if want.duplicate_window != have.duplicate_window {
+        fields.push("duplicate_window");
+    }
+    if want.num_replicas != have.num_replicas.max(1) {
+        fields.push("num_replicas");
+    }
+    if want.allow_direct != have.allow_direct {
+        fields.push("allow_direct");
+    }
+    fields
+}
+
+/// Creates the stream, or corrects a drifted one (logged); an uncorrectable drift is an error.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    want: stream::Config,
+) -> Result<stream::Stream, ProvisionError> {
+    let what = format!("stream {}", want.name);
+    match js.get_stream(&want.name).await {
+        Ok(mut existing) => {
+            let have = existing
+                .info()
+                .await
+                .map_err(|e| js_err(&what, e))?
+                .config
+                .clone();
+            let drift = stream_drift(&want, &have);
+            if !drift.is_empty() {
+                let fields = drift.join(", ");
+                js.update_stream(&want)
+                    .await
+                    .map_err(|e| ProvisionError::Drift {
+                        what: what.clone(),
+                        fields: fields.clone(),
+                        reason: e.to_string(),
+                    })?;
+                tracing::warn!(stream = %want.name, %fields, "corrected stream configuration drift");
+            }
+            Ok(existing)
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            let stream = js
+                .create_stream(want.clone())
+                .await
+                .map_err(|e| js_err(&what, e))?;
+            tracing::info!(stream = %want.name, replicas = want.num_replicas, "created stream");
+            Ok(stream)
+        }
+        Err(e) => Err(js_err(&what, e)),
+    }
+}
+
+/// Settings of the durable consumers.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+}
+
+/// `iac-worker` on `IAC_EVENTS`: explicit ack, one message in flight across all workers.
+pub fn worker_consumer_config(ack_wait: Duration, max_deliver: i64) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(WORKER_CONSUMER.to_string()),
+        description: Some("iac-runner worker: one sync at a time".into()),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_deliver,
+        max_ack_pending: 1,
+        ..Default::default()
+    }
+}
+
+/// Default attempts of one event (the last delivery is turned into an `error` result).
+pub const WORKER_DEFAULT_ATTEMPTS: i64 = 3;
+/// Default ack wait of the worker consumer; the worker sends progress every third of it.
+pub const WORKER_DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// `iac-reporter` on `IAC_RESULTS`: explicit ack, pull, shared by every reporter process.
+pub fn reporter_consumer_config(ack_wait: Duration) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(REPORTER_CONSUMER.to_string()),
+        description: Some("iac-runner reporter: GitHub statuses from results".into()),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: REPORTER_MAX_DELIVER,
+        max_ack_pending: 1024,
+        ..Default::default()
+    }
+}
+
+/// `iac-reporter-events` on pushes in `IAC_EVENTS`: the "queued" status.
+pub fn reporter_events_consumer_config(ack_wait: Duration) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(REPORTER_EVENTS_CONSUMER.to_string()),
+        description: Some("iac-runner reporter: queued statuses for pushes".into()),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: REPORTER_MAX_DELIVER,
+        max_ack_pending: 1024,
+        filter_subject: PUSH_SUBJECT.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Deliveries of one result before the reporter gives up on it (with backoff, about an hour).
+pub const REPORTER_MAX_DELIVER: i64 = 30;
+/// Default ack wait of the reporter consumers.
+pub const REPORTER_DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+fn consumer_drift(want: &consumer::pull::Config, have: &consumer::Config) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    if want.ack_policy != have.ack_policy {
+        fields.push("ack_policy");
+    }
+    if want.ack_wait != have.ack_wait {
+        fields.push("ack_wait");
+    }
+    if want.max_deliver != have.max_deliver {
+        fields.push("max_deliver");
+    }
+    if want.max_ack_pending != have.max_ack_pending {
+        fields.push("max_ack_pending");
+    }
+    if want.filter_subject != have.filter_subject {
+        fields.push("filter_subject");
+    }
+    if have.deliver_subject.is_some() {
+        fields.push("deliver_subject (a push consumer)");
+    }
+    fields
+}
+
+/// Creates a durable pull consumer, or (when `owner`) corrects its drifted configuration.
+///
+/// Every service creates the consumers that are missing before it publishes anything, so no
+/// event is ever stored without the consumers that must see it; only the service that uses a
+/// consumer corrects it, so two services never fight over its settings.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    want: consumer::pull::Config,
+    owner: bool,
+) -> Result<consumer::PullConsumer, ProvisionError> {
+    let name = want.durable_name.clone().unwrap_or_default();
+    let what = format!("consumer {name} on {stream}");
+    let stream_handle = js.get_stream(stream).await.map_err(|e| js_err(&what, e))?;
+    match stream_handle.consumer_info(&name).await {
+        Ok(info) => {
+            let existing = stream_handle
+                .get_consumer::<consumer::pull::Config>(&name)
+                .await
+                .map_err(|e| js_err(&what, e))?;
+            if owner {
+                let have = info.config;
+                let drift = consumer_drift(&want, &have);
+                if !drift.is_empty() {
+                    let fields = drift.join(", ");
+                    let updated = stream_handle.update_consumer(want).await.map_err(|e| {
+                        ProvisionError::Drift {
+                            what: what.clone(),
+                            fields: fields.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    tracing::warn!(consumer = %name, %stream, %fields, "corrected consumer configuration drift");
+                    return Ok(updated);
+                }
+            }
+            Ok(existing)
+        }
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            let created = stream_handle
+                .create_consumer(want)
+                .await
+                .map_err(|e| js_err(&what, e))?;
+            tracing::info!(consumer = %name, %stream, "created consumer");
+            Ok(created)
+        }
+        Err(e) => Err(js_err(&what, e)),
+    }
+}
+
+/// Creates or corrects both streams and creates every missing consumer with its defaults.
+pub async fn provision(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(), ProvisionError> {
+    ensure_stream(js, events_stream_config(settings)).await?;
+    ensure_stream(js, results_stream_config(settings)).await?;
+    let defaults = [
+        (
+            EVENTS_STREAM,
+            worker_consumer_config(WORKER_DEFAULT_ACK_WAIT, WORKER_DEFAULT_ATTEMPTS + 1),
+        ),
+        (
+            RESULTS_STREAM,
+            reporter_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
+        ),
+        (
+            EVENTS_STREAM,
+            reporter_events_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
+        ),
+    ];
+    for (stream, config) in defaults {
+        ensure_consumer(js, stream, config, false).await?;
+    }
+    Ok(())
+}
+
+/// [`provision`], retried with backoff until it succeeds or `shutdown` fires (NATS may be
+/// starting, or a cluster may be electing a leader).
+pub async fn provision_until_ready(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    shutdown: &Shutdown,
+) -> Result<(), ProvisionError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match provision(js, settings).await {
+            Ok(()) => return Ok(()),
+            Err(e @ ProvisionError::Drift { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "streams not ready yet");
+                if shutdown.sleep_or_shutdown(delay).await {
+                    return Err(e);
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_configs_follow_the_contract() {
+        let settings = StreamSettings {
+            replicas: 3,
+            ..Default::default()
+        };
+        let events = events_stream_config(&settings);
+        assert_eq!(events.name, "IAC_EVENTS");
+        assert_eq!(events.subjects, ["iac.events.>"]);
+        assert_eq!(events.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(events.storage, stream::StorageType::File);
+        assert_eq!(events.max_age, Duration::from_secs(30 * 86400));
+        assert_eq!(events.duplicate_window, Duration::from_secs(120));
+        assert_eq!(events.num_replicas, 3);
+        let results = results_stream_config(&settings);
+        assert_eq!(results.subjects, ["iac.results.>"]);
+        assert!(stream_drift(&events, &events).is_empty());
+        assert_eq!(stream_drift(&events, &results), ["subjects"]);
+    }
+
+    #[test]
+    fn durations_must_be_positive_and_readable() {
+        assert_eq!(parse_positive_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_positive_duration("0s").is_err());
+        assert!(
+            parse_positive_duration("soon")
+                .unwrap_err()
+                .contains("examples")
+        );
+    }
+}

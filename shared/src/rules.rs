@@ -1,0 +1,508 @@
+//! Which services a changed path affects, and which directories are services.
+//!
+//! The default rules reproduce the original runner's table:
+//!
+//! | path | effect |
+//! | --- | --- |
+//! | `bootstrap/**` | never synced automatically |
+//! | `libs/**` | every discovered service |
+//! | `platform/{nn}.{name}/**` | service `platform/{name}`, task `{name}.sync` |
+//! | `finance_report/finance_report/{nn}.{name}/**` | service `finance_report/{name}`, task `fr-{name}.sync` |
+//! | anything else | ignored |
+//!
+//! `IAC_RULES` may name a TOML file that replaces them (see [`Rules::from_toml`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::events::is_valid_service_key;
+
+/// What [`Rules::map_paths`] shows for "every service" in a preview (as the original did).
+pub const ALL_SERVICES: &str = "__all__";
+
+/// A service found at a commit: a directory matching a service rule that holds `deploy.py`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Service {
+    /// `platform/postgres`
+    pub key: String,
+    /// `postgres.sync`
+    pub task: String,
+    /// `platform/01.postgres`
+    pub dir: String,
+}
+
+/// The effect of one changed path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The path belongs to this service (key).
+    Service(String),
+    /// The path is shared by every service (`libs/**`).
+    All,
+    /// The path must never trigger a sync (`bootstrap/**`).
+    Never,
+    /// The path belongs to nothing the runner deploys.
+    Nothing,
+}
+
+/// The services a set of paths maps to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mapping {
+    /// Service keys named by their own directories.
+    pub services: BTreeSet<String>,
+    /// Some path affects every service.
+    pub all: bool,
+}
+
+impl Mapping {
+    /// The preview the gateway answers with: the keys, plus [`ALL_SERVICES`] when `all`.
+    pub fn preview(&self) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::with_capacity(self.services.len() + 1);
+        if self.all {
+            keys.push(ALL_SERVICES.to_string());
+        }
+        keys.extend(self.services.iter().cloned());
+        keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
+
+    /// The discovered services this mapping selects, in key order.
+    pub fn select<'a>(&self, discovered: &'a [Service]) -> Vec<&'a Service> {
+        discovered
+            .iter()
+            .filter(|s| self.all || self.services.contains(&s.key))
+            .collect()
+    }
+}
+
+/// A rules file that could not be used; the message points at the bad rule.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("cannot read rules file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("rules file is not valid TOML: {0}")]
+    Toml(String),
+    #[error("{rule}: {problem}")]
+    Rule { rule: String, problem: String },
+}
+
+/// The rules file format (`IAC_RULES`).
+///
+/// ```toml
+/// never = ["bootstrap/**"]
+/// all = ["libs/**"]
+///
+/// [[service]]
+/// dir = "platform/*"          # a directory matching this, holding deploy.py, is a service
+/// key = "platform/{name}"     # {name}: the directory's last component without its "NN." prefix
+/// task = "{name}.sync"        # {dir}: that last component as it is
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    never: Vec<String>,
+    #[serde(default)]
+    all: Vec<String>,
+    #[serde(default)]
+    service: Vec<ServiceRuleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceRuleFile {
+    dir: String,
+    key: String,
+    task: String,
+}
+
+#[derive(Debug, Clone)]
+struct ServiceRule {
+    dir: GlobMatcher,
+    depth: usize,
+    key: String,
+    task: String,
+}
+
+/// Path-to-service rules, compiled once.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    never: GlobSet,
+    all: GlobSet,
+    services: Vec<ServiceRule>,
+}
+
+const DEFAULT_RULES: &str = r#"
+never = ["bootstrap/**"]
+all = ["libs/**"]
+
+[[service]]
+dir = "platform/*"
+key = "platform/{name}"
+task = "{name}.sync"
+
+[[service]]
+dir = "finance_report/finance_report/*"
+key = "finance_report/{name}"
+task = "fr-{name}.sync"
+"#;
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules::from_toml(DEFAULT_RULES).expect("the default rules are valid")
+    }
+}
+
+impl Rules {
+    /// Reads a rules file.
+    pub fn load(path: &Path) -> Result<Self, RulesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Rules::from_toml(&text)
+    }
+
+    /// Parses and validates rules; an error names the rule and what is wrong with it.
+    pub fn from_toml(text: &str) -> Result<Self, RulesError> {
+        let file: RulesFile = toml::from_str(text).map_err(|e| RulesError::Toml(e.to_string()))?;
+        let never = glob_set("never", &file.never)?;
+        let all = glob_set("all", &file.all)?;
+        let services = file
+            .service
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| service_rule(&format!("service[{i}] (dir = {:?})", rule.dir), rule))
+            .collect::<Result<Vec<_>, _>>()?;
+        if services.is_empty() {
+            return Err(RulesError::Rule {
+                rule: "service".into(),
+                problem: "at least one [[service]] rule is needed".into(),
+            });
+        }
+        Ok(Rules {
+            never,
+            all,
+            services,
+        })
+    }
+
+    /// The effect of one changed path. `never` wins over `all`, which wins over services.
+    pub fn classify(&self, path: &str) -> Effect {
+        if self.never.is_match(path) {
+            return Effect::Never;
+        }
+        if self.all.is_match(path) {
+            return Effect::All;
+        }
+        for rule in &self.services {
+            // The service directory is the path's first `depth` components; a file directly at
+            // that depth (no directory below it) is not inside a service.
+            let Some(end) = nth_slash(path, rule.depth) else {
+                continue;
+            };
+            if let Some(service) = rule.service(&path[..end]) {
+                return Effect::Service(service.key);
+            }
+        }
+        Effect::Nothing
+    }
+
+    /// Maps changed paths to services.
+    pub fn map_paths<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> Mapping {
+        let mut mapping = Mapping::default();
+        for path in paths {
+            match self.classify(path) {
+                Effect::Service(key) => {
+                    mapping.services.insert(key);
+                }
+                Effect::All => mapping.all = true,
+                Effect::Never | Effect::Nothing => {}
+            }
+        }
+        mapping
+    }
+
+    /// The service a directory is, if a service rule matches it exactly.
+    pub fn service_for_dir(&self, dir: &str) -> Option<Service> {
+        if self.never.is_match(dir) {
+            return None;
+        }
+        self.services.iter().find_map(|rule| {
+            (dir.split('/').count() == rule.depth)
+                .then(|| rule.service(dir))
+                .flatten()
+        })
+    }
+
+    /// Services among repository files: each `<dir>/deploy.py` whose `<dir>` is a service.
+    ///
+    /// Sorted by key; when two directories give the same key the first in path order wins.
+    pub fn discover<'a>(&self, files: impl IntoIterator<Item = &'a str>) -> Vec<Service> {
+        let mut by_key: BTreeMap<String, Service> = BTreeMap::new();
+        let mut dirs: Vec<&str> = files
+            .into_iter()
+            .filter_map(|f| f.strip_suffix("/deploy.py"))
+            .collect();
+        dirs.sort_unstable();
+        for dir in dirs {
+            if let Some(service) = self.service_for_dir(dir) {
+                by_key.entry(service.key.clone()).or_insert(service);
+            }
+        }
+        by_key.into_values().collect()
+    }
+}
+
+impl ServiceRule {
+    fn service(&self, dir: &str) -> Option<Service> {
+        if !self.dir.is_match(dir) {
+            return None;
+        }
+        let last = dir.rsplit('/').next().unwrap_or(dir);
+        let name = strip_order_prefix(last);
+        if name.is_empty() {
+            return None;
+        }
+        let key = fill(&self.key, name, last);
+        if !is_valid_service_key(&key) {
+            return None;
+        }
+        Some(Service {
+            key,
+            task: fill(&self.task, name, last),
+            dir: dir.to_string(),
+        })
+    }
+}
+
+/// `01.postgres` → `postgres`; names without a numeric prefix are kept.
+fn strip_order_prefix(dir: &str) -> &str {
+    match dir.split_once('.') {
+        Some((prefix, rest))
+            if !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            rest
+        }
+        _ => dir,
+    }
+}
+
+fn fill(template: &str, name: &str, dir: &str) -> String {
+    template.replace("{name}", name).replace("{dir}", dir)
+}
+
+/// Byte index of the `n`-th `/` in `path` (1-based).
+fn nth_slash(path: &str, n: usize) -> Option<usize> {
+    path.match_indices('/').nth(n - 1).map(|(i, _)| i)
+}
+
+fn glob(rule: &str, pattern: &str) -> Result<Glob, RulesError> {
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| RulesError::Rule {
+            rule: rule.to_string(),
+            problem: format!("bad pattern {pattern:?}: {e}"),
+        })
+}
+
+fn glob_set(rule: &str, patterns: &[String]) -> Result<GlobSet, RulesError> {
+    let mut builder = GlobSetBuilder::new();
+    for pattern in patterns {
+        builder.add(glob(rule, pattern)?);
+    }
+    builder.build().map_err(|e| RulesError::Rule {
+        rule: rule.to_string(),
+        problem: e.to_string(),
+    })
+}
+
+fn service_rule(name: &str, rule: &ServiceRuleFile) -> Result<ServiceRule, RulesError> {
+    let problem = |problem: String| RulesError::Rule {
+        rule: name.to_string(),
+        problem,
+    };
+    if rule.dir.contains("**") {
+        return Err(problem(
+            "dir must name directories at one depth: use '*', not '**'".into(),
+        ));
+    }
+    if rule.dir.starts_with('/') || rule.dir.ends_with('/') || rule.dir.is_empty() {
+        return Err(problem(
+            "dir must be a relative path without a trailing '/'".into(),
+        ));
+    }
+    for (field, template) in [("key", &rule.key), ("task", &rule.task)] {
+        if !template.contains("{name}") && !template.contains("{dir}") {
+            return Err(problem(format!(
+                "{field} {template:?} must contain {{name}} or {{dir}}"
+            )));
+        }
+    }
+    if !is_valid_service_key(&fill(&rule.key, "name", "01.name")) {
+        return Err(problem(format!(
+            "key {:?} must give layer/name keys (one '/', letters, digits, '-', '_', '.')",
+            rule.key
+        )));
+    }
+    Ok(ServiceRule {
+        dir: glob(name, &rule.dir)?.compile_matcher(),
+        depth: rule.dir.split('/').count(),
+        key: rule.key.clone(),
+        task: rule.task.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(mapping: &Mapping) -> Vec<String> {
+        mapping.preview()
+    }
+
+    #[test]
+    fn the_original_table_is_the_default() {
+        let rules = Rules::default();
+        assert_eq!(
+            rules.classify("platform/01.postgres/compose.yaml"),
+            Effect::Service("platform/postgres".into())
+        );
+        assert_eq!(
+            rules.classify("finance_report/finance_report/10.app/deploy.py"),
+            Effect::Service("finance_report/app".into())
+        );
+        assert_eq!(rules.classify("libs/common/deploy_utils.py"), Effect::All);
+        assert_eq!(
+            rules.classify("bootstrap/01.vault/compose.yaml"),
+            Effect::Never
+        );
+        assert_eq!(rules.classify("README.md"), Effect::Nothing);
+        assert_eq!(rules.classify("platform/README.md"), Effect::Nothing);
+        assert_eq!(rules.classify("finance_report/README.md"), Effect::Nothing);
+    }
+
+    #[test]
+    fn paths_map_to_a_sorted_preview_with_all_first() {
+        let rules = Rules::default();
+        let mapping = rules.map_paths([
+            "platform/02.redis/compose.yaml",
+            "platform/01.postgres/deploy.py",
+            "platform/01.postgres/compose.yaml",
+            "docs/x.md",
+        ]);
+        assert_eq!(keys(&mapping), ["platform/postgres", "platform/redis"]);
+        let mapping = rules.map_paths(["libs/x.py", "platform/01.postgres/a"]);
+        assert_eq!(keys(&mapping), ["__all__", "platform/postgres"]);
+        assert!(rules.map_paths(["bootstrap/01.vault/deploy.py"]).is_empty());
+    }
+
+    #[test]
+    fn discovery_finds_services_by_deploy_py_and_skips_bootstrap() {
+        let rules = Rules::default();
+        let found = rules.discover([
+            "platform/01.postgres/deploy.py",
+            "platform/01.postgres/compose.yaml",
+            "platform/02.redis/deploy.py",
+            "platform/03.nodeploy/compose.yaml",
+            "finance_report/finance_report/10.app/deploy.py",
+            "bootstrap/01.vault/deploy.py",
+            "platform/01.postgres/sub/deploy.py",
+            "libs/deploy.py",
+        ]);
+        let tasks: Vec<(&str, &str)> = found
+            .iter()
+            .map(|s| (s.key.as_str(), s.task.as_str()))
+            .collect();
+        assert_eq!(
+            tasks,
+            [
+                ("finance_report/app", "fr-app.sync"),
+                ("platform/postgres", "postgres.sync"),
+                ("platform/redis", "redis.sync"),
+            ]
+        );
+        assert_eq!(found[1].dir, "platform/01.postgres");
+    }
+
+    #[test]
+    fn a_rules_file_replaces_the_defaults() {
+        let rules = Rules::from_toml(
+            r#"
+            never = ["infra/secret/**"]
+            all = ["shared/**"]
+            [[service]]
+            dir = "apps/*"
+            key = "apps/{dir}"
+            task = "deploy-{name}"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            rules.classify("apps/web/x"),
+            Effect::Service("apps/web".into())
+        );
+        assert_eq!(rules.classify("shared/a"), Effect::All);
+        assert_eq!(rules.classify("libs/a"), Effect::Nothing);
+        assert_eq!(
+            rules.service_for_dir("apps/web").unwrap().task,
+            "deploy-web"
+        );
+    }
+
+    #[test]
+    fn bad_rules_are_reported_with_the_rule_that_is_wrong() {
+        let cases = [
+            (
+                "[[service]]\ndir = \"a/**\"\nkey = \"a/{name}\"\ntask = \"{name}\"",
+                "service[0]",
+            ),
+            (
+                "[[service]]\ndir = \"a/*\"\nkey = \"a/fixed\"\ntask = \"{name}\"",
+                "must contain",
+            ),
+            (
+                "[[service]]\ndir = \"a/*\"\nkey = \"{name}\"\ntask = \"{name}\"",
+                "layer/name",
+            ),
+            (
+                "never = [\"a/[\"]\n[[service]]\ndir = \"a/*\"\nkey = \"a/{name}\"\ntask = \"t\"",
+                "never",
+            ),
+            (
+                "[[service]]\ndir = \"a/*\"\nkey = \"a/{name}\"\ntask = \"{name}\"\ntypo = 1",
+                "typo",
+            ),
+            ("never = []", "at least one"),
+            ("not toml [", "TOML"),
+        ];
+        for (text, expected) in cases {
+            let err = Rules::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn selecting_all_takes_every_discovered_service() {
+        let rules = Rules::default();
+        let found = rules.discover(["platform/01.a/deploy.py", "platform/02.b/deploy.py"]);
+        let mapping = rules.map_paths(["libs/x"]);
+        assert_eq!(mapping.select(&found).len(), 2);
+        let mapping = rules.map_paths(["platform/02.b/x", "platform/09.gone/x"]);
+        let selected: Vec<&str> = mapping
+            .select(&found)
+            .iter()
+            .map(|s| s.key.as_str())
+            .collect();
+        assert_eq!(selected, ["platform/b"]);
+    }
+}

@@ -1,0 +1,49 @@
+"""What every fixture service's `sync` task does: record the run, behave as told, report.
+
+The repository root holds fixture.json with {"log": "<path>"}: every task run appends a
+"start" and an "end" line (JSON) to that log, which the tests read back. A service directory
+may hold behaviour.json with {"sleep": seconds, "exit": code} to make its task slow or fail.
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+
+def _append(log: str, record: dict) -> None:
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def run_sync(deploy_file: str) -> None:
+    service_dir = pathlib.Path(deploy_file).resolve().parent
+    root = service_dir
+    while not (root / "fixture.json").exists():
+        root = root.parent
+    log = json.loads((root / "fixture.json").read_text())["log"]
+    behaviour_file = service_dir / "behaviour.json"
+    behaviour = json.loads(behaviour_file.read_text()) if behaviour_file.exists() else {}
+    record = {
+        "task": os.environ.get("IAC_TASK"),
+        "service": os.environ.get("IAC_SERVICE"),
+        "commit": os.environ.get("IAC_COMMIT"),
+        "force": os.environ.get("IAC_FORCE") == "1",
+        "dir": service_dir.name,
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+    }
+    _append(log, dict(record, phase="start", t=time.time()))
+    print(f"syncing {service_dir.name}", flush=True)
+    time.sleep(float(behaviour.get("sleep", 0)))
+    _append(log, dict(record, phase="end", t=time.time()))
+    code = int(behaviour.get("exit", 0))
+    if code:
+        print(f"deploy of {service_dir.name} failed: boom", file=sys.stderr, flush=True)
+        sys.exit(code)
+    print(f"{service_dir.name} synced", flush=True)

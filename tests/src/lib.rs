@@ -1,0 +1,40 @@
+//! Support for the cross-service tests: real `nats-server` processes, real git fixture
+//! repositories laid out like an infrastructure monorepo, request signing, and waiting.
+//!
+//! - [`nats`]: a `nats-server` with JetStream on a free port and a temporary store, killed on drop.
+//! - [`fixture`]: a git monorepo (`platform/`, `finance_report/`, `bootstrap/`, `libs/`, a root
+//!   `tasks.py`) whose invoke tasks record every run in a log the test reads back.
+//! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are.
+
+pub mod fixture;
+pub mod nats;
+pub mod tools;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 50 ms until it returns `Some`, failing the test loudly after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free port on loopback")
+}

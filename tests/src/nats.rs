@@ -1,0 +1,112 @@
+//! A real `nats-server` per test: JetStream on, a free port on loopback, a temporary store.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::{free_port, tools};
+
+/// A running `nats-server`, killed when dropped.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: TempDir,
+    extra_config: Option<String>,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free port and waits until it accepts connections.
+    pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a server with extra configuration appended (accounts, users, `sync_interval`).
+    pub fn start_with_config(extra_config: Option<&str>) -> Self {
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().expect("a temporary JetStream store"),
+            extra_config: extra_config.map(str::to_string),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Kills the server (SIGKILL), keeping its store.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A connected client (for assertions and hand-published messages).
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connecting to the test nats-server")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.store.path().join("server.conf")
+    }
+
+    fn spawn(&mut self) {
+        let store = self.store.path().join("jetstream");
+        let config = format!(
+            "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {store:?}\n}}\n{extra}\n",
+            port = self.port,
+            store = store,
+            extra = self.extra_config.as_deref().unwrap_or("")
+        );
+        std::fs::write(self.config_path(), config).expect("writing nats-server config");
+        let child = Command::new(tools::nats_server())
+            .arg("-c")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Blocks until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on port {port} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,1 @@
+//! iac-worker (under construction).
