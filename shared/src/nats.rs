@@ -315,14 +315,6 @@ pub async fn ensure_stream(
     }
 }
 
-/// Settings of the durable consumers.
-#[derive(Debug, Clone)]
-pub struct ConsumerSettings {
-    pub ack_wait: Duration,
-    pub max_deliver: i64,
-    pub max_ack_pending: i64,
-}
-
 /// `iac-worker` on `IAC_EVENTS`: explicit ack, one message in flight across all workers.
 pub fn worker_consumer_config(ack_wait: Duration, max_deliver: i64) -> consumer::pull::Config {
     consumer::pull::Config {
