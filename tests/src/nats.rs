@@ -110,3 +110,118 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Three `nats-server` nodes on loopback, clustered with JetStream, each started from
+/// `deploy/nats-cluster/node.conf` (the file users deploy) with its own ports and store.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    _store: TempDir,
+}
+
+struct ClusterNode {
+    name: String,
+    client_port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until each accepts client connections.
+    pub fn start() -> Self {
+        let store = tempfile::tempdir().expect("a temporary store for the cluster");
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let nodes = (0..3)
+            .map(|i| {
+                let name = format!("nats-{}", i + 1);
+                let client_port = free_port();
+                let mut env = vec![
+                    ("NATS_SERVER_NAME".to_string(), name.clone()),
+                    (
+                        "NATS_CLIENT_LISTEN".to_string(),
+                        format!("127.0.0.1:{client_port}"),
+                    ),
+                    (
+                        "NATS_CLUSTER_LISTEN".to_string(),
+                        format!("127.0.0.1:{}", cluster_ports[i]),
+                    ),
+                    (
+                        "NATS_STORE_DIR".to_string(),
+                        store.path().join(&name).display().to_string(),
+                    ),
+                ];
+                for (j, route) in routes.iter().enumerate() {
+                    env.push((format!("NATS_ROUTE_{}", j + 1), route.clone()));
+                }
+                ClusterNode {
+                    name,
+                    client_port,
+                    env,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = NatsCluster {
+            nodes,
+            _store: store,
+        };
+        for i in 0..3 {
+            cluster.start_node(i);
+        }
+        cluster
+    }
+
+    /// `nats://…` of every node, comma-separated (the services' `NATS_URL`).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The client URL of node `i` alone.
+    pub fn node_url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].client_port)
+    }
+
+    pub fn node_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// Kills node `i` (SIGKILL), keeping its store.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` (again).
+    pub fn start_node(&mut self, i: usize) {
+        let config = crate::tools::workspace_root().join("deploy/nats-cluster/node.conf");
+        let node = &mut self.nodes[i];
+        let child = Command::new(crate::tools::nats_server())
+            .arg("-c")
+            .arg(&config)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a cluster node");
+        node.child = Some(child);
+        wait_for_port(node.client_port, Duration::from_secs(10));
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! What can be checked of `deploy/` without a container engine: the compose files parse and
+//! give each service only its own secrets, the images' entrypoints are binaries this workspace
+//! builds, and the cluster configuration forms a real three-node JetStream cluster.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use iac_shared::names::EVENTS_STREAM;
+use iac_shared::nats::{StreamSettings, provision};
+use iac_tests::nats::NatsCluster;
+use iac_tests::tools::workspace_root;
+use iac_tests::wait_for;
+use serde_yaml::Value;
+
+fn yaml(path: &str) -> Value {
+    let text = std::fs::read_to_string(workspace_root().join(path)).expect(path);
+    let mut value: Value =
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"));
+    value.apply_merge().expect("YAML merge keys resolve");
+    value
+}
+
+fn env_names(service: &Value) -> Vec<String> {
+    service["environment"]
+        .as_mapping()
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn compose_runs_nats_and_the_three_services_each_with_only_its_own_secrets() {
+    let compose = yaml("deploy/compose.yaml");
+    let services = compose["services"].as_mapping().expect("services");
+    let names: Vec<&str> = services.keys().filter_map(|k| k.as_str()).collect();
+    assert_eq!(names, ["nats", "gateway", "worker", "reporter"]);
+
+    let gateway = env_names(&compose["services"]["gateway"]);
+    let worker = env_names(&compose["services"]["worker"]);
+    let reporter = env_names(&compose["services"]["reporter"]);
+    assert!(gateway.contains(&"WEBHOOK_SECRET".into()));
+    assert!(worker.contains(&"GIT_REPO_URL".into()));
+    assert!(reporter.contains(&"GITHUB_TOKEN".into()));
+    for (service, env, forbidden) in [
+        ("gateway", &gateway, ["GITHUB_TOKEN", "GIT_REPO_URL"]),
+        ("worker", &worker, ["GITHUB_TOKEN", "WEBHOOK_SECRET"]),
+        ("reporter", &reporter, ["WEBHOOK_SECRET", "GIT_REPO_URL"]),
+    ] {
+        for secret in forbidden {
+            assert!(!env.contains(&secret.to_string()), "{service} gets {secret}");
+        }
+    }
+}
+
+#[test]
+fn compose_keeps_the_original_traefik_route_and_healthchecks() {
+    let compose = yaml("deploy/compose.yaml");
+    let labels: Vec<String> = compose["services"]["gateway"]["labels"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    assert!(labels.iter().any(|l| l.contains("Host(`iac.${INTERNAL_DOMAIN}`)")));
+    assert!(labels.iter().any(|l| l.ends_with("server.port=8080")));
+    for service in ["gateway", "worker", "reporter"] {
+        let test = format!("{:?}", compose["services"][service]["healthcheck"]["test"]);
+        let expected = if service == "gateway" { "/health" } else { "/ready" };
+        assert!(test.contains(expected), "{service} healthcheck: {test}");
+        assert!(compose["services"][service]["restart"].as_str().is_some());
+    }
+    let volume = format!("{:?}", compose["services"]["nats"]["volumes"]);
+    assert!(volume.contains("nats-data:/data"), "JetStream on a named volume: {volume}");
+}
+
+#[test]
+fn image_entrypoints_are_binaries_this_workspace_builds() {
+    let dockerfile = std::fs::read_to_string(workspace_root().join("deploy/Dockerfile")).unwrap();
+    let entrypoints: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENTRYPOINT [\"/usr/local/bin/"))
+        .map(|rest| rest.trim_end_matches("\"]"))
+        .collect();
+    assert_eq!(entrypoints, ["iac-gateway", "iac-worker", "iac-reporter"]);
+    for binary in entrypoints {
+        let crate_dir = binary.trim_start_matches("iac-");
+        let manifest =
+            std::fs::read_to_string(workspace_root().join(crate_dir).join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(&format!("name = \"{binary}\"")),
+            "{crate_dir}/Cargo.toml builds no {binary}"
+        );
+    }
+    for base in dockerfile.lines().filter(|l| l.starts_with("FROM ")) {
+        let image = base.split_whitespace().nth(1).unwrap();
+        let pinned = image.contains(':') && !image.ends_with(":latest");
+        assert!(pinned || !image.contains('/') && !image.contains(':') && image != "debian", "{base}");
+    }
+    assert!(dockerfile.contains("USER iac"), "images run as a non-root user");
+    assert!(dockerfile.contains("invoke==3.0.3"));
+}
+
+#[tokio::test]
+async fn the_cluster_configuration_forms_a_three_node_jetstream_cluster() {
+    let cluster = NatsCluster::start();
+    let urls: Vec<async_nats::ServerAddr> = cluster
+        .urls()
+        .split(',')
+        .map(|u| u.parse().unwrap())
+        .collect();
+    let client = async_nats::connect(urls).await.unwrap();
+    let js = jetstream::new(client);
+    let settings = StreamSettings {
+        replicas: 3,
+        ..Default::default()
+    };
+    // The cluster elects a JetStream meta leader after the routes connect.
+    wait_for("an R3 IAC_EVENTS stream", Duration::from_secs(30), || {
+        let js = js.clone();
+        let settings = settings.clone();
+        async move { provision(&js, &settings).await.ok() }
+    })
+    .await;
+    let mut stream = js.get_stream(EVENTS_STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    let cluster_info = info.cluster.clone().expect("cluster info");
+    assert_eq!(cluster_info.replicas.len(), 2, "a leader and two replicas");
+    assert!(cluster_info.leader.is_some());
+}
+
+#[test]
+fn the_cluster_overlay_runs_three_nodes_and_points_the_services_at_all_of_them() {
+    let compose = yaml("deploy/nats-cluster/compose.yaml");
+    for node in ["nats-1", "nats-2", "nats-3"] {
+        let env = &compose["services"][node]["environment"];
+        assert_eq!(env["NATS_SERVER_NAME"].as_str(), Some(node));
+        assert_eq!(env["NATS_ROUTE_3"].as_str(), Some("nats-route://nats-3:6222"));
+    }
+    for service in ["gateway", "worker", "reporter"] {
+        let env = &compose["services"][service]["environment"];
+        assert_eq!(env["STREAM_REPLICAS"].as_str(), Some("3"));
+        assert_eq!(env["NATS_URL"].as_str().unwrap().split(',').count(), 3);
+    }
+}
