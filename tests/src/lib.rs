@@ -8,6 +8,7 @@
 
 pub mod fixture;
 pub mod nats;
+pub mod pipeline;
 pub mod tools;
 
 use std::future::Future;
@@ -37,4 +38,11 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding a free port on loopback")
+}
+
+/// An HTTP client for talking to the services under test (installs the TLS crypto provider
+/// reqwest is built to expect).
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

@@ -50,7 +50,10 @@ fn compose_runs_nats_and_the_three_services_each_with_only_its_own_secrets() {
         ("reporter", &reporter, ["WEBHOOK_SECRET", "GIT_REPO_URL"]),
     ] {
         for secret in forbidden {
-            assert!(!env.contains(&secret.to_string()), "{service} gets {secret}");
+            assert!(
+                !env.contains(&secret.to_string()),
+                "{service} gets {secret}"
+            );
         }
     }
 }
@@ -64,16 +67,27 @@ fn compose_keeps_the_original_traefik_route_and_healthchecks() {
         .iter()
         .map(|l| l.as_str().unwrap().to_string())
         .collect();
-    assert!(labels.iter().any(|l| l.contains("Host(`iac.${INTERNAL_DOMAIN}`)")));
+    assert!(
+        labels
+            .iter()
+            .any(|l| l.contains("Host(`iac.${INTERNAL_DOMAIN}`)"))
+    );
     assert!(labels.iter().any(|l| l.ends_with("server.port=8080")));
     for service in ["gateway", "worker", "reporter"] {
         let test = format!("{:?}", compose["services"][service]["healthcheck"]["test"]);
-        let expected = if service == "gateway" { "/health" } else { "/ready" };
+        let expected = if service == "gateway" {
+            "/health"
+        } else {
+            "/ready"
+        };
         assert!(test.contains(expected), "{service} healthcheck: {test}");
         assert!(compose["services"][service]["restart"].as_str().is_some());
     }
     let volume = format!("{:?}", compose["services"]["nats"]["volumes"]);
-    assert!(volume.contains("nats-data:/data"), "JetStream on a named volume: {volume}");
+    assert!(
+        volume.contains("nats-data:/data"),
+        "JetStream on a named volume: {volume}"
+    );
 }
 
 #[test]
@@ -97,9 +111,15 @@ fn image_entrypoints_are_binaries_this_workspace_builds() {
     for base in dockerfile.lines().filter(|l| l.starts_with("FROM ")) {
         let image = base.split_whitespace().nth(1).unwrap();
         let pinned = image.contains(':') && !image.ends_with(":latest");
-        assert!(pinned || !image.contains('/') && !image.contains(':') && image != "debian", "{base}");
+        assert!(
+            pinned || !image.contains('/') && !image.contains(':') && image != "debian",
+            "{base}"
+        );
     }
-    assert!(dockerfile.contains("USER iac"), "images run as a non-root user");
+    assert!(
+        dockerfile.contains("USER iac"),
+        "images run as a non-root user"
+    );
     assert!(dockerfile.contains("invoke==3.0.3"));
 }
 
@@ -138,7 +158,10 @@ fn the_cluster_overlay_runs_three_nodes_and_points_the_services_at_all_of_them()
     for node in ["nats-1", "nats-2", "nats-3"] {
         let env = &compose["services"][node]["environment"];
         assert_eq!(env["NATS_SERVER_NAME"].as_str(), Some(node));
-        assert_eq!(env["NATS_ROUTE_3"].as_str(), Some("nats-route://nats-3:6222"));
+        assert_eq!(
+            env["NATS_ROUTE_3"].as_str(),
+            Some("nats-route://nats-3:6222")
+        );
     }
     for service in ["gateway", "worker", "reporter"] {
         let env = &compose["services"][service]["environment"];

@@ -1,0 +1,160 @@
+//! What the pipeline did lately, read from the streams (`iac-worker status`).
+
+use async_nats::jetstream;
+
+use crate::events::{SyncFinished, SyncOutcome};
+use crate::names::{EVENTS_STREAM, FINISHED_SUBJECT, RESULTS_STREAM, WORKER_CONSUMER};
+
+/// At most this many results are read backwards looking for finished syncs.
+const SCAN_LIMIT: u64 = 10_000;
+
+/// The queue in front of the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Events stored but not yet handed to a worker.
+    pub waiting: u64,
+    /// Events a worker is running now (0 or 1).
+    pub in_progress: u64,
+}
+
+/// The last `count` finished syncs, newest first.
+pub async fn recent_syncs(
+    js: &jetstream::Context,
+    count: usize,
+) -> Result<Vec<SyncFinished>, async_nats::Error> {
+    let mut stream = js.get_stream(RESULTS_STREAM).await?;
+    let state = stream.info().await?.state.clone();
+    let mut found = Vec::new();
+    let mut seq = state.last_sequence;
+    let lowest = state
+        .first_sequence
+        .max(state.last_sequence.saturating_sub(SCAN_LIMIT));
+    while seq >= lowest && seq > 0 && found.len() < count {
+        if let Ok(message) = stream.get_raw_message(seq).await
+            && message.subject.as_str() == FINISHED_SUBJECT
+            && let Ok(finished) = serde_json::from_slice::<SyncFinished>(&message.payload)
+        {
+            found.push(finished);
+        }
+        seq -= 1;
+    }
+    Ok(found)
+}
+
+/// How many events wait for the worker.
+pub async fn queue_depth(js: &jetstream::Context) -> Result<QueueDepth, async_nats::Error> {
+    let stream = js.get_stream(EVENTS_STREAM).await?;
+    let info = stream.consumer_info(WORKER_CONSUMER).await?;
+    Ok(QueueDepth {
+        waiting: info.num_pending,
+        in_progress: info.num_ack_pending as u64,
+    })
+}
+
+/// One line per sync: time, commit, trigger, state, duration, per-service outcome.
+pub fn format_table(syncs: &[SyncFinished], queue: QueueDepth) -> String {
+    let mut out = format!(
+        "{:<20} {:<8} {:<7} {:<7} {:>9}  SERVICES\n",
+        "FINISHED", "COMMIT", "TRIGGER", "STATE", "DURATION"
+    );
+    for sync in syncs {
+        let commit = sync
+            .commit
+            .as_deref()
+            .map(|c| c.chars().take(8).collect::<String>())
+            .unwrap_or_else(|| "-".into());
+        let services = if let Some(error) = &sync.error {
+            error.clone()
+        } else if sync.services.is_empty() {
+            "(none)".to_string()
+        } else {
+            sync.services
+                .iter()
+                .map(|s| match (s.outcome, s.exit_code) {
+                    (SyncOutcome::Failed, Some(code)) => format!("{}=failed({code})", s.service),
+                    (outcome, _) => format!("{}={}", s.service, outcome_word(outcome)),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        out.push_str(&format!(
+            "{:<20} {:<8} {:<7} {:<7} {:>8.1}s  {}\n",
+            format!("{}Z", sync.finished_at.chars().take(19).collect::<String>()),
+            commit,
+            format!("{:?}", sync.trigger).to_lowercase(),
+            format!("{:?}", sync.state).to_lowercase(),
+            sync.duration_ms as f64 / 1000.0,
+            services
+        ));
+    }
+    out.push_str(&format!(
+        "queue: {} waiting, {} in progress\n",
+        queue.waiting, queue.in_progress
+    ));
+    out
+}
+
+fn outcome_word(outcome: SyncOutcome) -> &'static str {
+    match outcome {
+        SyncOutcome::Synced => "synced",
+        SyncOutcome::Failed => "failed",
+        SyncOutcome::TimedOut => "timed_out",
+        SyncOutcome::Unknown => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{FinishedState, ServiceResult, Totals, Trigger};
+
+    #[test]
+    fn the_table_shows_each_services_outcome_and_the_queue() {
+        let services = vec![
+            ServiceResult {
+                service: "platform/postgres".into(),
+                task: Some("postgres.sync".into()),
+                outcome: SyncOutcome::Failed,
+                exit_code: Some(3),
+                output_tail: vec![],
+                duration_ms: 10,
+            },
+            ServiceResult {
+                service: "platform/redis".into(),
+                task: Some("redis.sync".into()),
+                outcome: SyncOutcome::Synced,
+                exit_code: Some(0),
+                output_tail: vec![],
+                duration_ms: 10,
+            },
+        ];
+        let sync = SyncFinished {
+            event_id: "e".into(),
+            event_seq: 1,
+            trigger: Trigger::Push,
+            repository: None,
+            commit: Some("59b20b8d5a1e".into()),
+            state: FinishedState::Failure,
+            totals: Totals::of(&services),
+            services,
+            error: None,
+            duration_ms: 5400,
+            replay_of: None,
+            finished_at: "2026-11-25T21:00:05.123Z".into(),
+        };
+        let table = format_table(
+            &[sync],
+            QueueDepth {
+                waiting: 2,
+                in_progress: 1,
+            },
+        );
+        assert!(
+            table.contains("2026-11-25T21:00:05Z 59b20b8d push    failure"),
+            "{table}"
+        );
+        assert!(table.contains("platform/postgres=failed(3) platform/redis=synced"));
+        assert!(table.contains("5.4s"));
+        assert!(table.ends_with("queue: 2 waiting, 1 in progress\n"));
+    }
+}

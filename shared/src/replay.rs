@@ -1,0 +1,283 @@
+//! Replaying a stream: selected messages are published again onto their own subject, so they
+//! go through the normal path once more (`iac-worker replay` for events, `iac-reporter replay`
+//! for results). Each copy carries `Iac-Replay-Of: <original sequence>` and a fresh
+//! `Nats-Msg-Id`, so de-duplication does not swallow it.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer};
+use clap::Args;
+use futures::StreamExt;
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::names::{FORCE_HEADER, MSG_ID_HEADER, REPLAY_OF_HEADER};
+
+/// Which messages to replay.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Replay messages stored at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+    #[arg(long, value_parser = parse_time, required_unless_present = "from_seq", conflicts_with = "from_seq")]
+    pub since: Option<OffsetDateTime>,
+    /// Replay from this stream sequence on.
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+    /// Replay up to and including this stream sequence.
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// Replay only this subject.
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Run the tasks even where they would otherwise skip (events only).
+    #[arg(long)]
+    pub force: bool,
+    /// List what would be replayed, one line each, and publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}); example: 2026-11-25T10:00:00Z"))
+}
+
+/// One message selected for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    pub original_seq: u64,
+    pub time: OffsetDateTime,
+    pub subject: String,
+    /// Commit the message is about (`after`, `commit` or `ref`), if it names one.
+    pub commit: Option<String>,
+    /// Services it names (`services`, or `all`).
+    pub services: Vec<String>,
+    /// Sequence of the copy (absent on a dry run).
+    pub new_seq: Option<u64>,
+}
+
+impl std::fmt::Display for Replayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\t{}\t{}\t{}\t{}",
+            self.original_seq,
+            self.time.format(&Rfc3339).unwrap_or_default(),
+            self.subject,
+            self.commit.as_deref().unwrap_or("-"),
+            if self.services.is_empty() {
+                "-".to_string()
+            } else {
+                self.services.join(",")
+            }
+        )?;
+        if let Some(seq) = self.new_seq {
+            write!(f, "\t-> {seq}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("--subject {0:?} is not one of {1}")]
+    BadSubject(String, String),
+    #[error("--to-seq {to} is before the first selected sequence {from}")]
+    BadRange { from: u64, to: u64 },
+    #[error("reading {stream}: {reason}")]
+    Read { stream: String, reason: String },
+    #[error("publishing the copy of sequence {seq}: {reason}")]
+    Publish { seq: u64, reason: String },
+}
+
+/// Replays the messages of `stream` selected by `args`; `subjects` are the subjects a replay
+/// may name. Messages stored after the replay began (its own copies among them) are never
+/// selected, so a replay always ends.
+pub async fn replay(
+    js: &jetstream::Context,
+    stream_name: &str,
+    subjects: &[&str],
+    args: &ReplayArgs,
+) -> Result<Vec<Replayed>, ReplayError> {
+    if let Some(subject) = &args.subject
+        && !subjects.contains(&subject.as_str())
+    {
+        return Err(ReplayError::BadSubject(
+            subject.clone(),
+            subjects.join(", "),
+        ));
+    }
+    if let (Some(from), Some(to)) = (args.from_seq, args.to_seq)
+        && to < from
+    {
+        return Err(ReplayError::BadRange { from, to });
+    }
+    let read_err = |e: &dyn std::fmt::Display| ReplayError::Read {
+        stream: stream_name.to_string(),
+        reason: e.to_string(),
+    };
+    let mut stream = js.get_stream(stream_name).await.map_err(|e| read_err(&e))?;
+    let last_seq = stream
+        .info()
+        .await
+        .map_err(|e| read_err(&e))?
+        .state
+        .last_sequence;
+    let upper = args.to_seq.unwrap_or(last_seq).min(last_seq);
+    let deliver_policy = match (args.from_seq, args.since) {
+        (Some(start_sequence), _) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+        (None, Some(start_time)) => consumer::DeliverPolicy::ByStartTime { start_time },
+        (None, None) => consumer::DeliverPolicy::All,
+    };
+    let reader = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy,
+            filter_subject: args.subject.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| read_err(&e))?;
+    let mut messages = reader.messages().await.map_err(|e| read_err(&e))?;
+
+    let mut replayed = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(read_err(&e)),
+            Ok(None) | Err(_) => break,
+        };
+        let info = message.info().map_err(|e| read_err(&e))?;
+        let (seq, time, pending) = (info.stream_sequence, info.published, info.pending);
+        if seq > upper {
+            break;
+        }
+        let mut selected = describe(seq, time, &message.subject, &message.payload);
+        if !args.dry_run {
+            let headers = replay_headers(message.headers.as_ref(), seq, args.force);
+            let ack = js
+                .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
+                .await
+                .map_err(|e| ReplayError::Publish {
+                    seq,
+                    reason: e.to_string(),
+                })?
+                .await
+                .map_err(|e| ReplayError::Publish {
+                    seq,
+                    reason: e.to_string(),
+                })?;
+            selected.new_seq = Some(ack.sequence);
+            tracing::info!(original_seq = seq, new_seq = ack.sequence, subject = %message.subject, "replayed");
+        }
+        replayed.push(selected);
+        if pending == 0 || seq >= upper {
+            break;
+        }
+    }
+    Ok(replayed)
+}
+
+/// The original headers, with a fresh message id and the replay markers.
+pub fn replay_headers(original: Option<&HeaderMap>, seq: u64, force: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(original) = original {
+        for (name, values) in original.iter() {
+            let name: &str = name.as_ref();
+            if [MSG_ID_HEADER, REPLAY_OF_HEADER, FORCE_HEADER].contains(&name) {
+                continue;
+            }
+            for value in values {
+                headers.append(name, value.as_str());
+            }
+        }
+    }
+    headers.insert(MSG_ID_HEADER, uuid_like(seq).as_str());
+    headers.insert(REPLAY_OF_HEADER, seq.to_string().as_str());
+    if force {
+        headers.insert(FORCE_HEADER, "true");
+    }
+    headers
+}
+
+/// A message id unique to this replay of this sequence.
+fn uuid_like(seq: u64) -> String {
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    format!("replay-{seq}-{nanos:x}-{:x}", std::process::id())
+}
+
+fn describe(seq: u64, time: OffsetDateTime, subject: &str, payload: &[u8]) -> Replayed {
+    let json: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+    let commit = ["after", "commit", "ref"]
+        .iter()
+        .find_map(|k| json.get(*k).and_then(Value::as_str))
+        .map(str::to_string);
+    let mut services: Vec<String> = json
+        .get("services")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if json.get("all").and_then(Value::as_bool) == Some(true) {
+        services.push(crate::rules::ALL_SERVICES.to_string());
+    }
+    Replayed {
+        original_seq: seq,
+        time,
+        subject: subject.to_string(),
+        commit,
+        services,
+        new_seq: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replayed_copies_get_a_fresh_message_id_and_the_original_sequence() {
+        let mut original = HeaderMap::new();
+        original.insert(MSG_ID_HEADER, "delivery-1");
+        original.insert(crate::names::EVENT_ID_HEADER, "delivery-1");
+        let headers = replay_headers(Some(&original), 42, true);
+        assert_ne!(headers.get(MSG_ID_HEADER).unwrap().as_str(), "delivery-1");
+        assert_eq!(headers.get(REPLAY_OF_HEADER).unwrap().as_str(), "42");
+        assert_eq!(headers.get(FORCE_HEADER).unwrap().as_str(), "true");
+        assert_eq!(
+            headers.get(crate::names::EVENT_ID_HEADER).unwrap().as_str(),
+            "delivery-1"
+        );
+        let again = replay_headers(Some(&original), 42, false);
+        assert!(again.get(FORCE_HEADER).is_none());
+    }
+
+    #[test]
+    fn a_replayed_message_is_described_by_commit_and_services() {
+        let time = OffsetDateTime::UNIX_EPOCH;
+        let push = describe(
+            3,
+            time,
+            "iac.events.push",
+            br#"{"after": "abc", "paths": []}"#,
+        );
+        assert_eq!(push.commit.as_deref(), Some("abc"));
+        let sync = describe(4, time, "iac.events.sync", br#"{"all": true}"#);
+        assert_eq!(sync.services, ["__all__"]);
+        assert_eq!(
+            sync.to_string(),
+            "4\t1970-01-01T00:00:00Z\tiac.events.sync\t-\t__all__"
+        );
+    }
+
+    #[test]
+    fn times_must_be_rfc3339() {
+        assert!(parse_time("2026-11-25T10:00:00Z").is_ok());
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+}

@@ -1,0 +1,228 @@
+//! The whole pipeline as a user runs it: the three real binaries on a real `nats-server`, a
+//! real fixture repository and real `invoke`, with GitHub faked by an in-test HTTP server.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::fixture::Fixture;
+use crate::nats::NatsServer;
+use crate::tools::{invoke, project_binary};
+use crate::{free_port, wait_for};
+
+/// The webhook secret the pipeline's gateway is started with.
+pub const SECRET: &str = "pipeline-test-secret-7f3a9c";
+/// The GitHub token the pipeline's reporter is started with.
+pub const TOKEN: &str = "ghp_pipelineTestToken0123456789abcdef";
+
+/// One of the project's binaries, running, with its output captured in a file.
+pub struct ServiceProcess {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with exactly `env` (plus PATH and HOME), output to `log`.
+    pub fn spawn(binary: &str, env: &HashMap<String, String>, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).expect("a log file");
+        let child = Command::new(project_binary(binary))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        ServiceProcess {
+            name: binary.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (up to `timeout`, then SIGKILL).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// NATS, the fixture repository, and the environment each service is started with.
+pub struct Pipeline {
+    pub nats: NatsServer,
+    pub fixture: Fixture,
+    pub gateway_port: u16,
+    pub github_url: String,
+    gateway_env: HashMap<String, String>,
+    worker_env: HashMap<String, String>,
+    reporter_env: HashMap<String, String>,
+    logs: PathBuf,
+}
+
+impl Pipeline {
+    /// Prepares (does not start) the services against a fake GitHub at `github_url`.
+    pub fn new(github_url: &str) -> Self {
+        let nats = NatsServer::start();
+        let fixture = Fixture::new();
+        let gateway_port = free_port();
+        let logs = fixture.scratch("logs");
+        let workspace = fixture.scratch("workspace");
+        let common = |extra: &[(&str, String)]| -> HashMap<String, String> {
+            let mut env: HashMap<String, String> = [
+                ("NATS_URL", nats.url()),
+                ("RUST_LOG", "info".to_string()),
+                ("GIT_BRANCH", "main".to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+            env
+        };
+        Pipeline {
+            gateway_env: common(&[
+                ("WEBHOOK_SECRET", SECRET.to_string()),
+                ("WEBHOOK_PORT", gateway_port.to_string()),
+                ("WEBHOOK_BIND", "127.0.0.1".to_string()),
+            ]),
+            worker_env: common(&[
+                ("GIT_REPO_URL", fixture.url()),
+                ("WORKSPACE", workspace.display().to_string()),
+                ("SYNC_COMMAND", format!("{} {{task}}", invoke().display())),
+            ]),
+            reporter_env: common(&[
+                ("GITHUB_TOKEN", TOKEN.to_string()),
+                ("GITHUB_API_URL", github_url.to_string()),
+                ("GITHUB_REPO", "acme/infra".to_string()),
+            ]),
+            nats,
+            fixture,
+            gateway_port,
+            github_url: github_url.to_string(),
+            logs,
+        }
+    }
+
+    /// Overrides or adds an environment variable of one service (`gateway`, `worker`, `reporter`).
+    pub fn set_env(&mut self, service: &str, key: &str, value: &str) {
+        let env = match service {
+            "gateway" => &mut self.gateway_env,
+            "worker" => &mut self.worker_env,
+            "reporter" => &mut self.reporter_env,
+            other => panic!("no service {other}"),
+        };
+        env.insert(key.to_string(), value.to_string());
+    }
+
+    /// Starts the gateway and waits until it is ready.
+    pub async fn start_gateway(&self) -> ServiceProcess {
+        let process = ServiceProcess::spawn(
+            "iac-gateway",
+            &self.gateway_env,
+            self.logs.join(format!("gateway-{}.log", free_port())),
+        );
+        let url = format!("http://127.0.0.1:{}/ready", self.gateway_port);
+        let client = crate::http();
+        wait_for("the gateway to be ready", Duration::from_secs(20), || {
+            let request = client.get(&url).send();
+            async move { request.await.ok().filter(|r| r.status().is_success()) }
+        })
+        .await;
+        process
+    }
+
+    /// Starts a worker (several may run: they share the consumer and the workspace).
+    pub fn start_worker(&self) -> ServiceProcess {
+        ServiceProcess::spawn(
+            "iac-worker",
+            &self.worker_env,
+            self.logs.join(format!("worker-{}.log", free_port())),
+        )
+    }
+
+    /// Starts a reporter (several may run).
+    pub fn start_reporter(&self) -> ServiceProcess {
+        ServiceProcess::spawn(
+            "iac-reporter",
+            &self.reporter_env,
+            self.logs.join(format!("reporter-{}.log", free_port())),
+        )
+    }
+
+    /// Signs and sends a GitHub webhook; returns the status code and the JSON answer.
+    pub async fn webhook(&self, event: &str, delivery: &str, payload: &Value) -> (u16, Value) {
+        let body = serde_json::to_vec(payload).unwrap();
+        let response = crate::http()
+            .post(format!("http://127.0.0.1:{}/webhook", self.gateway_port))
+            .header("Content-Type", "application/json")
+            .header("X-GitHub-Event", event)
+            .header("X-GitHub-Delivery", delivery)
+            .header(
+                iac_shared::signature::SIGNATURE_HEADER,
+                iac_shared::signature::sign(SECRET.as_bytes(), &body),
+            )
+            .body(body)
+            .send()
+            .await
+            .expect("the gateway answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Changes `path` in the fixture, pushes, and sends the push webhook; returns the commit.
+    pub async fn push_change(&self, path: &str) -> (String, u16, Value) {
+        let before = self.fixture.head();
+        let after = self.fixture.change(path);
+        let payload = self.fixture.push_payload(&before, &after, &[path]);
+        let delivery = format!("delivery-{}", &after[..12]);
+        let (status, answer) = self.webhook("push", &delivery, &payload).await;
+        (after, status, answer)
+    }
+}
