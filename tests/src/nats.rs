@@ -14,6 +14,8 @@ pub struct NatsServer {
     port: u16,
     store: TempDir,
     extra_config: Option<String>,
+    jetstream_options: String,
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -24,11 +26,37 @@ impl NatsServer {
 
     /// Starts a server with extra configuration appended (accounts, users, `sync_interval`).
     pub fn start_with_config(extra_config: Option<&str>) -> Self {
+        Self::start_with_config_and_env(extra_config, &[])
+    }
+
+    /// Like [`NatsServer::start_with_config`], with environment variables for the server
+    /// (configuration files may refer to them as `$NAME`).
+    pub fn start_with_config_and_env(extra_config: Option<&str>, env: &[(&str, &str)]) -> Self {
         let mut server = NatsServer {
             child: None,
             port: free_port(),
             store: tempfile::tempdir().expect("a temporary JetStream store"),
             extra_config: extra_config.map(str::to_string),
+            jetstream_options: String::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts a server with extra options inside its `jetstream { }` block
+    /// (e.g. `sync_interval: always`).
+    pub fn start_with_jetstream_options(options: &str) -> Self {
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().expect("a temporary JetStream store"),
+            extra_config: None,
+            jetstream_options: options.to_string(),
+            env: Vec::new(),
         };
         server.spawn();
         server
@@ -74,15 +102,17 @@ impl NatsServer {
     fn spawn(&mut self) {
         let store = self.store.path().join("jetstream");
         let config = format!(
-            "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {store:?}\n}}\n{extra}\n",
+            "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {store:?}\n  {options}\n}}\n{extra}\n",
             port = self.port,
             store = store,
+            options = self.jetstream_options,
             extra = self.extra_config.as_deref().unwrap_or("")
         );
         std::fs::write(self.config_path(), config).expect("writing nats-server config");
         let child = Command::new(tools::nats_server())
             .arg("-c")
             .arg(self.config_path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -45,20 +45,29 @@ fn readme_nats_cli_lines_use_the_names_the_code_uses() {
     let readme = readme();
     let known: BTreeSet<&str> = NAMES.iter().copied().collect();
     let mut checked = 0;
-    for line in readme.lines().map(str::trim).filter(|l| l.starts_with("nats ")) {
+    for line in readme
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("nats "))
+    {
         let command = line.split('#').next().unwrap();
         for word in command.split_whitespace() {
             let word = word.trim_matches(|c| c == '\'' || c == '"');
-            let looks_like_a_name = word.starts_with("IAC_")
-                || word.starts_with("iac.")
-                || word.starts_with("iac-");
+            let looks_like_a_name =
+                word.starts_with("IAC_") || word.starts_with("iac.") || word.starts_with("iac-");
             if looks_like_a_name {
-                assert!(known.contains(word), "README line {line:?} names unknown {word:?}");
+                assert!(
+                    known.contains(word),
+                    "README line {line:?} names unknown {word:?}"
+                );
                 checked += 1;
             }
         }
     }
-    assert!(checked >= 8, "expected the README to show the nats CLI lines, found {checked} names");
+    assert!(
+        checked >= 8,
+        "expected the README to show the nats CLI lines, found {checked} names"
+    );
 }
 
 /// The `[env: NAME=…]` variables a binary's `--help` lists.
@@ -71,12 +80,7 @@ fn env_vars_in_help(binary: &str) -> BTreeSet<String> {
     let help = String::from_utf8_lossy(&output.stdout);
     help.split("[env: ")
         .skip(1)
-        .map(|rest| {
-            rest.split(['=', ']'])
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|rest| rest.split(['=', ']']).next().unwrap().to_string())
         .collect()
 }
 
@@ -85,7 +89,10 @@ fn every_environment_variable_in_help_is_in_the_readme() {
     let readme = readme();
     for binary in ["iac-gateway", "iac-worker", "iac-reporter"] {
         let vars = env_vars_in_help(binary);
-        assert!(vars.contains("NATS_URL"), "{binary} --help lists no NATS_URL");
+        assert!(
+            vars.contains("NATS_URL"),
+            "{binary} --help lists no NATS_URL"
+        );
         for var in vars {
             assert!(
                 readme.contains(&format!("`{var}`")),
@@ -98,8 +105,12 @@ fn every_environment_variable_in_help_is_in_the_readme() {
 #[test]
 fn readme_shows_the_two_commands_first() {
     let readme = readme();
-    let up = readme.find("./deploy/up.sh").expect("README shows ./deploy/up.sh");
-    let run = readme.find("./tests/run.sh").expect("README shows ./tests/run.sh");
+    let up = readme
+        .find("./deploy/up.sh")
+        .expect("README shows ./deploy/up.sh");
+    let run = readme
+        .find("./tests/run.sh")
+        .expect("README shows ./tests/run.sh");
     let first_section = readme.find("\n## ").unwrap();
     let second_section = readme[first_section + 4..].find("\n## ").unwrap() + first_section + 4;
     assert!(up < second_section && run < second_section);
