@@ -8,7 +8,8 @@
 #
 # Environment (all optional): WEBHOOK_PORT (8080), NATS_PORT (4222), WEBHOOK_SECRET
 # (generated into $IAC_RUN_DIR/webhook-secret), GITHUB_TOKEN (the reporter posts statuses when
-# set; log-only otherwise), IAC_RUN_DIR (.run), IAC_BUILD_PROFILE (release | debug).
+# set; log-only otherwise), IAC_RUN_DIR (.run), IAC_BUILD_PROFILE (release | debug),
+# IAC_BIN_DIR (use the binaries there instead of building).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,11 +33,15 @@ for port in "$webhook_port" "$nats_port"; do
   fi
 done
 
-echo "==> building ($profile)"
-if [[ "$profile" == "release" ]]; then
+if [[ -n "${IAC_BIN_DIR:-}" ]]; then
+  bin="$IAC_BIN_DIR"
+  echo "==> using the binaries in $bin"
+elif [[ "$profile" == "release" ]]; then
+  echo "==> building (release)"
   cargo build --release --bins --locked
   bin="$root/target/release"
 else
+  echo "==> building (debug)"
   cargo build --bins --locked
   bin="$root/target/debug"
 fi
@@ -106,6 +111,7 @@ curl -fsS "http://127.0.0.1:$webhook_port/ready" >/dev/null || {
 }
 
 if $smoke; then
+  rm -f "$run_dir"/state/*.hash
   echo "==> smoke: a signed push changing platform/01.postgres/compose.yaml"
   IAC_RUN_DIR="$run_dir" WEBHOOK_PORT="$webhook_port" IAC_BIN="$bin" deploy/example-push.sh platform/01.postgres/compose.yaml
   body='{"services":["platform/redis"]}'
@@ -113,13 +119,13 @@ if $smoke; then
   curl -sS -X POST "http://127.0.0.1:$webhook_port/sync" -H "Content-Type: application/json" \
     -H "X-Hub-Signature-256: $("$bin/iac-gateway" sign "$body")" -d "$body"
   echo
+  # The example tasks record each deploy's config hash in $run_dir/state: both must appear.
   for _ in $(seq 600); do
-    finished="$(grep -c "sync finished" "$run_dir/logs/iac-worker.log" || true)"
-    [[ "$finished" -ge 2 ]] && break
+    [[ -s "$run_dir/state/platform__postgres.hash" && -s "$run_dir/state/platform__redis.hash" ]] && break
     sleep 0.1
   done
-  if [[ "${finished:-0}" -ge 2 ]] && grep -q "postgres" "$run_dir/logs/iac-worker.log" && grep -q "redis" "$run_dir/logs/iac-worker.log"; then
-    echo "==> smoke: both syncs finished"
+  if [[ -s "$run_dir/state/platform__postgres.hash" && -s "$run_dir/state/platform__redis.hash" ]]; then
+    echo "==> smoke: platform/postgres (push) and platform/redis (manual sync) deployed"
     exit 0
   fi
   echo "error: the syncs did not finish; logs:" >&2

@@ -151,6 +151,7 @@ pub struct NatsCluster {
 struct ClusterNode {
     name: String,
     client_port: u16,
+    monitor_port: u16,
     env: Vec<(String, String)>,
     child: Option<Child>,
 }
@@ -189,6 +190,7 @@ impl NatsCluster {
                 ClusterNode {
                     name,
                     client_port,
+                    monitor_port: free_port(),
                     env,
                     child: None,
                 }
@@ -222,6 +224,32 @@ impl NatsCluster {
         &self.nodes[i].name
     }
 
+    /// The node a client with this connection name is connected to (from each running node's
+    /// monitoring endpoint `/connz`).
+    pub async fn node_of_client(&self, client_name: &str) -> Option<usize> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.child.is_none() {
+                continue;
+            }
+            let url = format!("http://127.0.0.1:{}/connz", node.monitor_port);
+            let Ok(response) = crate::http().get(&url).send().await else {
+                continue;
+            };
+            let Ok(connz) = response.json::<serde_json::Value>().await else {
+                continue;
+            };
+            let connected = connz["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["name"].as_str() == Some(client_name));
+            if connected {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     /// Kills node `i` (SIGKILL), keeping its store.
     pub fn kill_node(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
@@ -237,6 +265,8 @@ impl NatsCluster {
         let child = Command::new(crate::tools::nats_server())
             .arg("-c")
             .arg(&config)
+            .arg("-m")
+            .arg(node.monitor_port.to_string())
             .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -96,7 +96,8 @@ impl Drop for ServiceProcess {
 
 /// NATS, the fixture repository, and the environment each service is started with.
 pub struct Pipeline {
-    pub nats: NatsServer,
+    /// The single server, unless the pipeline runs on a cluster.
+    pub nats: Option<NatsServer>,
     pub fixture: Fixture,
     pub gateway_port: u16,
     pub github_url: String,
@@ -107,16 +108,27 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Prepares (does not start) the services against a fake GitHub at `github_url`.
+    /// Prepares (does not start) the services on a fresh single `nats-server`, against a fake
+    /// GitHub at `github_url`.
     pub fn new(github_url: &str) -> Self {
         let nats = NatsServer::start();
+        let url = nats.url();
+        let mut pipeline = Self::with_nats(github_url, &url, 1);
+        pipeline.nats = Some(nats);
+        pipeline
+    }
+
+    /// Prepares the services on the NATS servers at `nats_urls` (comma-separated), with
+    /// `replicas` stream replicas.
+    pub fn with_nats(github_url: &str, nats_urls: &str, replicas: u8) -> Self {
         let fixture = Fixture::new();
         let gateway_port = free_port();
         let logs = fixture.scratch("logs");
         let workspace = fixture.scratch("workspace");
         let common = |extra: &[(&str, String)]| -> HashMap<String, String> {
             let mut env: HashMap<String, String> = [
-                ("NATS_URL", nats.url()),
+                ("NATS_URL", nats_urls.to_string()),
+                ("STREAM_REPLICAS", replicas.to_string()),
                 ("RUST_LOG", "info".to_string()),
                 ("GIT_BRANCH", "main".to_string()),
             ]
@@ -142,7 +154,7 @@ impl Pipeline {
                 ("GITHUB_API_URL", github_url.to_string()),
                 ("GITHUB_REPO", "acme/infra".to_string()),
             ]),
-            nats,
+            nats: None,
             fixture,
             gateway_port,
             github_url: github_url.to_string(),
@@ -216,13 +228,21 @@ impl Pipeline {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    /// Changes `path` in the fixture, pushes, and sends the push webhook; returns the commit.
-    pub async fn push_change(&self, path: &str) -> (String, u16, Value) {
+    /// Changes `path` in the fixture and pushes; returns the commit, a delivery id and the
+    /// push payload GitHub would send for it.
+    pub fn commit_change(&self, path: &str) -> (String, String, Value) {
         let before = self.fixture.head();
         let after = self.fixture.change(path);
         let payload = self.fixture.push_payload(&before, &after, &[path]);
         let delivery = format!("delivery-{}", &after[..12]);
+        (after, delivery, payload)
+    }
+
+    /// Changes `path` in the fixture, pushes, and sends the push webhook; returns the commit
+    /// and the gateway's answer.
+    pub async fn push_change(&self, path: &str) -> (String, u16, Value) {
+        let (commit, delivery, payload) = self.commit_change(path);
         let (status, answer) = self.webhook("push", &delivery, &payload).await;
-        (after, status, answer)
+        (commit, status, answer)
     }
 }

@@ -1,0 +1,210 @@
+//! A fake GitHub commit status API (wiremock) that records every request in arrival order and
+//! can answer slowly, with server errors, rate limits, or refusals.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wiremock::matchers::any;
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// One request to `POST /repos/{owner}/{repo}/statuses/{sha}`, as received.
+#[derive(Debug, Clone)]
+pub struct StatusRequest {
+    /// Arrival order, from 1.
+    pub number: u64,
+    pub method: String,
+    pub path: String,
+    /// `owner/repo` from the path.
+    pub repository: String,
+    pub commit: String,
+    pub body: serde_json::Value,
+    /// Header names in lower case.
+    pub headers: BTreeMap<String, String>,
+    /// The HTTP code the fake answered with.
+    pub answered: u16,
+    /// When the answer was sent: a status takes effect when GitHub answers, not on arrival.
+    pub landed: Instant,
+}
+
+impl StatusRequest {
+    pub fn state(&self) -> &str {
+        self.body["state"].as_str().unwrap_or_default()
+    }
+
+    pub fn description(&self) -> &str {
+        self.body["description"].as_str().unwrap_or_default()
+    }
+
+    pub fn context(&self) -> &str {
+        self.body["context"].as_str().unwrap_or_default()
+    }
+
+    pub fn accepted(&self) -> bool {
+        (200..300).contains(&self.answered)
+    }
+}
+
+/// How the fake misbehaves.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Every n-th request is answered `502 Bad Gateway`.
+    pub bad_gateway_every: Option<u64>,
+    /// Every n-th request is answered `429` with `Retry-After: <seconds>`.
+    pub rate_limit_every: Option<(u64, u64)>,
+    /// Statuses on these commits are refused with (code, message).
+    pub refused_commits: HashMap<String, (u16, String)>,
+    /// Every answer waits this long, plus `latency_spread` times (request number mod 4) / 3.
+    pub latency: Duration,
+    pub latency_spread: Duration,
+    /// Statuses with this `state` are answered this much later still.
+    pub slow_state: Option<(String, Duration)>,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<StatusRequest>>,
+    faults: Mutex<Faults>,
+    count: AtomicU64,
+}
+
+/// A running fake GitHub API on a free port.
+pub struct FakeGithub {
+    server: MockServer,
+    state: Arc<State>,
+}
+
+struct Responder(Arc<State>);
+
+impl Respond for Responder {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let number = self.0.count.fetch_add(1, Ordering::SeqCst) + 1;
+        let faults = self.0.faults.lock().unwrap().clone();
+        let path = request.url.path().to_string();
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let (repository, commit) = match parts.as_slice() {
+            ["repos", owner, repo, "statuses", sha] => (format!("{owner}/{repo}"), sha.to_string()),
+            _ => (String::new(), String::new()),
+        };
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let slow = match &faults.slow_state {
+            Some((state, extra)) if body["state"] == state.as_str() => *extra,
+            _ => Duration::ZERO,
+        };
+        let delay =
+            faults.latency + faults.latency_spread.mul_f64((number % 4) as f64 / 3.0) + slow;
+        let (answered, template) = if commit.is_empty() || request.method.as_str() != "POST" {
+            (404, error(404, "Not Found"))
+        } else {
+            answer(&faults, number, &commit, &body)
+        };
+        self.0.requests.lock().unwrap().push(StatusRequest {
+            number,
+            method: request.method.to_string(),
+            path,
+            repository,
+            commit,
+            body,
+            headers: request
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_ascii_lowercase(),
+                        v.to_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+            answered,
+            landed: Instant::now() + delay,
+        });
+        template.set_delay(delay)
+    }
+}
+
+/// The answer to the `number`-th status request under `faults`.
+fn answer(
+    faults: &Faults,
+    number: u64,
+    commit: &str,
+    body: &serde_json::Value,
+) -> (u16, ResponseTemplate) {
+    if let Some((code, message)) = faults.refused_commits.get(commit) {
+        (*code, error(*code, message))
+    } else if faults
+        .bad_gateway_every
+        .is_some_and(|n| number.is_multiple_of(n))
+    {
+        (
+            502,
+            ResponseTemplate::new(502).set_body_string("bad gateway"),
+        )
+    } else if let Some((_, seconds)) = faults
+        .rate_limit_every
+        .filter(|(n, _)| number.is_multiple_of(*n))
+    {
+        let template = error(429, "You have exceeded a secondary rate limit")
+            .insert_header("retry-after", seconds.to_string().as_str());
+        (429, template)
+    } else {
+        let mut created = body.clone();
+        created["id"] = number.into();
+        let template = ResponseTemplate::new(201)
+            .insert_header("x-ratelimit-remaining", "4999")
+            .set_body_json(created);
+        (201, template)
+    }
+}
+
+fn error(code: u16, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(code).set_body_json(serde_json::json!({
+        "message": message,
+        "documentation_url": "https://docs.github.com/rest/commits/statuses",
+    }))
+}
+
+impl FakeGithub {
+    pub async fn start() -> Self {
+        let server = MockServer::start().await;
+        let state = Arc::new(State::default());
+        Mock::given(any())
+            .respond_with(Responder(state.clone()))
+            .mount(&server)
+            .await;
+        FakeGithub { server, state }
+    }
+
+    /// The API base URL (`GITHUB_API_URL`).
+    pub fn url(&self) -> String {
+        self.server.uri()
+    }
+
+    /// Replaces the misbehaviour from the next request on.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.state.faults.lock().unwrap() = faults;
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<StatusRequest> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// The requests answered 2xx, in arrival order.
+    pub fn accepted(&self) -> Vec<StatusRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.accepted())
+            .collect()
+    }
+
+    /// What GitHub shows for (commit, context): the accepted status answered last, once
+    /// answered.
+    pub fn shown(&self, commit: &str, context: &str) -> Option<StatusRequest> {
+        let now = Instant::now();
+        self.accepted()
+            .into_iter()
+            .filter(|r| r.commit == commit && r.context() == context && r.landed <= now)
+            .max_by_key(|r| (r.landed, r.number))
+    }
+}
