@@ -23,6 +23,8 @@ pub struct ServiceProcess {
     pub name: String,
     child: Option<Child>,
     pub log: PathBuf,
+    /// Strings that must never appear in the output (checked when the process is dropped).
+    secrets: Vec<String>,
 }
 
 impl ServiceProcess {
@@ -43,7 +45,19 @@ impl ServiceProcess {
             name: binary.to_string(),
             child: Some(child),
             log,
+            secrets: Vec::new(),
         }
+    }
+
+    /// Fails the test (when the process is dropped) if its output ever contains one of these.
+    pub fn forbid_in_output(mut self, secrets: &[&str]) -> Self {
+        self.secrets.extend(
+            secrets
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_string()),
+        );
+        self
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -91,6 +105,19 @@ impl ServiceProcess {
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            return;
+        }
+        let output = self.output();
+        for secret in &self.secrets {
+            assert!(
+                !output.contains(secret.as_str()),
+                "{} printed a secret it must never log ({} in {})",
+                self.name,
+                secret.chars().take(4).collect::<String>() + "…",
+                self.log.display()
+            );
+        }
     }
 }
 
@@ -173,13 +200,32 @@ impl Pipeline {
         env.insert(key.to_string(), value.to_string());
     }
 
+    /// Every secret any service was given: none may appear in any service's output.
+    fn secrets(&self) -> Vec<&str> {
+        let mut secrets = vec![SECRET, TOKEN];
+        for env in [&self.gateway_env, &self.worker_env, &self.reporter_env] {
+            for key in [
+                "NATS_PASSWORD",
+                "NATS_TOKEN",
+                "WEBHOOK_SECRET",
+                "GITHUB_TOKEN",
+            ] {
+                if let Some(value) = env.get(key) {
+                    secrets.push(value.as_str());
+                }
+            }
+        }
+        secrets
+    }
+
     /// Starts the gateway and waits until it is ready.
     pub async fn start_gateway(&self) -> ServiceProcess {
         let process = ServiceProcess::spawn(
             "iac-gateway",
             &self.gateway_env,
             self.logs.join(format!("gateway-{}.log", free_port())),
-        );
+        )
+        .forbid_in_output(&self.secrets());
         let url = format!("http://127.0.0.1:{}/ready", self.gateway_port);
         let client = crate::http();
         wait_for("the gateway to be ready", Duration::from_secs(20), || {
@@ -197,6 +243,7 @@ impl Pipeline {
             &self.worker_env,
             self.logs.join(format!("worker-{}.log", free_port())),
         )
+        .forbid_in_output(&self.secrets())
     }
 
     /// Starts a reporter (several may run).
@@ -206,6 +253,7 @@ impl Pipeline {
             &self.reporter_env,
             self.logs.join(format!("reporter-{}.log", free_port())),
         )
+        .forbid_in_output(&self.secrets())
     }
 
     /// Signs and sends a GitHub webhook; returns the status code and the JSON answer.

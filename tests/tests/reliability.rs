@@ -1,0 +1,232 @@
+//! Nothing acknowledged is lost, under faults, with the project's own binaries on a real
+//! nats-server, a real fixture repository, real `invoke`, and a fake GitHub over HTTP.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use iac_tests::fake_github::{FakeGithub, Faults};
+use iac_tests::pipeline::Pipeline;
+use iac_tests::wait_for;
+
+const CONTEXT: &str = "IaC Runner / Sync";
+const POSTGRES: &str = "platform/01.postgres/compose.yaml";
+
+async fn wait_for_shown(github: &FakeGithub, commit: &str, state: &str) {
+    wait_for(
+        &format!("GitHub to show {state} on {commit}"),
+        Duration::from_secs(90),
+        || async {
+            github
+                .shown(commit, CONTEXT)
+                .filter(|s| s.state() == state)
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
+fn synced_commits(pipeline: &Pipeline) -> BTreeSet<String> {
+    pipeline
+        .fixture
+        .runs()
+        .into_iter()
+        .filter(|r| r.phase == "end")
+        .filter_map(|r| r.commit)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_nats_restart_under_all_three_services_loses_no_accepted_push() {
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::new(&github.url());
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let _reporter = pipeline.start_reporter();
+
+    let (first, status, _) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200);
+    wait_for_shown(&github, &first, "success").await;
+
+    pipeline.nats.as_mut().unwrap().stop();
+    let (second, delivery, payload) = pipeline.commit_change(POSTGRES);
+    let (status, answer) = pipeline.webhook("push", &delivery, &payload).await;
+    assert_eq!(status, 503, "answered while NATS is down: {answer}");
+
+    pipeline.nats.as_mut().unwrap().restart();
+    // GitHub shows the failed delivery; the operator redelivers it once NATS is back.
+    let redelivered = wait_for(
+        "the gateway to store again",
+        Duration::from_secs(30),
+        || {
+            let (delivery, payload) = (delivery.clone(), payload.clone());
+            let pipeline = &pipeline;
+            async move {
+                let (status, _) = pipeline.webhook("push", &delivery, &payload).await;
+                (status == 200).then_some(status)
+            }
+        },
+    )
+    .await;
+    assert_eq!(redelivered, 200);
+    let (third, status, _) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200);
+
+    wait_for_shown(&github, &second, "success").await;
+    wait_for_shown(&github, &third, "success").await;
+    let synced = synced_commits(&pipeline);
+    for commit in [&first, &second, &third] {
+        assert!(synced.contains(commit), "{commit} never synced: {synced:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_sent_five_times_is_synced_once() {
+    let github = FakeGithub::start().await;
+    let pipeline = Pipeline::new(&github.url());
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let _reporter = pipeline.start_reporter();
+
+    let (commit, delivery, payload) = pipeline.commit_change(POSTGRES);
+    for _ in 0..5 {
+        let (status, answer) = pipeline.webhook("push", &delivery, &payload).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    wait_for_shown(&github, &commit, "success").await;
+    // A later push proves the worker has moved past anything that could still be queued.
+    let (next, _, _) = pipeline.push_change(POSTGRES).await;
+    wait_for_shown(&github, &next, "success").await;
+    let runs_of_commit = pipeline
+        .fixture
+        .runs()
+        .into_iter()
+        .filter(|r| r.phase == "end" && r.commit.as_deref() == Some(commit.as_str()))
+        .count();
+    assert_eq!(runs_of_commit, 1);
+}
+
+#[tokio::test]
+async fn three_workers_sharing_a_workspace_never_sync_at_the_same_time() {
+    let github = FakeGithub::start().await;
+    let pipeline = Pipeline::new(&github.url());
+    let _gateway = pipeline.start_gateway().await;
+    let _workers = [
+        pipeline.start_worker(),
+        pipeline.start_worker(),
+        pipeline.start_worker(),
+    ];
+    let _reporter = pipeline.start_reporter();
+
+    pipeline
+        .fixture
+        .set_behaviour("platform/01.postgres", 0.4, 0);
+    let mut commits = Vec::new();
+    for _ in 0..5 {
+        let (commit, status, _) = pipeline.push_change(POSTGRES).await;
+        assert_eq!(status, 200);
+        commits.push(commit);
+    }
+    for commit in &commits {
+        wait_for_shown(&github, commit, "success").await;
+    }
+    let runs = pipeline.fixture.runs();
+    let mut intervals: Vec<(f64, f64)> = Vec::new();
+    for start in runs.iter().filter(|r| r.phase == "start") {
+        let end = runs
+            .iter()
+            .find(|r| r.phase == "end" && r.pid == start.pid)
+            .expect("every started task ended");
+        intervals.push((start.t, end.t));
+    }
+    intervals.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert!(intervals.len() >= commits.len());
+    for pair in intervals.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "two syncs overlapped: {:?} and {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+#[tokio::test]
+async fn killing_the_reporter_mid_post_loses_no_status() {
+    let github = FakeGithub::start().await;
+    // Every success takes three seconds to be answered: time to kill the reporter mid-post.
+    github.set_faults(Faults {
+        slow_state: Some(("success".into(), Duration::from_secs(3))),
+        ..Faults::default()
+    });
+    let pipeline = Pipeline::new(&github.url());
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let mut reporter = pipeline.start_reporter();
+
+    let (commit, status, _) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200);
+    wait_for(
+        "the success post to be in flight",
+        Duration::from_secs(60),
+        || async {
+            github
+                .requests()
+                .iter()
+                .any(|r| r.commit == commit && r.state() == "success")
+                .then_some(())
+        },
+    )
+    .await;
+    reporter.kill();
+    github.set_faults(Faults::default());
+    let _replacement = pipeline.start_reporter();
+    // The first post never got its answer to the reporter; the message was not acknowledged,
+    // so the replacement posts it again.
+    wait_for("a second success post", Duration::from_secs(90), || async {
+        (github
+            .requests()
+            .iter()
+            .filter(|r| r.commit == commit && r.state() == "success")
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    wait_for_shown(&github, &commit, "success").await;
+}
+
+#[tokio::test]
+async fn the_pipeline_runs_under_the_least_privilege_nats_users() {
+    use iac_tests::nats::NatsServer;
+    let permissions = std::fs::read_to_string(
+        iac_tests::tools::workspace_root().join("deploy/nats/permissions.conf"),
+    )
+    .unwrap();
+    let users = [
+        ("gateway", "NATS_GATEWAY_PASSWORD", "gw-Secret-91"),
+        ("worker", "NATS_WORKER_PASSWORD", "wk-Secret-92"),
+        ("reporter", "NATS_REPORTER_PASSWORD", "rp-Secret-93"),
+    ];
+    let env: Vec<(&str, &str)> = users.iter().map(|(_, var, pass)| (*var, *pass)).collect();
+    let nats = NatsServer::start_with_config_and_env(Some(&permissions), &env);
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::with_nats(&github.url(), &nats.url(), 1);
+    for (user, _, password) in users {
+        pipeline.set_env(user, "NATS_USER", user);
+        pipeline.set_env(user, "NATS_PASSWORD", password);
+    }
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let _reporter = pipeline.start_reporter();
+
+    let (commit, status, answer) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200, "{answer}");
+    wait_for_shown(&github, &commit, "success").await;
+    let states: Vec<String> = github
+        .accepted()
+        .iter()
+        .filter(|r| r.commit == commit)
+        .map(|r| r.state().to_string())
+        .collect();
+    assert!(states.contains(&"pending".to_string()), "{states:?}");
+}
