@@ -1,6 +1,7 @@
 //! A real git monorepo per test, laid out like the infrastructure repositories the runner syncs.
 //!
-//! The files come from `tests/data/monorepo/`; every service's `sync` task appends a start and
+//! The files come from `tests/data/monorepo/` (the root `tasks.py` from the example monorepo in
+//! `deploy/example-infra/`); every service's `sync` task appends a start and
 //! an end record to a log the test reads back with [`Fixture::runs`].
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,12 @@ impl Fixture {
         let remote = dir.path().join("infra.git");
         let log = dir.path().join("task-runs.jsonl");
         copy_dir(&workspace_root().join("tests/data/monorepo"), &work);
+        // The root collection is the example monorepo's: one namespace per deploy.py.
+        std::fs::copy(
+            workspace_root().join("deploy/example-infra/tasks.py"),
+            work.join("tasks.py"),
+        )
+        .expect("copying the example's tasks.py");
         std::fs::write(
             work.join("fixture.json"),
             serde_json::to_string(&json!({ "log": log })).unwrap(),
