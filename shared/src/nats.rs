@@ -136,9 +136,21 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 /// Connects with the configured auth. The client keeps reconnecting forever, also when the
 /// first attempt fails, so a service can start before NATS and recover when NATS comes back.
 pub async fn connect(args: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
-    let mut options = ConnectOptions::new()
+    connect_with(args, name, ConnectOptions::new().retry_on_initial_connect()).await
+}
+
+/// Connects once, failing at once when no server answers (the operator commands).
+pub async fn connect_once(args: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
+    connect_with(args, name, ConnectOptions::new()).await
+}
+
+async fn connect_with(
+    args: &NatsArgs,
+    name: &str,
+    options: ConnectOptions,
+) -> Result<async_nats::Client, ConnectError> {
+    let mut options = options
         .name(name)
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(|attempts| {

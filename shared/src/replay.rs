@@ -15,6 +15,41 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::names::{FORCE_HEADER, MSG_ID_HEADER, REPLAY_OF_HEADER};
 
+/// `replay`: where NATS is, and which messages to publish again.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayCommand {
+    #[command(flatten)]
+    pub nats: crate::nats::NatsArgs,
+    #[command(flatten)]
+    pub select: ReplayArgs,
+}
+
+impl ReplayCommand {
+    /// Connects, replays, and prints one line per message to stdout (what would be replayed,
+    /// on a dry run).
+    pub async fn run(
+        &self,
+        client_name: &str,
+        stream: &str,
+        subjects: &[&str],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let client = crate::nats::connect_once(&self.nats, client_name).await?;
+        let js = jetstream::new(client);
+        let replayed = replay(&js, stream, subjects, &self.select).await?;
+        println!("SEQ\tTIME\tSUBJECT\tCOMMIT\tSERVICES");
+        for line in &replayed {
+            println!("{line}");
+        }
+        let verb = if self.select.dry_run {
+            "would replay"
+        } else {
+            "replayed"
+        };
+        eprintln!("{verb} {} message(s) of {stream}", replayed.len());
+        Ok(())
+    }
+}
+
 /// Which messages to replay.
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {

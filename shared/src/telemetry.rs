@@ -22,6 +22,15 @@ pub struct LogArgs {
     pub format: LogFormat,
 }
 
+impl LogArgs {
+    /// Text logs, for the operator commands (their output is the table they print).
+    pub fn quiet() -> Self {
+        LogArgs {
+            format: LogFormat::Text,
+        }
+    }
+}
+
 /// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

@@ -1,0 +1,216 @@
+//! The reporter's settings: flags, each also read from the environment.
+
+use std::time::Duration;
+
+use clap::Parser;
+use iac_shared::nats::{NatsArgs, parse_positive_duration, parse_secret};
+use iac_shared::telemetry::LogArgs;
+use reqwest::Url;
+use secrecy::SecretString;
+
+use crate::status::{StatusSettings, is_valid_repository};
+
+/// Posts GitHub commit statuses from iac-runner results.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "iac-reporter",
+    version,
+    about,
+    after_help = "Operator command: iac-reporter replay --help (publish stored results again)."
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// GitHub token allowed to create commit statuses; without it statuses are only logged.
+    #[arg(
+        long = "github-token",
+        env = "GITHUB_TOKEN",
+        value_name = "GITHUB_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub github_token: Option<SecretString>,
+
+    /// GitHub REST API base URL (GitHub Enterprise: https://HOST/api/v3).
+    #[arg(
+        long = "github-api-url",
+        env = "GITHUB_API_URL",
+        value_name = "GITHUB_API_URL",
+        default_value = "https://api.github.com",
+        value_parser = parse_api_url
+    )]
+    pub github_api_url: Url,
+
+    /// `owner/repo` to report on when an event does not name its repository.
+    #[arg(
+        long = "github-repo",
+        env = "GITHUB_REPO",
+        value_name = "GITHUB_REPO",
+        value_parser = parse_repository
+    )]
+    pub github_repo: Option<String>,
+
+    /// Context of the whole-sync status; per-service statuses replace its last part.
+    #[arg(
+        long = "status-context",
+        env = "STATUS_CONTEXT",
+        value_name = "STATUS_CONTEXT",
+        default_value = "IaC Runner / Sync",
+        value_parser = parse_context
+    )]
+    pub status_context: String,
+
+    /// Also post one status per service (`IaC Runner / <service>`).
+    #[arg(
+        long = "status-per-service",
+        env = "STATUS_PER_SERVICE",
+        value_name = "STATUS_PER_SERVICE",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub status_per_service: bool,
+
+    /// Link of each status; `{commit}`, `{repository}` and `{event_id}` are filled in.
+    #[arg(
+        long = "status-target-url",
+        env = "STATUS_TARGET_URL",
+        value_name = "STATUS_TARGET_URL",
+        value_parser = parse_target_url
+    )]
+    pub status_target_url: Option<String>,
+
+    /// Port of `/metrics`, `/health` and `/ready` (0 = off).
+    #[arg(
+        long = "metrics-port",
+        env = "METRICS_PORT",
+        value_name = "METRICS_PORT",
+        default_value_t = 0
+    )]
+    pub metrics_port: u16,
+
+    /// Messages this process handles at once.
+    #[arg(
+        long = "reporter-concurrency",
+        env = "REPORTER_CONCURRENCY",
+        value_name = "REPORTER_CONCURRENCY",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub concurrency: u16,
+
+    /// Time limit of one GitHub request, e.g. `10s`.
+    #[arg(
+        long = "github-timeout",
+        env = "GITHUB_TIMEOUT",
+        value_name = "GITHUB_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_positive_duration
+    )]
+    pub github_timeout: Duration,
+}
+
+impl Config {
+    /// Parses `args` (the first is the program name) and the environment, as the binary does.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Config::try_parse_from(args)
+    }
+
+    pub fn status_settings(&self) -> StatusSettings {
+        StatusSettings {
+            context: self.status_context.clone(),
+            per_service: self.status_per_service,
+            target_url: self.status_target_url.clone(),
+            default_repository: self.github_repo.clone(),
+        }
+    }
+}
+
+fn parse_api_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("expected an http(s) URL such as https://api.github.com".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    Ok(url)
+}
+
+fn parse_repository(s: &str) -> Result<String, String> {
+    if is_valid_repository(s) {
+        Ok(s.to_string())
+    } else {
+        Err("expected owner/repo".into())
+    }
+}
+
+fn parse_context(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+fn parse_target_url(s: &str) -> Result<String, String> {
+    let sample = s
+        .replace("{commit}", "0123abc")
+        .replace("{repository}", "owner/repo")
+        .replace("{event_id}", "event");
+    let url = Url::parse(&sample).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("expected an http(s) URL".into());
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("iac-reporter").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_follow_the_documentation() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.github_api_url.as_str(), "https://api.github.com/");
+        assert_eq!(config.status_context, "IaC Runner / Sync");
+        assert!(!config.status_per_service);
+        assert_eq!(config.concurrency, 8);
+        assert_eq!(config.metrics_port, 0);
+        assert_eq!(config.github_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_variable() {
+        for (args, name) in [
+            (&["--github-api-url", "ftp://x"][..], "GITHUB_API_URL"),
+            (&["--github-repo", "just-a-name"][..], "GITHUB_REPO"),
+            (&["--reporter-concurrency", "0"][..], "REPORTER_CONCURRENCY"),
+            (&["--github-timeout", "0s"][..], "GITHUB_TIMEOUT"),
+            (
+                &["--status-target-url", "not a url"][..],
+                "STATUS_TARGET_URL",
+            ),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(name), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_never_printed() {
+        let config = parse(&["--github-token", "ghp_supersecret"]).unwrap();
+        assert!(!format!("{config:?}").contains("ghp_supersecret"));
+    }
+}
