@@ -1,1 +1,75 @@
-//! iac-gateway (under construction).
+//! The internet-facing edge of iac-runner.
+//!
+//! It verifies GitHub webhooks and signed manual sync requests and answers 200 only once the
+//! event is stored in JetStream; when it cannot store, it answers 503 so the sender retries.
+//!
+//! - [`config`]: the command line and environment (`WEBHOOK_SECRET`, `GIT_BRANCH`, limits).
+//! - [`webhook`]: what a verified body means: ping, ignored event, ignored push, push to store.
+//! - [`store`]: publishing to JetStream with a bounded wait for the acknowledgement.
+//! - [`http`]: routes, bounded body reading, signatures, and the JSON answers.
+//! - [`error`]: every request failure and its HTTP status, in one place.
+//! - [`metrics`]: the `iac_gateway_*` Prometheus metrics.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod webhook;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use iac_shared::shutdown::Shutdown;
+use prometheus_client::registry::Registry;
+
+pub use config::{Cli, Command, Config};
+
+/// Serves on `listener` until `shutdown`, then lets in-flight requests finish.
+///
+/// NATS is reached in the background: `/health` answers at once, `/ready` and event requests
+/// answer 503 until the streams are provisioned, and again whenever NATS is unreachable.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let rules = config
+        .load_rules()
+        .map_err(|e| anyhow::anyhow!("IAC_RULES: {e}"))?;
+    let client = iac_shared::nats::connect(&config.nats, "iac-gateway")
+        .await
+        .context("NATS")?;
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let app = Arc::new(http::App {
+        secret: config.webhook_secret,
+        branch: config.branch,
+        rules,
+        store: store::EventStore::new(client, config.publish_timeout),
+        metrics,
+        registry,
+        max_body_bytes: config.max_body_bytes,
+        body_read_timeout: config.body_read_timeout,
+    });
+
+    let provisioning = {
+        let app = app.clone();
+        let settings = config.nats.streams.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { app.store.provision(&settings, &shutdown).await })
+    };
+    tracing::info!(
+        address = %listener.local_addr().context("reading the bound address")?,
+        branch = %app.branch,
+        "gateway listening"
+    );
+    warp::serve(http::routes(app))
+        .incoming(listener)
+        .graceful(async move { shutdown.wait().await })
+        .run()
+        .await;
+    provisioning.abort();
+    tracing::info!("gateway stopped");
+    Ok(())
+}

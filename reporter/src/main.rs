@@ -21,7 +21,7 @@ enum Operation {
 async fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("replay") {
         let Operation::Replay(command) = Operation::parse();
-        iac_shared::telemetry::init(&iac_shared::telemetry::LogArgs::quiet());
+        iac_shared::telemetry::init_for_command();
         let subjects = [STARTED_SUBJECT, FINISHED_SUBJECT];
         return match command
             .run("iac-reporter replay", RESULTS_STREAM, &subjects)

@@ -22,15 +22,6 @@ pub struct LogArgs {
     pub format: LogFormat,
 }
 
-impl LogArgs {
-    /// Text logs, for the operator commands (their output is the table they print).
-    pub fn quiet() -> Self {
-        LogArgs {
-            format: LogFormat::Text,
-        }
-    }
-}
-
 /// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -46,4 +37,14 @@ pub fn init(args: &LogArgs) {
             )
             .init(),
     }
+}
+
+/// Logging for the operator commands (`replay`, `status`): warnings and errors only, on
+/// stderr, so that stdout is just what the command prints.
+pub fn init_for_command() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
+        .init();
 }

@@ -24,6 +24,8 @@ pub struct StatusRequest {
     pub headers: BTreeMap<String, String>,
     /// The HTTP code the fake answered with.
     pub answered: u16,
+    /// When the request arrived.
+    pub arrived: Instant,
     /// When the answer was sent: a status takes effect when GitHub answers, not on arrival.
     pub landed: Instant,
 }
@@ -53,6 +55,9 @@ pub struct Faults {
     pub bad_gateway_every: Option<u64>,
     /// Every n-th request is answered `429` with `Retry-After: <seconds>`.
     pub rate_limit_every: Option<(u64, u64)>,
+    /// The first n requests are answered `403` with `x-ratelimit-remaining: 0` and a
+    /// `x-ratelimit-reset` this many seconds ahead.
+    pub exhausted_first: Option<(u64, u64)>,
     /// Statuses on these commits are refused with (code, message).
     pub refused_commits: HashMap<String, (u16, String)>,
     /// Every answer waits this long, plus `latency_spread` times (request number mod 4) / 3.
@@ -117,6 +122,7 @@ impl Respond for Responder {
                 })
                 .collect(),
             answered,
+            arrived: Instant::now(),
             landed: Instant::now() + delay,
         });
         template.set_delay(delay)
@@ -132,6 +138,16 @@ fn answer(
 ) -> (u16, ResponseTemplate) {
     if let Some((code, message)) = faults.refused_commits.get(commit) {
         (*code, error(*code, message))
+    } else if let Some((_, seconds)) = faults.exhausted_first.filter(|(n, _)| number <= *n) {
+        let reset = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + seconds;
+        let template = error(403, "API rate limit exceeded")
+            .insert_header("x-ratelimit-remaining", "0")
+            .insert_header("x-ratelimit-reset", reset.to_string().as_str());
+        (403, template)
     } else if faults
         .bad_gateway_every
         .is_some_and(|n| number.is_multiple_of(n))

@@ -256,6 +256,23 @@ impl Pipeline {
         .forbid_in_output(&self.secrets())
     }
 
+    /// Runs an operator command (`iac-worker replay …`, `iac-worker status`, …) against this
+    /// pipeline's NATS; returns its exit status, stdout and stderr.
+    pub fn operator(&self, binary: &str, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(project_binary(binary))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("NATS_URL", &self.worker_env["NATS_URL"])
+            .output()
+            .expect("running an operator command");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     /// Signs and sends a GitHub webhook; returns the status code and the JSON answer.
     pub async fn webhook(&self, event: &str, delivery: &str, payload: &Value) -> (u16, Value) {
         let body = serde_json::to_vec(payload).unwrap();

@@ -1,0 +1,60 @@
+//! Everything a request can fail with, mapped to an HTTP status in one place.
+
+use std::time::Duration;
+
+use iac_shared::events::RequestError;
+use warp::http::StatusCode;
+
+use crate::store::StoreError;
+use crate::webhook::BodyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("Invalid signature")]
+    InvalidSignature,
+    #[error("Request body is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("Request body did not arrive within {}", humantime::format_duration(*.0))]
+    BodyTimeout(Duration),
+    #[error("Request body could not be read")]
+    BodyRead,
+    #[error("Invalid X-GitHub-Delivery header: at most 128 visible ASCII characters")]
+    BadDelivery,
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("Event store unavailable: {0}")]
+    Unavailable(#[from] StoreError),
+}
+
+impl warp::reject::Reject for GatewayError {}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::InvalidSignature => StatusCode::UNAUTHORIZED,
+            GatewayError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::BodyRead
+            | GatewayError::BadDelivery
+            | GatewayError::Body(_)
+            | GatewayError::Request(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The `outcome` label of `iac_gateway_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidSignature => "invalid_signature",
+            GatewayError::TooLarge(_) => "too_large",
+            GatewayError::BodyTimeout(_) => "body_timeout",
+            GatewayError::BodyRead
+            | GatewayError::BadDelivery
+            | GatewayError::Body(_)
+            | GatewayError::Request(_) => "bad_request",
+            GatewayError::Unavailable(_) => "unavailable",
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The HTTP edge: routes, bounded body reading, signature check, and the JSON answers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use iac_shared::events::SyncRequest;
+use iac_shared::names::{PUSH_SUBJECT, SYNC_SUBJECT};
+use iac_shared::ops::{metrics_reply, status_reply};
+use iac_shared::rules::{ALL_SERVICES, Rules};
+use iac_shared::signature::{SIGNATURE_HEADER, verify};
+use prometheus_client::registry::Registry;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use tracing::Instrument;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::error::GatewayError;
+use crate::metrics::{EndpointLabels, Metrics, RequestLabels, SubjectLabels};
+use crate::store::{EventStore, Stored};
+use crate::webhook::{Decision, decide, payload_json, serialize_within};
+
+const EVENT_HEADER: &str = "x-github-event";
+const DELIVERY_HEADER: &str = "x-github-delivery";
+const MAX_DELIVERY_ID_LEN: usize = 128;
+
+/// What the handlers share.
+pub struct App {
+    pub secret: SecretString,
+    pub branch: String,
+    pub rules: Rules,
+    pub store: EventStore,
+    pub metrics: Metrics,
+    pub registry: Registry,
+    pub max_body_bytes: u64,
+    pub body_read_timeout: Duration,
+}
+
+/// A 200 answer and the outcome it is counted under.
+struct Answer {
+    outcome: &'static str,
+    body: Value,
+}
+
+/// Every route, with one `recover` turning warp's own rejections into JSON.
+pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let health = warp::path!("health")
+        .and(warp::get())
+        .map(|| status_reply(StatusCode::OK, "healthy").into_response());
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .and(with_app.clone())
+        .map(|app: Arc<App>| {
+            if app.store.is_ready() {
+                status_reply(StatusCode::OK, "ready").into_response()
+            } else {
+                status_reply(StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+            }
+        });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_app.clone())
+        .map(|app: Arc<App>| metrics_reply(&app.registry).into_response());
+    let webhook = warp::path!("webhook")
+        .and(warp::post())
+        .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(|app: Arc<App>, headers: HeaderMap, body| async move {
+            let delivery_id = delivery_id(&headers);
+            let span = tracing::info_span!(
+                "webhook",
+                delivery_id = delivery_id.as_deref().unwrap_or("-"),
+                event_id = tracing::field::Empty,
+                event = header(&headers, EVENT_HEADER).unwrap_or("-"),
+            );
+            let handled = handle_webhook(&app, &headers, body, delivery_id);
+            answer(&app, "webhook", handled).instrument(span).await
+        });
+    let sync = warp::path!("sync")
+        .and(warp::post())
+        .and(with_app)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(|app: Arc<App>, headers: HeaderMap, body| async move {
+            let span = tracing::info_span!("sync", event_id = tracing::field::Empty);
+            let handled = handle_sync(&app, &headers, body);
+            answer(&app, "sync", handled).instrument(span).await
+        });
+    health
+        .or(ready)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(webhook)
+        .unify()
+        .or(sync)
+        .unify()
+        .recover(handle_rejection)
+        .unify()
+}
+
+/// Runs a handler, logs and counts its outcome, and turns it into a response.
+async fn answer(
+    app: &App,
+    endpoint: &'static str,
+    handled: impl Future<Output = Result<Answer, GatewayError>>,
+) -> Response {
+    let started = Instant::now();
+    let result = handled.await;
+    let outcome = match &result {
+        Ok(answer) => answer.outcome,
+        Err(e) => e.outcome(),
+    };
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels { endpoint, outcome })
+        .inc();
+    app.metrics
+        .duration
+        .get_or_create(&EndpointLabels { endpoint })
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(answer) => warp::reply::json(&answer.body).into_response(),
+        Err(e) => {
+            if e.status().is_server_error() {
+                tracing::warn!(error = %e, "request refused: event not stored");
+            } else {
+                tracing::info!(error = %e, status = e.status().as_u16(), "request rejected");
+            }
+            error_reply(e.status(), &e.to_string())
+        }
+    }
+}
+
+fn error_reply(status: StatusCode, message: &str) -> Response {
+    warp::reply::with_status(warp::reply::json(&json!({ "error": message })), status)
+        .into_response()
+}
+
+/// Warp's own rejections (no route, wrong method, ...) as JSON; no internals in a 500.
+async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> {
+    let reply = if rejection.is_not_found() {
+        error_reply(StatusCode::NOT_FOUND, "Not found")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error_reply(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
+    } else {
+        tracing::error!(?rejection, "unexpected rejection");
+        error_reply(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
+    };
+    Ok(reply)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `X-GitHub-Delivery` as sent, `None` when absent or empty.
+fn delivery_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(DELIVERY_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
+        .filter(|id| !id.is_empty())
+}
+
+fn is_valid_delivery_id(id: &str) -> bool {
+    id.len() <= MAX_DELIVERY_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Reads the body up to `max_body_bytes` within `body_read_timeout`, then checks its signature.
+async fn verified_body<S, B>(app: &App, headers: &HeaderMap, body: S) -> Result<Bytes, GatewayError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let content_length = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    let body = read_body(
+        body,
+        content_length,
+        app.max_body_bytes,
+        app.body_read_timeout,
+    )
+    .await?;
+    let signature = header(headers, SIGNATURE_HEADER);
+    if !verify(app.secret.expose_secret().as_bytes(), &body, signature) {
+        return Err(GatewayError::InvalidSignature);
+    }
+    Ok(body)
+}
+
+/// The whole body, refused as soon as it is known to exceed `max` (from `Content-Length`
+/// before reading anything, or while a chunked body arrives) or when it arrives too slowly.
+async fn read_body<S, B>(
+    body: S,
+    content_length: Option<u64>,
+    max: u64,
+    timeout: Duration,
+) -> Result<Bytes, GatewayError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    if content_length.is_some_and(|len| len > max) {
+        return Err(GatewayError::TooLarge(max));
+    }
+    let read = async {
+        let initial = content_length.unwrap_or(0).min(1 << 20) as usize;
+        let mut buf = BytesMut::with_capacity(initial);
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk.map_err(|_| GatewayError::BodyRead)?;
+            if (buf.len() + chunk.remaining()) as u64 > max {
+                return Err(GatewayError::TooLarge(max));
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                buf.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| GatewayError::BodyTimeout(timeout))?
+}
+
+async fn handle_webhook<S, B>(
+    app: &App,
+    headers: &HeaderMap,
+    body: S,
+    delivery_id: Option<String>,
+) -> Result<Answer, GatewayError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let body = verified_body(app, headers, body).await?;
+    let delivery_id = match delivery_id {
+        Some(id) if is_valid_delivery_id(&id) => id,
+        Some(_) => return Err(GatewayError::BadDelivery),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    tracing::Span::current().record("event_id", delivery_id.as_str());
+    let json = payload_json(header(headers, "content-type"), &body)?;
+    let decision = decide(
+        header(headers, EVENT_HEADER),
+        &json,
+        &delivery_id,
+        &app.branch,
+        &app.rules,
+    )?;
+    let mut plan = match decision {
+        Decision::Pong { hook_id } => {
+            tracing::info!(?hook_id, "ping answered");
+            return Ok(Answer {
+                outcome: "pong",
+                body: json!({ "status": "pong", "hook_id": hook_id }),
+            });
+        }
+        Decision::IgnoredEvent { event } => {
+            tracing::info!(%event, "event ignored: only push and ping are handled");
+            return Ok(Answer {
+                outcome: "ignored",
+                body: json!({ "status": "ignored", "event": event }),
+            });
+        }
+        Decision::IgnoredPush { reason } => {
+            tracing::info!(%reason, "push ignored");
+            return Ok(Answer {
+                outcome: "ignored",
+                body: json!({ "status": "ignored", "reason": reason }),
+            });
+        }
+        Decision::Store(plan) => *plan,
+    };
+    let payload = serialize_within(&mut plan.event, app.store.payload_limit())?;
+    if plan.event.paths_truncated {
+        tracing::warn!(
+            kept = plan.event.paths.len(),
+            "path list cut to fit a NATS message; the worker decides from git"
+        );
+    }
+    let stored = publish(app, PUSH_SUBJECT, &delivery_id, payload).await?;
+    let status = if plan.services.is_empty() {
+        "no_changes"
+    } else {
+        "accepted"
+    };
+    tracing::info!(
+        commit = plan.commit.as_deref().unwrap_or("branch head"),
+        services = ?plan.services,
+        sequence = stored.sequence,
+        duplicate = stored.duplicate,
+        "push stored"
+    );
+    let mut body = json!({
+        "status": status,
+        "services": plan.services,
+        "commit": plan.commit,
+        "event_id": delivery_id,
+    });
+    if stored.duplicate {
+        body["duplicate"] = json!(true);
+    }
+    Ok(Answer {
+        outcome: status,
+        body,
+    })
+}
+
+async fn handle_sync<S, B>(app: &App, headers: &HeaderMap, body: S) -> Result<Answer, GatewayError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let body = verified_body(app, headers, body).await?;
+    let request = SyncRequest::parse(&body)?;
+    let event_id = uuid::Uuid::new_v4().to_string();
+    tracing::Span::current().record("event_id", event_id.as_str());
+    let services = if request.all {
+        vec![ALL_SERVICES.to_string()]
+    } else {
+        request.services.clone()
+    };
+    let payload = serde_json::to_vec(&request).expect("a SyncRequest serializes");
+    let stored = publish(app, SYNC_SUBJECT, &event_id, payload).await?;
+    tracing::info!(
+        services = ?services,
+        git_ref = request.git_ref.as_deref().unwrap_or("branch head"),
+        force = request.force,
+        sequence = stored.sequence,
+        "sync request stored"
+    );
+    Ok(Answer {
+        outcome: "accepted",
+        body: json!({ "status": "accepted", "services": services, "event_id": event_id }),
+    })
+}
+
+/// Publishes through the store, counting what was stored, deduplicated or refused.
+async fn publish(
+    app: &App,
+    subject: &'static str,
+    event_id: &str,
+    payload: Vec<u8>,
+) -> Result<Stored, GatewayError> {
+    match app.store.publish(subject, event_id, payload).await {
+        Ok(stored) => {
+            app.metrics
+                .published
+                .get_or_create(&SubjectLabels { subject })
+                .inc();
+            if stored.duplicate {
+                app.metrics.duplicates.inc();
+            }
+            Ok(stored)
+        }
+        Err(e) => {
+            app.metrics.publish_failures.inc();
+            Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, warp::Error>> {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_is_refused_once_it_grows_past_the_limit() {
+        let limit = 10;
+        let ok = read_body(
+            chunks(&[b"12345", b"67890"]),
+            None,
+            limit,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(ok.unwrap(), Bytes::from_static(b"1234567890"));
+        let over = read_body(
+            chunks(&[b"12345", b"678901"]),
+            None,
+            limit,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(matches!(over, Err(GatewayError::TooLarge(10))));
+        let announced = read_body(chunks(&[]), Some(11), limit, Duration::from_secs(1)).await;
+        assert!(matches!(announced, Err(GatewayError::TooLarge(10))));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_ends_times_out() {
+        let endless = futures::stream::pending::<Result<Bytes, warp::Error>>();
+        let read = read_body(endless, Some(5), 10, Duration::from_millis(20)).await;
+        assert!(matches!(read, Err(GatewayError::BodyTimeout(_))));
+    }
+
+    #[test]
+    fn delivery_ids_are_short_visible_ascii() {
+        assert!(is_valid_delivery_id("72d3162e-cc78-11e3-81ab-4c9367dc0958"));
+        assert!(!is_valid_delivery_id(&"a".repeat(129)));
+        assert!(!is_valid_delivery_id("a b"));
+    }
+}

@@ -1,0 +1,448 @@
+//! Handling one message: plan its statuses, claim each in `IAC_STATUSES`, post it, and decide
+//! whether the message is done (ack) or must come back later (NAK with a delay).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, kv};
+use iac_shared::events::{PushEvent, SyncFinished, SyncStarted};
+use iac_shared::names::*;
+use iac_shared::nats::{REPORTER_DEFAULT_ACK_WAIT, REPORTER_MAX_DELIVER};
+use rand::Rng;
+use tracing::Instrument;
+
+use crate::github::{Gate, GithubClient, PostError, backoff};
+use crate::metrics::Metrics;
+use crate::order::{AfterPost, Claim, Decision, after_post, decide, status_key};
+use crate::status::{self, PlannedStatus, SkipReason, Status, StatusSettings};
+
+/// The longest a post waits in-process for the rate-limit gate; longer holds hand the message
+/// back to JetStream so it is not held past its ack wait.
+const MAX_GATE_HOLD: Duration = Duration::from_secs(5);
+
+/// Why a status could not be delivered this time.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error(transparent)]
+    Github(#[from] PostError),
+    #[error("status bucket unavailable: {0}")]
+    Store(String),
+}
+
+/// What becomes of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Ack,
+    RetryIn(Duration),
+}
+
+/// What a message asked for, once parsed.
+struct Parsed {
+    event_id: String,
+    plan: status::Plan,
+}
+
+/// Everything a reporter process shares between the messages it handles.
+pub struct Reporter {
+    pub settings: StatusSettings,
+    /// `None`: log-only mode.
+    pub github: Option<GithubClient>,
+    pub statuses: kv::Store,
+    pub gate: Gate,
+    pub metrics: Metrics,
+}
+
+impl Reporter {
+    /// Handles one message from either consumer and acknowledges it.
+    pub async fn handle(self: Arc<Self>, message: jetstream::Message) {
+        let (stream_seq, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(_) => (0, 1),
+        };
+        let subject = message.subject.to_string();
+        let span = tracing::info_span!(
+            "message",
+            %subject,
+            seq = stream_seq,
+            delivered,
+            event_id = tracing::field::Empty
+        );
+        let disposition = async {
+            match parse(&message, stream_seq, &self.settings) {
+                Err(reason) => {
+                    tracing::error!(%reason, "dropping a message that cannot be read");
+                    Disposition::Ack
+                }
+                Ok(parsed) => {
+                    tracing::Span::current().record("event_id", parsed.event_id.as_str());
+                    let work = self.report(parsed.plan, delivered);
+                    with_progress(&message, work).await
+                }
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let ack = match disposition {
+            Disposition::Ack => message.ack().await,
+            Disposition::RetryIn(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
+        };
+        if let Err(e) = ack {
+            span.in_scope(|| tracing::warn!(error = %e, "could not acknowledge the message; it will come back"));
+        }
+    }
+
+    async fn report(&self, plan: status::Plan, delivered: i64) -> Disposition {
+        let planned = match plan {
+            Ok(planned) => planned,
+            Err(reason) => {
+                match reason {
+                    SkipReason::NoCommit => {
+                        tracing::info!(
+                            "no commit to report on (an error before checkout, or a deleted branch)"
+                        )
+                    }
+                    SkipReason::NoRepository => tracing::warn!(
+                        "no repository to report on: the event names none and GITHUB_REPO is not set"
+                    ),
+                }
+                self.metrics.skipped(reason.as_str());
+                return Disposition::Ack;
+            }
+        };
+        // Each status has its own context and claim: post them side by side.
+        let results = futures::future::join_all(planned.iter().map(|s| self.deliver(s))).await;
+        planned
+            .iter()
+            .zip(results)
+            .map(|(status, result)| self.settle(status, result, delivered))
+            .fold(Disposition::Ack, worse)
+    }
+
+    /// Maps the outcome of one status to ack or retry, logging and counting it: the one place
+    /// where errors are sorted.
+    fn settle(
+        &self,
+        planned: &PlannedStatus,
+        result: Result<(), DeliverError>,
+        delivered: i64,
+    ) -> Disposition {
+        let context = planned.status.context.as_str();
+        let jitter = rand::rng().random::<f64>();
+        let (reason, delay) = match result {
+            Ok(()) => return Disposition::Ack,
+            Err(DeliverError::Github(PostError::Permanent { code, message })) => {
+                tracing::error!(
+                    code,
+                    reason = %message,
+                    repository = %planned.repository,
+                    commit = %planned.commit,
+                    context,
+                    "GitHub refused the status; not retrying"
+                );
+                self.metrics.permanent_failure(code);
+                return Disposition::Ack;
+            }
+            Err(DeliverError::Github(PostError::RateLimited { wait })) => (
+                "rate_limited",
+                wait + Duration::from_secs(1).mul_f64(jitter),
+            ),
+            Err(DeliverError::Github(PostError::Transient { reason, .. })) => {
+                (reason, backoff(delivered, jitter))
+            }
+            Err(DeliverError::Store(_)) => ("store", backoff(delivered, jitter)),
+        };
+        self.metrics.retry(reason);
+        if delivered >= REPORTER_MAX_DELIVER {
+            tracing::error!(
+                context,
+                commit = %planned.commit,
+                attempts = delivered,
+                "giving up on the status after the last attempt"
+            );
+        } else {
+            tracing::warn!(context, commit = %planned.commit, reason, retry_in = ?delay, "status not posted yet; retrying");
+        }
+        Disposition::RetryIn(delay)
+    }
+
+    /// Claims `planned` in the bucket and posts it, unless a newer status is already claimed.
+    async fn deliver(&self, planned: &PlannedStatus) -> Result<(), DeliverError> {
+        let Some(github) = &self.github else {
+            let status = &planned.status;
+            tracing::info!(
+                repository = %planned.repository,
+                commit = %planned.commit,
+                context = %status.context,
+                state = status.state.as_str(),
+                description = %status.description,
+                "log-only mode (no GITHUB_TOKEN): would post this status"
+            );
+            self.metrics.skipped("log_only");
+            return Ok(());
+        };
+        let key = status_key(
+            &planned.repository,
+            &planned.commit,
+            &planned.status.context,
+        );
+        let Some((revision, status)) = self.take_turn(&key, planned).await? else {
+            tracing::debug!(context = %planned.status.context, "a newer status is already posted; skipping");
+            self.metrics.skipped("superseded");
+            return Ok(());
+        };
+        self.post(github, planned, &status).await?;
+        self.catch_up(github, &key, planned, revision).await
+    }
+
+    /// Decides against the stored claim, claiming mine (compare-and-set) when it is newer: the
+    /// revision and status to post, or `None` when a newer status is already posted.
+    async fn take_turn(
+        &self,
+        key: &str,
+        planned: &PlannedStatus,
+    ) -> Result<Option<(u64, Status)>, DeliverError> {
+        let mine = Claim::of(planned);
+        loop {
+            let (revision, stored) = self.read(key).await?;
+            match (decide(stored.as_ref(), planned.order), revision, stored) {
+                (Decision::Superseded, ..) => return Ok(None),
+                (Decision::RepairNewer, Some(revision), Some(stored)) => {
+                    return Ok(Some((revision, stored.status)));
+                }
+                (Decision::Post, Some(revision), _) => {
+                    return Ok(Some((revision, mine.status)));
+                }
+                (_, revision, _) => {
+                    if let Some(claimed) = self.claim(key, revision, &mine).await? {
+                        return Ok(Some((claimed, mine.status)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// After posting the claim at `posted`: while a newer claim appeared meanwhile (my post may
+    /// have landed after its post), post the newest stored status again.
+    async fn catch_up(
+        &self,
+        github: &GithubClient,
+        key: &str,
+        planned: &PlannedStatus,
+        mut posted: u64,
+    ) -> Result<(), DeliverError> {
+        loop {
+            let (Some(revision), Some(stored)) = self.read(key).await? else {
+                return Ok(());
+            };
+            match after_post(posted, Some((revision, &stored))) {
+                AfterPost::Done => return Ok(()),
+                AfterPost::Confirm => {
+                    let confirmed = Claim {
+                        unconfirmed: false,
+                        ..stored
+                    };
+                    // A conflict means a newer claim, whose owner posts it: nothing to do.
+                    let _ = self
+                        .statuses
+                        .update(key, encode(&confirmed), revision)
+                        .await;
+                    return Ok(());
+                }
+                AfterPost::PostStored => {
+                    tracing::debug!(context = %stored.status.context, "a newer status was claimed while posting; posting it again");
+                    if let Err(e) = self.post(github, planned, &stored.status).await {
+                        self.mark_unconfirmed(key, revision, &stored).await;
+                        return Err(e.into());
+                    }
+                    posted = revision;
+                }
+            }
+        }
+    }
+
+    /// Posts through the rate-limit gate and records what GitHub said about its budget.
+    async fn post(
+        &self,
+        github: &GithubClient,
+        planned: &PlannedStatus,
+        status: &Status,
+    ) -> Result<(), PostError> {
+        if let Some(wait) = self.gate.remaining() {
+            if wait > MAX_GATE_HOLD {
+                return Err(PostError::RateLimited { wait });
+            }
+            tokio::time::sleep(wait).await;
+        }
+        let answer = github
+            .post(&planned.repository, &planned.commit, status)
+            .await;
+        if let Some(remaining) = answer.rate_limit_remaining {
+            self.metrics.rate_limit_remaining(remaining);
+        }
+        if let Some(wait) = answer.exhausted_for {
+            self.gate.hold(wait);
+        }
+        match &answer.result {
+            Ok(()) => {
+                self.metrics.posted(status.state.as_str());
+                tracing::info!(
+                    repository = %planned.repository,
+                    commit = %planned.commit,
+                    context = %status.context,
+                    state = status.state.as_str(),
+                    description = %status.description,
+                    "posted status"
+                );
+            }
+            Err(PostError::RateLimited { wait }) => {
+                tracing::warn!(wait = ?wait, "GitHub rate limit reached; slowing every post");
+                self.gate.hold(*wait);
+            }
+            Err(_) => {}
+        }
+        answer.result
+    }
+
+    /// The entry's revision (`None`: no entry) and its claim (`None` also when deleted or
+    /// unreadable, so that it is overwritten).
+    async fn read(&self, key: &str) -> Result<(Option<u64>, Option<Claim>), DeliverError> {
+        let entry = self
+            .statuses
+            .entry(key)
+            .await
+            .map_err(|e| DeliverError::Store(e.to_string()))?;
+        Ok(match entry {
+            None => (None, None),
+            Some(entry) => {
+                let claim = (entry.operation == kv::Operation::Put)
+                    .then(|| serde_json::from_slice::<Claim>(&entry.value).ok())
+                    .flatten();
+                (Some(entry.revision), claim)
+            }
+        })
+    }
+
+    /// Compare-and-set: `Some(revision)` when claimed, `None` when someone else wrote first.
+    async fn claim(
+        &self,
+        key: &str,
+        revision: Option<u64>,
+        claim: &Claim,
+    ) -> Result<Option<u64>, DeliverError> {
+        let value = encode(claim);
+        match revision {
+            None => match self.statuses.create(key, value).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(DeliverError::Store(e.to_string())),
+            },
+            Some(revision) => match self.statuses.update(key, value, revision).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(e) => Err(DeliverError::Store(e.to_string())),
+            },
+        }
+    }
+
+    /// GitHub may show an older status than `claim`: leave a mark for the next reader.
+    async fn mark_unconfirmed(&self, key: &str, revision: u64, claim: &Claim) {
+        let marked = Claim {
+            unconfirmed: true,
+            ..claim.clone()
+        };
+        // On conflict a newer claim exists, and its owner posts after my post ended.
+        if let Err(e) = self.statuses.update(key, encode(&marked), revision).await
+            && e.kind() != kv::UpdateErrorKind::WrongLastRevision
+        {
+            tracing::warn!(error = %e, "could not mark the status for a repost");
+        }
+    }
+}
+
+/// Runs `work`, telling JetStream every third of the ack wait that the message is still in
+/// hand, so a slow GitHub does not get it redelivered to another reporter meanwhile.
+async fn with_progress<T>(message: &jetstream::Message, work: impl Future<Output = T>) -> T {
+    let every = REPORTER_DEFAULT_ACK_WAIT / 3;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticks.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "could not extend the ack wait");
+                }
+            }
+        }
+    }
+}
+
+fn encode(claim: &Claim) -> bytes::Bytes {
+    serde_json::to_vec(claim)
+        .expect("a claim serializes")
+        .into()
+}
+
+fn worse(a: Disposition, b: Disposition) -> Disposition {
+    match (a, b) {
+        (Disposition::RetryIn(x), Disposition::RetryIn(y)) => Disposition::RetryIn(x.max(y)),
+        (Disposition::RetryIn(x), _) | (_, Disposition::RetryIn(x)) => Disposition::RetryIn(x),
+        _ => Disposition::Ack,
+    }
+}
+
+fn parse(
+    message: &jetstream::Message,
+    stream_seq: u64,
+    settings: &StatusSettings,
+) -> Result<Parsed, String> {
+    let payload = &message.payload;
+    match message.subject.as_str() {
+        STARTED_SUBJECT => {
+            let started: SyncStarted =
+                serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+            Ok(Parsed {
+                plan: status::for_started(&started, settings),
+                event_id: started.event_id,
+            })
+        }
+        FINISHED_SUBJECT => {
+            let finished: SyncFinished =
+                serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+            Ok(Parsed {
+                plan: status::for_finished(&finished, settings),
+                event_id: finished.event_id,
+            })
+        }
+        PUSH_SUBJECT => {
+            let push: PushEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+            let event_id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(EVENT_ID_HEADER))
+                .map_or_else(|| push.delivery_id.clone(), |v| v.to_string());
+            Ok(Parsed {
+                plan: status::for_push(&push, &event_id, stream_seq, settings),
+                event_id,
+            })
+        }
+        other => Err(format!("unexpected subject {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_retried_when_any_of_its_statuses_must_be_and_after_the_longest_delay() {
+        let (short, long) = (
+            Disposition::RetryIn(Duration::from_secs(1)),
+            Disposition::RetryIn(Duration::from_secs(9)),
+        );
+        assert_eq!(worse(Disposition::Ack, Disposition::Ack), Disposition::Ack);
+        assert_eq!(worse(Disposition::Ack, short), short);
+        assert_eq!(worse(long, Disposition::Ack), long);
+        assert_eq!(worse(short, long), long);
+    }
+}

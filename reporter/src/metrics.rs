@@ -1,0 +1,77 @@
+//! The reporter's Prometheus metrics.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    posted: Family<Labels, Counter>,
+    skipped: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    permanent_failures: Family<Labels, Counter>,
+    rate_limit_remaining: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Metrics::default();
+        registry.register(
+            "iac_reporter_statuses_posted",
+            "Statuses GitHub accepted, by state",
+            metrics.posted.clone(),
+        );
+        registry.register(
+            "iac_reporter_statuses_skipped",
+            "Statuses not posted: superseded by a newer one, log-only mode, no commit",
+            metrics.skipped.clone(),
+        );
+        registry.register(
+            "iac_reporter_retries",
+            "Messages handed back for a later attempt, by reason",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "iac_reporter_permanent_failures",
+            "Statuses GitHub refused for good, by HTTP code",
+            metrics.permanent_failures.clone(),
+        );
+        registry.register(
+            "iac_reporter_github_rate_limit_remaining",
+            "Requests left in GitHub's rate-limit window, as last reported",
+            metrics.rate_limit_remaining.clone(),
+        );
+        metrics
+    }
+
+    pub fn posted(&self, state: &str) {
+        self.posted
+            .get_or_create(&vec![("state", state.into())])
+            .inc();
+    }
+
+    pub fn skipped(&self, reason: &str) {
+        self.skipped
+            .get_or_create(&vec![("reason", reason.into())])
+            .inc();
+    }
+
+    pub fn retry(&self, reason: &str) {
+        self.retries
+            .get_or_create(&vec![("reason", reason.into())])
+            .inc();
+    }
+
+    pub fn permanent_failure(&self, code: u16) {
+        self.permanent_failures
+            .get_or_create(&vec![("code", code.to_string())])
+            .inc();
+    }
+
+    pub fn rate_limit_remaining(&self, remaining: i64) {
+        self.rate_limit_remaining.set(remaining);
+    }
+}

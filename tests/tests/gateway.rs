@@ -1,0 +1,918 @@
+//! The gateway against a real nats-server: what GitHub and operators see, and what is stored.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::StreamMessage};
+use iac_gateway::{Config, run};
+use iac_shared::events::{PushEvent, SyncRequest};
+use iac_shared::names::*;
+use iac_shared::shutdown::{self, ShutdownTrigger};
+use iac_shared::signature::{SIGNATURE_HEADER, sign};
+use iac_tests::fixture::push_payload;
+use iac_tests::github::{self, Response, get, request, sample, send_raw};
+use iac_tests::nats::NatsServer;
+use iac_tests::tools::project_binary;
+use iac_tests::{free_port, wait_for};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+const SECRET: &str = "gateway-test-secret-5e1f0c";
+const HEAD: &str = "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c";
+const BEFORE: &str = "9049f1265b7d61be4a8904a9a27120d2064dab3b";
+
+/// A gateway running in this process on a free port.
+struct Gateway {
+    addr: SocketAddr,
+    trigger: ShutdownTrigger,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Gateway {
+    /// Starts a gateway on `nats_url` without waiting for it to be ready.
+    async fn start_on(nats_url: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--webhook-secret",
+            SECRET,
+            "--nats-url",
+            nats_url,
+            "--publish-timeout",
+            "2s",
+        ];
+        args.extend_from_slice(extra);
+        let config = Config::try_from_args(args).expect("a valid configuration");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, shutdown) = shutdown::channel();
+        let task = tokio::spawn(run(config, listener, shutdown));
+        Gateway {
+            addr,
+            trigger,
+            task,
+        }
+    }
+
+    /// Starts a gateway on `server` and waits until it is ready.
+    async fn start(server: &NatsServer, extra: &[&str]) -> Self {
+        let gateway = Self::start_on(&server.url(), extra).await;
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    async fn wait_ready(&self) {
+        wait_for(
+            "the gateway to be ready",
+            Duration::from_secs(15),
+            || async {
+                assert!(!self.task.is_finished(), "the gateway stopped");
+                (get(self.addr, "/ready").await.status == 200).then_some(())
+            },
+        )
+        .await;
+    }
+
+    async fn push(&self, delivery: &str, body: &Value) -> Response {
+        github::webhook(
+            self.addr,
+            SECRET,
+            "push",
+            delivery,
+            body.to_string().as_bytes(),
+        )
+        .await
+    }
+
+    async fn sync(&self, body: &str) -> Response {
+        github::sync(self.addr, SECRET, body.as_bytes()).await
+    }
+
+    async fn metrics(&self) -> String {
+        get(self.addr, "/metrics").await.text()
+    }
+
+    async fn stop(self) {
+        self.trigger.trigger();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the gateway stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Every message in `IAC_EVENTS`, oldest first.
+async fn stored_events(server: &NatsServer) -> Vec<StreamMessage> {
+    let js = jetstream::new(server.client().await);
+    let mut stream = js.get_stream(EVENTS_STREAM).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut messages = Vec::new();
+    if state.messages == 0 {
+        return messages;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        messages.push(stream.direct_get(seq).await.unwrap());
+    }
+    messages
+}
+
+fn header(message: &StreamMessage, name: &str) -> String {
+    message
+        .headers
+        .get(name)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default()
+}
+
+fn push_to_main(paths: &[&str]) -> Value {
+    push_payload("refs/heads/main", BEFORE, HEAD, paths)
+}
+
+fn invalid_signature() -> Value {
+    json!({"error": "Invalid signature"})
+}
+
+#[tokio::test]
+async fn a_push_to_the_branch_is_stored_then_answered_with_its_services() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+
+    let answer = github::webhook(
+        gateway.addr,
+        SECRET,
+        "push",
+        "delivery-1",
+        &sample("push.json"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(
+        answer.json(),
+        json!({
+            "status": "accepted",
+            "services": ["finance_report/app", "platform/postgres"],
+            "commit": "0d1a26e6",
+            "event_id": "delivery-1",
+        })
+    );
+
+    let stored = stored_events(&server).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].subject.as_str(), PUSH_SUBJECT);
+    assert_eq!(header(&stored[0], MSG_ID_HEADER), "delivery-1");
+    assert_eq!(header(&stored[0], EVENT_ID_HEADER), "delivery-1");
+    let event: PushEvent = serde_json::from_slice(&stored[0].payload).unwrap();
+    assert_eq!(event.delivery_id, "delivery-1");
+    assert_eq!(event.repository.as_deref(), Some("acme/infra"));
+    assert_eq!(event.git_ref, "refs/heads/main");
+    assert_eq!(event.before.as_deref(), Some(BEFORE));
+    assert_eq!(event.after.as_deref(), Some(HEAD));
+    assert_eq!(event.head_commit.as_deref(), Some(HEAD));
+    assert_eq!(event.pusher.as_deref(), Some("octocat"));
+    assert_eq!(
+        event.paths,
+        [
+            "README.md",
+            "bootstrap/01.vault/compose.yaml",
+            "docs/old-runbook.md",
+            "finance_report/finance_report/10.app/settings.env",
+            "platform/01.postgres/compose.yaml",
+        ]
+    );
+    assert!(!event.paths_truncated);
+    assert!(
+        !String::from_utf8_lossy(&stored[0].payload).contains("Mona Lisa"),
+        "the raw payload is not stored"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn pushes_that_change_no_service_are_stored_as_no_changes_and_libs_as_all() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+
+    let docs = gateway
+        .push(
+            "d-docs",
+            &push_to_main(&["README.md", "bootstrap/01.vault/x"]),
+        )
+        .await;
+    assert_eq!(
+        docs.json(),
+        json!({"status": "no_changes", "services": [], "commit": "0d1a26e6", "event_id": "d-docs"})
+    );
+    let libs = gateway
+        .push("d-libs", &push_to_main(&["libs/common.py"]))
+        .await;
+    assert_eq!(libs.json()["status"], "accepted");
+    assert_eq!(libs.json()["services"], json!(["__all__"]));
+
+    let ids: Vec<String> = stored_events(&server)
+        .await
+        .iter()
+        .map(|m| header(m, EVENT_ID_HEADER))
+        .collect();
+    assert_eq!(ids, ["d-docs", "d-libs"]);
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_the_hook_id_and_not_stored() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let answer =
+        github::webhook(gateway.addr, SECRET, "ping", "d-ping", &sample("ping.json")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.json(),
+        json!({"status": "pong", "hook_id": 478213664})
+    );
+    assert!(stored_events(&server).await.is_empty());
+}
+
+#[tokio::test]
+async fn other_events_branches_tags_and_deletions_are_ignored_and_not_stored() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+
+    let issue = github::webhook(
+        gateway.addr,
+        SECRET,
+        "issues",
+        "d-1",
+        br#"{"action":"opened"}"#,
+    )
+    .await;
+    assert_eq!(issue.status, 200);
+    assert_eq!(
+        issue.json(),
+        json!({"status": "ignored", "event": "issues"})
+    );
+
+    let mut deleted = push_to_main(&["platform/01.postgres/x"]);
+    deleted["deleted"] = json!(true);
+    let mut zero_after = push_to_main(&["platform/01.postgres/x"]);
+    zero_after["after"] = json!("0000000000000000000000000000000000000000");
+    for (body, reason) in [
+        (
+            push_payload("refs/heads/dev", BEFORE, HEAD, &["platform/01.postgres/x"]),
+            "another branch",
+        ),
+        (
+            push_payload(
+                "refs/tags/v1.2.0",
+                BEFORE,
+                HEAD,
+                &["platform/01.postgres/x"],
+            ),
+            "a tag",
+        ),
+        (deleted, "deleted"),
+        (zero_after, "deleted"),
+    ] {
+        let answer = gateway.push("d-2", &body).await;
+        assert_eq!(answer.status, 200);
+        let answer = answer.json();
+        assert_eq!(answer["status"], "ignored");
+        assert!(
+            answer["reason"].as_str().unwrap().contains(reason),
+            "{answer}"
+        );
+    }
+    assert!(stored_events(&server).await.is_empty());
+}
+
+#[tokio::test]
+async fn redelivered_push_is_stored_once_and_answered_200_each_time() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let body = push_to_main(&["platform/02.redis/compose.yaml"]);
+    let mut duplicates = 0;
+    for _ in 0..5 {
+        let answer = gateway
+            .push("72d3162e-cc78-11e3-81ab-4c9367dc0958", &body)
+            .await;
+        assert_eq!(answer.status, 200);
+        let answer = answer.json();
+        assert_eq!(answer["status"], "accepted");
+        assert_eq!(answer["services"], json!(["platform/redis"]));
+        if answer["duplicate"] == json!(true) {
+            duplicates += 1;
+        }
+    }
+    assert_eq!(duplicates, 4);
+    assert_eq!(stored_events(&server).await.len(), 1);
+
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("iac_gateway_duplicates_total 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"iac_gateway_events_published_total{subject="iac.events.push"} 5"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"iac_gateway_requests_total{endpoint="webhook",outcome="accepted"} 5"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("iac_gateway_request_duration_seconds"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_push_without_delivery_id_gets_a_generated_event_id() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let body = push_to_main(&["platform/01.postgres/x"]).to_string();
+    let signature = sign(SECRET.as_bytes(), body.as_bytes());
+    let answer = request(
+        gateway.addr,
+        "POST",
+        "/webhook",
+        &[("X-GitHub-Event", "push"), (SIGNATURE_HEADER, &signature)],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let event_id = answer.json()["event_id"].as_str().unwrap().to_string();
+    assert_eq!(event_id.len(), 36, "a uuid: {event_id}");
+    let stored = stored_events(&server).await;
+    assert_eq!(header(&stored[0], MSG_ID_HEADER), event_id);
+}
+
+#[tokio::test]
+async fn unsigned_and_wrongly_signed_requests_are_refused_before_the_body_is_read() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let body = push_to_main(&["platform/01.postgres/x"]).to_string();
+    let good = sign(SECRET.as_bytes(), body.as_bytes());
+    let other_secret = sign(b"not the secret", body.as_bytes());
+    let other_body = sign(SECRET.as_bytes(), b"{}");
+    let sha1_style = good.replace("sha256=", "sha1=");
+    for path in ["/webhook", "/sync"] {
+        for headers in [
+            vec![],
+            vec![(SIGNATURE_HEADER, "sha256=zz")],
+            vec![(SIGNATURE_HEADER, other_secret.as_str())],
+            vec![(SIGNATURE_HEADER, other_body.as_str())],
+            vec![(SIGNATURE_HEADER, sha1_style.as_str())],
+            vec![("X-Hub-Signature", sha1_style.as_str())],
+        ] {
+            let mut headers = headers;
+            headers.push(("X-GitHub-Event", "push"));
+            let answer = request(gateway.addr, "POST", path, &headers, body.as_bytes()).await;
+            assert_eq!(answer.status, 401, "{path} {headers:?}");
+            assert_eq!(answer.json(), invalid_signature());
+        }
+    }
+    assert!(stored_events(&server).await.is_empty());
+}
+
+#[tokio::test]
+async fn githubs_documented_test_vector_is_accepted_over_http() {
+    let server = NatsServer::start();
+    let mut args = vec!["--nats-url".to_string(), server.url()];
+    args.extend([
+        "--webhook-secret".into(),
+        "It's a Secret to Everybody".into(),
+    ]);
+    let config = Config::try_from_args(args).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(run(
+        config,
+        listener,
+        iac_shared::shutdown::Shutdown::never(),
+    ));
+
+    let documented = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+    let send = |signature: &'static str| async move {
+        request(
+            addr,
+            "POST",
+            "/webhook",
+            &[("X-GitHub-Event", "ping"), (SIGNATURE_HEADER, signature)],
+            b"Hello, World!",
+        )
+        .await
+    };
+    // The signature passes; "Hello, World!" is then refused for not being JSON.
+    let answer = send(documented).await;
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert!(
+        answer.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    let tampered = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e18";
+    assert_eq!(send(tampered).await.status, 401);
+}
+
+/// `application/x-www-form-urlencoded` encoding of a form value.
+fn form_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                (b as char).to_string()
+            }
+            b' ' => "+".to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn form_encoded_deliveries_are_read_from_the_payload_field() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let push = String::from_utf8(sample("push.json")).unwrap();
+    let send = |body: String| async move {
+        let signature = sign(SECRET.as_bytes(), body.as_bytes());
+        request(
+            gateway.addr,
+            "POST",
+            "/webhook",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("X-GitHub-Event", "push"),
+                ("X-GitHub-Delivery", "d-form"),
+                (SIGNATURE_HEADER, &signature),
+            ],
+            body.as_bytes(),
+        )
+        .await
+    };
+    let answer = send(format!("payload={}", form_encode(&push))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(
+        answer.json()["services"],
+        json!(["finance_report/app", "platform/postgres"])
+    );
+
+    let missing = send("other=1".into()).await;
+    assert_eq!(missing.status, 400);
+    assert_eq!(
+        missing.json(),
+        json!({"error": "Form body has no payload field"})
+    );
+    assert_eq!(stored_events(&server).await.len(), 1);
+}
+
+#[tokio::test]
+async fn bad_bodies_are_refused_with_400_saying_what_is_wrong() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let cases: [(&[u8], &str); 4] = [
+        (b"{\"ref\": ", "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (
+            br#"{"after": "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c"}"#,
+            "no ref",
+        ),
+        (br#"{"ref": ["refs/heads/main"]}"#, "not valid JSON"),
+    ];
+    for (body, words) in cases {
+        let answer = github::webhook(gateway.addr, SECRET, "push", "d-bad", body).await;
+        assert_eq!(answer.status, 400, "{}", String::from_utf8_lossy(body));
+        let error = answer.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(words), "{error:?} should say {words:?}");
+    }
+    let no_after = gateway
+        .push("d-head", &json!({"ref": "refs/heads/main"}))
+        .await;
+    assert_eq!(no_after.status, 200);
+    assert_eq!(no_after.json()["status"], "no_changes");
+    let stored = stored_events(&server).await;
+    assert_eq!(stored.len(), 1);
+    let event: PushEvent = serde_json::from_slice(&stored[0].payload).unwrap();
+    assert_eq!(
+        event.after, None,
+        "no after: the branch head when the sync runs"
+    );
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused_with_413_without_being_read() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &["--max-body-bytes", "1024"]).await;
+
+    // Announced too large: answered before a byte of the body is sent.
+    let announced = send_raw(
+        gateway.addr,
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\nX-GitHub-Event: push\r\n\r\n",
+    )
+    .await;
+    assert_eq!(announced.status, 413);
+    assert!(announced.json()["error"].as_str().unwrap().contains("1024"));
+
+    // Chunked, no length: refused once the chunks pass the limit, the rest never sent.
+    let chunk = "x".repeat(800);
+    let chunked = format!(
+        "POST /sync HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n320\r\n{chunk}\r\n320\r\n{chunk}\r\n"
+    );
+    let answer = send_raw(gateway.addr, chunked.as_bytes()).await;
+    assert_eq!(answer.status, 413);
+
+    // Within the limit, chunked: read to the end and handled.
+    let body = r#"{"all": true}"#;
+    let signature = sign(SECRET.as_bytes(), body.as_bytes());
+    let small = format!(
+        "POST /sync HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{SIGNATURE_HEADER}: {signature}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let answer = send_raw(gateway.addr, small.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(stored_events(&server).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_408() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &["--body-read-timeout", "300ms"]).await;
+    let started = Instant::now();
+    let answer = send_raw(
+        gateway.addr,
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nX-GitHub-Event: push\r\n\r\n{\"ref\": ",
+    )
+    .await;
+    assert_eq!(answer.status, 408);
+    assert!(answer.json()["error"].as_str().unwrap().contains("300ms"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn manual_sync_requests_are_validated_and_stored() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+
+    let one = gateway
+        .sync(r#"{"services": ["platform/postgres"], "ref": "main", "force": true}"#)
+        .await;
+    assert_eq!(one.status, 200, "{}", one.text());
+    let one = one.json();
+    assert_eq!(one["status"], "accepted");
+    assert_eq!(one["services"], json!(["platform/postgres"]));
+    let all = gateway.sync(r#"{"all": true}"#).await.json();
+    assert_eq!(all["services"], json!(["__all__"]));
+
+    let none = gateway.sync("{}").await;
+    assert_eq!(none.status, 400);
+    assert_eq!(none.json(), json!({"error": "No services specified"}));
+    let bad = gateway.sync(r#"{"services": ["platform/../etc"]}"#).await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("platform/../etc")
+    );
+    let typo = gateway.sync(r#"{"service": ["platform/postgres"]}"#).await;
+    assert_eq!(typo.status, 400);
+
+    let stored = stored_events(&server).await;
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0].subject.as_str(), SYNC_SUBJECT);
+    assert_eq!(
+        header(&stored[0], EVENT_ID_HEADER),
+        one["event_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        header(&stored[0], MSG_ID_HEADER),
+        one["event_id"].as_str().unwrap()
+    );
+    let request: SyncRequest = serde_json::from_slice(&stored[0].payload).unwrap();
+    assert_eq!(request.services, ["platform/postgres"]);
+    assert_eq!(request.git_ref.as_deref(), Some("main"));
+    assert!(request.force);
+    let request: SyncRequest = serde_json::from_slice(&stored[1].payload).unwrap();
+    assert!(request.all);
+}
+
+#[tokio::test]
+async fn nats_outage_is_answered_503_quickly_and_the_gateway_recovers_by_itself() {
+    let mut server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let body = push_to_main(&["platform/01.postgres/x"]);
+    assert_eq!(gateway.push("before-outage", &body).await.status, 200);
+
+    server.stop();
+    wait_for(
+        "/ready to report the outage",
+        Duration::from_secs(10),
+        || async { (get(gateway.addr, "/ready").await.status == 503).then_some(()) },
+    )
+    .await;
+    let started = Instant::now();
+    let answer = gateway.push("during-outage", &body).await;
+    assert_eq!(answer.status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "503 within the publish timeout"
+    );
+    let error = answer.json()["error"].as_str().unwrap().to_string();
+    assert!(error.starts_with("Event store unavailable: "), "{error}");
+    let sync = gateway.sync(r#"{"all": true}"#).await;
+    assert_eq!(sync.status, 503);
+    assert_eq!(get(gateway.addr, "/health").await.status, 200);
+
+    server.restart();
+    gateway.wait_ready().await;
+    let after = gateway.push("after-outage", &body).await;
+    assert_eq!(after.status, 200, "{}", after.text());
+
+    let ids: Vec<String> = stored_events(&server)
+        .await
+        .iter()
+        .map(|m| header(m, EVENT_ID_HEADER))
+        .collect();
+    assert_eq!(
+        ids,
+        ["before-outage", "after-outage"],
+        "nothing answered 503 was stored"
+    );
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("iac_gateway_publish_failures_total 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_store_without_the_events_stream_is_answered_503_never_200() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let js = jetstream::new(server.client().await);
+    js.delete_stream(EVENTS_STREAM).await.unwrap();
+
+    let answer = gateway
+        .push("lost", &push_to_main(&["platform/01.postgres/x"]))
+        .await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(
+        answer.json(),
+        json!({"error": "Event store unavailable: no stream stores the subject"})
+    );
+    let sync = gateway.sync(r#"{"all": true}"#).await;
+    assert_eq!(sync.status, 503);
+}
+
+#[tokio::test]
+async fn the_gateway_answers_health_before_nats_exists_and_becomes_ready_when_it_does() {
+    let mut server = NatsServer::start();
+    server.stop();
+    let gateway = Gateway::start_on(&server.url(), &[]).await;
+    wait_for("/health", Duration::from_secs(5), || async {
+        let health = get(gateway.addr, "/health").await;
+        (health.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        get(gateway.addr, "/health").await.json(),
+        json!({"status": "healthy"})
+    );
+    assert_eq!(get(gateway.addr, "/ready").await.status, 503);
+    let answer = gateway.push("too-early", &push_to_main(&["libs/x"])).await;
+    assert_eq!(answer.status, 503);
+
+    server.restart();
+    gateway.wait_ready().await;
+    assert_eq!(
+        gateway
+            .push("in-time", &push_to_main(&["libs/x"]))
+            .await
+            .status,
+        200
+    );
+    let js = jetstream::new(server.client().await);
+    let events = js.get_stream(EVENTS_STREAM).await.unwrap();
+    events
+        .consumer_info(WORKER_CONSUMER)
+        .await
+        .expect("provisioned the worker's consumer");
+    assert_eq!(stored_events(&server).await.len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_and_wrong_methods_405_in_json() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let missing = get(gateway.addr, "/nope").await;
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["error"].is_string());
+    for (method, path) in [("GET", "/webhook"), ("GET", "/sync"), ("POST", "/health")] {
+        let answer = request(gateway.addr, method, path, &[], b"").await;
+        assert_eq!(answer.status, 405, "{method} {path}");
+        assert!(answer.json()["error"].is_string());
+    }
+    let metrics = get(gateway.addr, "/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    assert!(
+        text.contains("iac_gateway_publish_failures_total 0"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_stream_holds_exactly_the_events_that_should_be_there() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let body = push_to_main(&["platform/01.postgres/x"]);
+    let raw = body.to_string();
+
+    gateway.push("good-1", &body).await;
+    request(
+        gateway.addr,
+        "POST",
+        "/webhook",
+        &[("X-GitHub-Event", "push")],
+        raw.as_bytes(),
+    )
+    .await;
+    github::webhook(gateway.addr, "wrong", "push", "forged", raw.as_bytes()).await;
+    github::webhook(gateway.addr, SECRET, "push", "broken", b"{").await;
+    gateway
+        .push(
+            "other-branch",
+            &push_payload("refs/heads/dev", BEFORE, HEAD, &["libs/x"]),
+        )
+        .await;
+    github::webhook(gateway.addr, SECRET, "ping", "ping", &sample("ping.json")).await;
+    gateway.sync(r#"{"services": []}"#).await;
+    let sync = gateway
+        .sync(r#"{"services": ["platform/redis"]}"#)
+        .await
+        .json();
+    gateway.push("good-1", &body).await;
+    gateway.push("good-2", &body).await;
+
+    let ids: Vec<(String, String)> = stored_events(&server)
+        .await
+        .iter()
+        .map(|m| (m.subject.to_string(), header(m, EVENT_ID_HEADER)))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (PUSH_SUBJECT.to_string(), "good-1".to_string()),
+            (
+                SYNC_SUBJECT.to_string(),
+                sync["event_id"].as_str().unwrap().to_string()
+            ),
+            (PUSH_SUBJECT.to_string(), "good-2".to_string()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_push_too_large_for_one_message_is_stored_with_its_paths_cut() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    // About 3 MB of paths: three times the server's max_payload.
+    let paths: Vec<String> = (0..40_000)
+        .map(|i| {
+            format!(
+                "platform/01.postgres/generated/config-{i:06}-{}.yaml",
+                "x".repeat(40)
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let answer = gateway.push("huge", &push_to_main(&refs)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["services"], json!(["platform/postgres"]));
+
+    let stored = stored_events(&server).await;
+    assert_eq!(stored.len(), 1);
+    let event: PushEvent = serde_json::from_slice(&stored[0].payload).unwrap();
+    assert!(event.paths_truncated);
+    assert!(!event.paths.is_empty() && event.paths.len() < paths.len());
+    assert_eq!(event.after.as_deref(), Some(HEAD));
+}
+
+#[test]
+fn the_gateway_refuses_to_start_without_a_secret() {
+    let output = Command::new(project_binary("iac-gateway"))
+        .env_clear()
+        .env("WEBHOOK_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("WEBHOOK_SECRET"), "{stderr}");
+}
+
+#[test]
+fn help_never_shows_the_secret() {
+    let output = Command::new(project_binary("iac-gateway"))
+        .arg("--help")
+        .env_clear()
+        .env("WEBHOOK_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("WEBHOOK_SECRET"), "{help}");
+    assert!(!help.contains(SECRET), "{help}");
+}
+
+#[tokio::test]
+async fn the_signature_printed_by_sign_is_accepted() {
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let body = r#"{"services": ["platform/postgres"]}"#;
+    let output = Command::new(project_binary("iac-gateway"))
+        .args(["sign", body])
+        .env_clear()
+        .env("WEBHOOK_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let signature = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    assert!(signature.starts_with("sha256="), "{signature}");
+    let answer = request(
+        gateway.addr,
+        "POST",
+        "/sync",
+        &[(SIGNATURE_HEADER, &signature)],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+#[tokio::test]
+async fn the_secret_never_appears_in_the_logs() {
+    let server = NatsServer::start();
+    let port = free_port();
+    let logs = tempfile::tempdir().unwrap();
+    let stdout = std::fs::File::create(logs.path().join("stdout")).unwrap();
+    let stderr = std::fs::File::create(logs.path().join("stderr")).unwrap();
+    let mut child = Command::new(project_binary("iac-gateway"))
+        .env_clear()
+        .env("WEBHOOK_SECRET", SECRET)
+        .env("WEBHOOK_PORT", port.to_string())
+        .env("WEBHOOK_BIND", "127.0.0.1")
+        .env("NATS_URL", server.url())
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for(
+        "the gateway binary to be ready",
+        Duration::from_secs(15),
+        || async {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return None;
+            }
+            (get(addr, "/ready").await.status == 200).then_some(())
+        },
+    )
+    .await;
+
+    let body = push_to_main(&["platform/01.postgres/x"]).to_string();
+    let good = sign(SECRET.as_bytes(), body.as_bytes());
+    let wrong = sign(b"guess", body.as_bytes());
+    assert_eq!(
+        github::webhook(addr, SECRET, "push", "logged-delivery", body.as_bytes())
+            .await
+            .status,
+        200
+    );
+    for signature in [&wrong, &good] {
+        request(
+            addr,
+            "POST",
+            "/webhook",
+            &[(SIGNATURE_HEADER, signature.as_str())],
+            b"{}",
+        )
+        .await;
+    }
+    github::sync(addr, SECRET, b"{}").await;
+
+    // SAFETY: kill(2) on the pid of the child this test spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "graceful stop on SIGTERM: {status}");
+    let logs = std::fs::read_to_string(logs.path().join("stdout")).unwrap()
+        + &std::fs::read_to_string(logs.path().join("stderr")).unwrap();
+    assert!(
+        logs.contains("logged-delivery"),
+        "the logs were captured: {logs}"
+    );
+    for secret in [SECRET, &good[7..], &wrong[7..]] {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs");
+    }
+}

@@ -1,0 +1,208 @@
+//! What operators do with the streams: replay events and results, read the last syncs.
+
+use std::time::Duration;
+
+use iac_tests::fake_github::FakeGithub;
+use iac_tests::fixture::TaskRun;
+use iac_tests::pipeline::Pipeline;
+use iac_tests::wait_for;
+
+const POSTGRES: &str = "platform/01.postgres/compose.yaml";
+const CONTEXT: &str = "IaC Runner / Sync";
+
+fn ended(pipeline: &Pipeline, task: &str) -> Vec<TaskRun> {
+    pipeline
+        .fixture
+        .runs()
+        .into_iter()
+        .filter(|r| r.phase == "end" && r.task.as_deref() == Some(task))
+        .collect()
+}
+
+async fn wait_for_runs(pipeline: &Pipeline, task: &str, count: usize) -> Vec<TaskRun> {
+    wait_for(
+        &format!("{count} run(s) of {task}"),
+        Duration::from_secs(60),
+        || async {
+            let runs = ended(pipeline, task);
+            (runs.len() >= count).then_some(runs)
+        },
+    )
+    .await
+}
+
+/// Runs a manual sync of redis and waits for it: everything queued before it has run.
+async fn drain(pipeline: &Pipeline) {
+    let before = ended(pipeline, "redis.sync").len();
+    let (ok, out, err) = pipeline.operator("iac-worker", &["status"]);
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    let client = pipeline.nats.as_ref().unwrap().client().await;
+    let js = async_nats::jetstream::new(client);
+    js.publish(
+        "iac.events.sync",
+        r#"{"services":["platform/redis"]}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_for_runs(pipeline, "redis.sync", before + 1).await;
+}
+
+#[tokio::test]
+async fn replaying_by_sequence_runs_the_sync_again_and_force_reaches_the_task() {
+    let pipeline = Pipeline::new("http://127.0.0.1:9");
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let (commit, status, _) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200);
+    wait_for_runs(&pipeline, "postgres.sync", 1).await;
+
+    let (ok, out, err) = pipeline.operator(
+        "iac-worker",
+        &["replay", "--from-seq", "1", "--to-seq", "1"],
+    );
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    let line = out.lines().nth(1).expect("one replayed line");
+    assert!(line.starts_with("1\t"), "{out}");
+    assert!(
+        line.contains("iac.events.push") && line.contains(&commit),
+        "{out}"
+    );
+    let runs = wait_for_runs(&pipeline, "postgres.sync", 2).await;
+    assert_eq!(runs[1].commit.as_deref(), Some(commit.as_str()));
+    assert!(!runs[1].force);
+
+    let (ok, out, err) = pipeline.operator(
+        "iac-worker",
+        &["replay", "--from-seq", "1", "--to-seq", "1", "--force"],
+    );
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    let runs = wait_for_runs(&pipeline, "postgres.sync", 3).await;
+    assert!(runs[2].force, "the forced replay did not reach the task");
+}
+
+#[tokio::test]
+async fn a_dry_run_lists_what_would_be_replayed_and_runs_nothing() {
+    let pipeline = Pipeline::new("http://127.0.0.1:9");
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let (commit, _, _) = pipeline.push_change(POSTGRES).await;
+    wait_for_runs(&pipeline, "postgres.sync", 1).await;
+
+    let (ok, out, err) =
+        pipeline.operator("iac-worker", &["replay", "--from-seq", "1", "--dry-run"]);
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains(&commit), "{out}");
+    assert!(err.contains("would replay 1 message"), "{err}");
+    drain(&pipeline).await;
+    assert_eq!(
+        ended(&pipeline, "postgres.sync").len(),
+        1,
+        "a dry run ran a sync"
+    );
+}
+
+#[tokio::test]
+async fn replaying_since_a_time_takes_the_events_stored_after_it() {
+    let pipeline = Pipeline::new("http://127.0.0.1:9");
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let (first, _, _) = pipeline.push_change(POSTGRES).await;
+    wait_for_runs(&pipeline, "postgres.sync", 1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let since = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let (second, _, _) = pipeline.push_change(POSTGRES).await;
+    wait_for_runs(&pipeline, "postgres.sync", 2).await;
+
+    let (ok, out, err) = pipeline.operator(
+        "iac-worker",
+        &["replay", "--since", &since, "--subject", "iac.events.push"],
+    );
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains(&second) && !out.contains(&first), "{out}");
+    let runs = wait_for_runs(&pipeline, "postgres.sync", 3).await;
+    assert_eq!(runs[2].commit.as_deref(), Some(second.as_str()));
+
+    let (ok, out, err) = pipeline.operator("iac-worker", &["replay", "--since", "yesterday"]);
+    assert!(!ok && err.contains("RFC 3339"), "{err}");
+    let (ok, out, err) = pipeline.operator(
+        "iac-worker",
+        &[
+            "replay",
+            "--from-seq",
+            "1",
+            "--subject",
+            "iac.results.finished",
+        ],
+    );
+    assert!(!ok && err.contains("iac.events.push"), "{err}");
+}
+
+#[tokio::test]
+async fn status_shows_the_syncs_just_run_and_the_queue() {
+    let pipeline = Pipeline::new("http://127.0.0.1:9");
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    pipeline.fixture.set_behaviour("platform/02.redis", 0.0, 4);
+    let (commit, _, _) = pipeline.push_change("platform/02.redis/compose.yaml").await;
+    wait_for_runs(&pipeline, "redis.sync", 1).await;
+
+    let table = wait_for("the sync in status", Duration::from_secs(20), || async {
+        let (ok, out, _) = pipeline.operator("iac-worker", &["status", "-n", "5"]);
+        (ok && out.contains(&commit[..8])).then_some(out)
+    })
+    .await;
+    let row = table.lines().find(|l| l.contains(&commit[..8])).unwrap();
+    assert!(row.contains("push"), "{table}");
+    assert!(row.contains("failure"), "{table}");
+    assert!(row.contains("platform/redis=failed(4)"), "{table}");
+    assert!(
+        table
+            .trim_end()
+            .ends_with("queue: 0 waiting, 0 in progress"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn replaying_results_posts_the_statuses_again() {
+    let github = FakeGithub::start().await;
+    let pipeline = Pipeline::new(&github.url());
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let _reporter = pipeline.start_reporter();
+    let (commit, _, _) = pipeline.push_change(POSTGRES).await;
+    let successes = || {
+        github
+            .accepted()
+            .iter()
+            .filter(|r| r.commit == commit && r.state() == "success" && r.context() == CONTEXT)
+            .count()
+    };
+    wait_for("the success status", Duration::from_secs(60), || async {
+        (successes() == 1).then_some(())
+    })
+    .await;
+
+    let (ok, out, err) = pipeline.operator(
+        "iac-reporter",
+        &[
+            "replay",
+            "--from-seq",
+            "1",
+            "--subject",
+            "iac.results.finished",
+        ],
+    );
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains(&commit), "{out}");
+    wait_for(
+        "the success status posted again",
+        Duration::from_secs(60),
+        || async { (successes() == 2).then_some(()) },
+    )
+    .await;
+}

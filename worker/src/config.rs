@@ -1,0 +1,338 @@
+//! The worker's settings: one clap struct, every flag also an environment variable.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use iac_shared::nats::{NatsArgs, parse_positive_duration};
+use iac_shared::telemetry::LogArgs;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::git::redact_url;
+use crate::task::SyncCommand;
+
+/// Runs the syncs of iac-runner: one at a time, from git, durable across crashes.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "iac-worker",
+    version,
+    about,
+    args_override_self = true,
+    after_help = "Operator commands: iac-worker replay --help (publish stored events again), iac-worker status --help (the last syncs and the queue)."
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// The monorepo to clone; may carry credentials (`https://user:token@host/owner/repo.git`).
+    #[arg(
+        long = "git-repo-url",
+        env = "GIT_REPO_URL",
+        value_name = "GIT_REPO_URL",
+        hide_env_values = true,
+        value_parser = parse_repo_url
+    )]
+    pub repo_url: RepoUrl,
+
+    /// The deployed branch.
+    #[arg(
+        long = "git-branch",
+        env = "GIT_BRANCH",
+        value_name = "GIT_BRANCH",
+        default_value = "main",
+        value_parser = parse_branch
+    )]
+    pub branch: String,
+
+    /// Directory holding the checkout, the workspace lock and the running task's process group.
+    #[arg(
+        long = "workspace",
+        env = "WORKSPACE",
+        value_name = "WORKSPACE",
+        default_value = "/workspace"
+    )]
+    pub workspace: PathBuf,
+
+    /// Command run for each service, `{task}` replaced by its invoke task (no shell involved).
+    #[arg(
+        long = "sync-command",
+        env = "SYNC_COMMAND",
+        value_name = "SYNC_COMMAND",
+        default_value = "invoke {task}",
+        value_parser = SyncCommand::parse
+    )]
+    pub sync_command: SyncCommand,
+
+    /// Longest a single service's task may run before it is killed and reported `timed_out`.
+    #[arg(
+        long = "sync-timeout",
+        env = "SYNC_TIMEOUT",
+        value_name = "SYNC_TIMEOUT",
+        default_value = "30m",
+        value_parser = parse_positive_duration
+    )]
+    pub sync_timeout: Duration,
+
+    /// Port of `/metrics`, `/health` and `/ready` (0 = off).
+    #[arg(
+        long = "metrics-port",
+        env = "METRICS_PORT",
+        value_name = "METRICS_PORT",
+        default_value_t = 0
+    )]
+    pub metrics_port: u16,
+
+    /// TOML file replacing the default path-to-service rules.
+    #[arg(long = "iac-rules", env = "IAC_RULES", value_name = "IAC_RULES")]
+    pub rules: Option<PathBuf>,
+
+    /// How long an event may go without an acknowledgement or a progress note before it is
+    /// delivered again (to a standby worker).
+    #[arg(
+        long = "worker-ack-wait",
+        env = "WORKER_ACK_WAIT",
+        value_name = "WORKER_ACK_WAIT",
+        default_value = "30s",
+        value_parser = parse_ack_wait
+    )]
+    pub ack_wait: Duration,
+
+    /// Attempts of one event before it is given up with an `error` result.
+    #[arg(
+        long = "sync-max-attempts",
+        env = "SYNC_MAX_ATTEMPTS",
+        value_name = "SYNC_MAX_ATTEMPTS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(i64).range(1..=100)
+    )]
+    pub max_attempts: i64,
+
+    /// On SIGTERM, how long a running sync may go on before it is killed and handed back.
+    #[arg(
+        long = "shutdown-grace",
+        env = "SHUTDOWN_GRACE",
+        value_name = "SHUTDOWN_GRACE",
+        default_value = "25s",
+        value_parser = humantime::parse_duration
+    )]
+    pub shutdown_grace: Duration,
+
+    /// Lines of a failed task's output kept in its result.
+    #[arg(
+        long = "output-tail-lines",
+        env = "OUTPUT_TAIL_LINES",
+        value_name = "OUTPUT_TAIL_LINES",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u16).range(1..=1000)
+    )]
+    pub output_tail_lines: u16,
+}
+
+/// `GIT_REPO_URL`: printed and logged only with its credentials replaced by `***`.
+#[derive(Clone)]
+pub struct RepoUrl(SecretString);
+
+impl RepoUrl {
+    pub fn new(url: &str) -> Self {
+        RepoUrl(SecretString::from(url))
+    }
+
+    /// The URL as git needs it, credentials included. Never log this.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// The URL with any user information replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(self.expose())
+    }
+
+    /// `text` without this URL's credentials: its user information, and the password or token
+    /// alone, wherever they appear.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut secrets = Vec::new();
+        if let Some(userinfo) = crate::git::userinfo(self.expose()) {
+            secrets.push(userinfo);
+            if let Some((_, password)) = userinfo.split_once(':')
+                && password.len() >= 4
+            {
+                secrets.push(password);
+            }
+        }
+        crate::git::redact_text(text, &secrets)
+    }
+
+    /// The checkout's directory name: the last path segment without `.git`.
+    pub fn repo_name(&self) -> String {
+        let path = self.path_segments();
+        path.last().cloned().unwrap_or_else(|| "repo".to_string())
+    }
+
+    /// `owner/name` for results of manual syncs (pushes carry their own).
+    pub fn owner_and_name(&self) -> Option<String> {
+        let segments = self.path_segments();
+        match segments.as_slice() {
+            [.., owner, name] => Some(format!("{owner}/{name}")),
+            _ => None,
+        }
+    }
+
+    fn path_segments(&self) -> Vec<String> {
+        let url = self.expose();
+        let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority_end = without_scheme.find('/').unwrap_or(without_scheme.len());
+        let without_userinfo = match without_scheme[..authority_end].rfind('@') {
+            Some(at) => &without_scheme[at + 1..],
+            None => without_scheme,
+        };
+        let without_query = without_userinfo
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default();
+        // `git@host:owner/name.git` (scp-like) separates host and path with a colon.
+        without_query
+            .split(['/', ':'])
+            .skip(usize::from(url.contains("://") || !url.starts_with('/')))
+            .filter(|s| !s.is_empty())
+            .map(|s| s.strip_suffix(".git").unwrap_or(s).to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+impl fmt::Debug for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+// Never fails: clap would quote the raw value, credentials included, in its error. The URL is
+// checked by `Config::validate`, whose messages show it redacted.
+fn parse_repo_url(s: &str) -> Result<RepoUrl, std::convert::Infallible> {
+    Ok(RepoUrl::new(s.trim()))
+}
+
+fn parse_branch(s: &str) -> Result<String, String> {
+    if iac_shared::events::is_valid_git_ref(s) {
+        Ok(s.to_string())
+    } else {
+        Err("not a valid branch name".into())
+    }
+}
+
+fn parse_ack_wait(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+impl Config {
+    /// Parses flags (the first item is the program name), falling back to the environment.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Config::try_parse_from(args)
+    }
+
+    /// Checks what clap cannot check without printing a secret; the error names the variable.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = self.repo_url.expose();
+        if url.is_empty() {
+            return Err("GIT_REPO_URL: must not be empty".into());
+        }
+        if url.starts_with('-') || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(format!(
+                "GIT_REPO_URL: not a git URL: {}",
+                self.repo_url.redacted()
+            ));
+        }
+        if self.repo_url.path_segments().is_empty() {
+            return Err(format!(
+                "GIT_REPO_URL: no repository path in {}",
+                self.repo_url.redacted()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deliveries allowed by the consumer: the attempts plus the one that reports giving up.
+    pub fn max_deliver(&self) -> i64 {
+        self.max_attempts + 1
+    }
+
+    /// How often a running sync tells NATS it is still working.
+    pub fn progress_interval(&self) -> Duration {
+        self.ack_wait / 3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_names_come_from_the_url_path() {
+        let https = RepoUrl::new("https://user:tok@github.com/acme/infra.git");
+        assert_eq!(https.repo_name(), "infra");
+        assert_eq!(https.owner_and_name().as_deref(), Some("acme/infra"));
+        let scp = RepoUrl::new("git@github.com:acme/infra.git");
+        assert_eq!(scp.repo_name(), "infra");
+        assert_eq!(scp.owner_and_name().as_deref(), Some("acme/infra"));
+        let local = RepoUrl::new("/srv/git/infra.git");
+        assert_eq!(local.repo_name(), "infra");
+        assert_eq!(local.owner_and_name().as_deref(), Some("git/infra"));
+        let bare = RepoUrl::new("https://host/infra");
+        assert_eq!(bare.repo_name(), "infra");
+        assert_eq!(bare.owner_and_name(), None);
+    }
+
+    #[test]
+    fn the_repository_url_never_prints_its_credentials() {
+        let url = RepoUrl::new("https://deploy:s3cret@github.com/acme/infra.git");
+        assert_eq!(format!("{url}"), "https://***@github.com/acme/infra.git");
+        assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_bad_repository_url_is_refused_without_showing_its_credentials() {
+        let config = Config::from_args([
+            "iac-worker",
+            "--git-repo-url",
+            "https://deploy:hunter22@github.com",
+        ])
+        .unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.starts_with("GIT_REPO_URL: "), "{err}");
+        assert!(!err.contains("hunter22"), "{err}");
+        let ok = Config::from_args(["iac-worker", "--git-repo-url", "https://x/acme/infra.git"]);
+        assert!(ok.unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn a_bad_setting_names_its_variable() {
+        let err = Config::try_parse_from([
+            "iac-worker",
+            "--git-repo-url",
+            "https://x/acme/infra.git",
+            "--sync-command",
+            "invoke deploy",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("SYNC_COMMAND"), "{err}");
+    }
+}

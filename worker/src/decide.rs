@@ -1,0 +1,536 @@
+//! The worker's decisions, as pure functions over plain types: which event a message is,
+//! which commit to check out, which services to run, and what the results say.
+
+use iac_shared::events::{
+    FinishedState, PushEvent, RequestError, ServiceResult, SyncFinished, SyncOutcome, SyncRequest,
+    SyncStarted, Totals, Trigger, is_null_commit, now_rfc3339,
+};
+use iac_shared::names::{PUSH_SUBJECT, SYNC_SUBJECT};
+use iac_shared::rules::{Rules, Service};
+
+/// Where a delivered event came from and how it asks to be handled (from its headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub event_id: String,
+    pub subject: String,
+    /// Sequence of the event in `IAC_EVENTS`.
+    pub seq: u64,
+    /// Which delivery of the event this is (1 for the first).
+    pub delivered: i64,
+    pub replay_of: Option<u64>,
+    /// `Iac-Force: true`: run tasks even where they would be skipped.
+    pub force: bool,
+}
+
+impl Delivery {
+    /// Reads the event id (`Iac-Event-Id`, else `Nats-Msg-Id`, else `seq-<seq>` for messages
+    /// published by hand), `Iac-Replay-Of` and `Iac-Force` through `header`.
+    pub fn new(
+        subject: &str,
+        seq: u64,
+        delivered: i64,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        use iac_shared::names::{EVENT_ID_HEADER, FORCE_HEADER, MSG_ID_HEADER, REPLAY_OF_HEADER};
+        let present = |name: &str| {
+            header(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let event_id = present(EVENT_ID_HEADER)
+            .or_else(|| present(MSG_ID_HEADER))
+            .map(|id| iac_shared::events::truncate_chars(&id, 200))
+            .unwrap_or_else(|| format!("seq-{seq}"));
+        Delivery {
+            event_id,
+            subject: subject.to_string(),
+            seq,
+            delivered,
+            replay_of: present(REPLAY_OF_HEADER).and_then(|v| v.parse().ok()),
+            force: present(FORCE_HEADER).is_some_and(|v| {
+                v.eq_ignore_ascii_case("true") || v == "1" || v.eq_ignore_ascii_case("yes")
+            }),
+        }
+    }
+
+    /// True on the delivery after the last allowed attempt: report giving up, do not run.
+    pub fn attempts_exhausted(&self, max_attempts: i64) -> bool {
+        self.delivered > max_attempts
+    }
+}
+
+/// An event the worker can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Push(PushEvent),
+    Sync(SyncRequest),
+}
+
+/// Why a message is not an event the worker can act on (never retried).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    #[error("Unknown event subject {0:?}")]
+    UnknownSubject(String),
+    #[error("Malformed push event: {0}")]
+    BadPush(String),
+    #[error("Invalid sync request: {0}")]
+    BadRequest(#[from] RequestError),
+}
+
+/// Parses a message by its subject.
+pub fn parse_event(subject: &str, payload: &[u8]) -> Result<Event, EventError> {
+    match subject {
+        PUSH_SUBJECT => serde_json::from_slice::<PushEvent>(payload)
+            .map(Event::Push)
+            .map_err(|e| EventError::BadPush(e.to_string())),
+        SYNC_SUBJECT => Ok(Event::Sync(SyncRequest::parse(payload)?)),
+        other => Err(EventError::UnknownSubject(
+            iac_shared::events::truncate_chars(other, 200),
+        )),
+    }
+}
+
+/// The commit a sync must check out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The deployed branch's head at the time the sync runs.
+    BranchHead,
+    /// A full commit id.
+    Commit(String),
+    /// A branch, tag or abbreviated commit named by a manual request.
+    Ref(String),
+}
+
+/// What triggered a message; unparseable messages count as manual.
+pub fn trigger_of(subject: &str) -> Trigger {
+    if subject == PUSH_SUBJECT {
+        Trigger::Push
+    } else {
+        Trigger::Sync
+    }
+}
+
+impl Event {
+    pub fn trigger(&self) -> Trigger {
+        match self {
+            Event::Push(_) => Trigger::Push,
+            Event::Sync(_) => Trigger::Sync,
+        }
+    }
+
+    /// `after` for a push (the branch head when it named none), `ref` for a manual sync.
+    pub fn target(&self) -> Target {
+        match self {
+            Event::Push(push) => match push.after.as_deref() {
+                Some(after) if !after.is_empty() && !is_null_commit(after) => {
+                    Target::Commit(after.to_string())
+                }
+                _ => Target::BranchHead,
+            },
+            Event::Sync(request) => match request.git_ref.as_deref() {
+                Some(r) if r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Target::Commit(r.to_ascii_lowercase())
+                }
+                Some(r) => Target::Ref(r.to_string()),
+                None => Target::BranchHead,
+            },
+        }
+    }
+
+    /// The repository results name: the push's, else the one derived from `GIT_REPO_URL`.
+    pub fn repository(&self, configured: Option<&str>) -> Option<String> {
+        match self {
+            Event::Push(PushEvent {
+                repository: Some(repository),
+                ..
+            }) => Some(repository.clone()),
+            _ => configured.map(str::to_string),
+        }
+    }
+
+    pub fn force(&self) -> bool {
+        matches!(self, Event::Sync(request) if request.force)
+    }
+}
+
+/// The services a push runs.
+///
+/// `git_diff` holds the paths git reports between `before` and the checked-out commit; it is
+/// `None` when git cannot tell (new branch, or `before` unknown after a force push). Then the
+/// payload's paths are used, unless they were cut short: then every discovered service runs.
+pub fn push_services(
+    push: &PushEvent,
+    git_diff: Option<&[String]>,
+    rules: &Rules,
+    discovered: &[Service],
+) -> Vec<Service> {
+    let paths: &[String] = match git_diff {
+        Some(paths) => paths,
+        None if push.paths_truncated => return discovered.to_vec(),
+        None => &push.paths,
+    };
+    rules
+        .map_paths(paths.iter().map(String::as_str))
+        .select(discovered)
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
+/// The services a manual request runs, in key order, and the keys it named that do not exist.
+pub fn requested_services(
+    request: &SyncRequest,
+    discovered: &[Service],
+) -> (Vec<Service>, Vec<String>) {
+    if request.all {
+        return (discovered.to_vec(), Vec::new());
+    }
+    let mut keys: Vec<&str> = request.services.iter().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut found = Vec::new();
+    let mut unknown = Vec::new();
+    for key in keys {
+        match discovered.iter().find(|s| s.key == key) {
+            Some(service) => found.push(service.clone()),
+            None => unknown.push(key.to_string()),
+        }
+    }
+    (found, unknown)
+}
+
+/// The result for a service a request named but the commit does not have.
+pub fn unknown_service(key: &str) -> ServiceResult {
+    ServiceResult {
+        service: key.to_string(),
+        task: None,
+        outcome: SyncOutcome::Unknown,
+        exit_code: None,
+        output_tail: Vec::new(),
+        duration_ms: 0,
+    }
+}
+
+/// Facts every result about one event repeats.
+#[derive(Debug, Clone)]
+pub struct ResultHeader {
+    pub event_id: String,
+    pub event_seq: u64,
+    pub trigger: Trigger,
+    pub repository: Option<String>,
+    pub replay_of: Option<u64>,
+}
+
+impl ResultHeader {
+    pub fn new(delivery: &Delivery, trigger: Trigger, repository: Option<String>) -> Self {
+        ResultHeader {
+            event_id: delivery.event_id.clone(),
+            event_seq: delivery.seq,
+            trigger,
+            repository,
+            replay_of: delivery.replay_of,
+        }
+    }
+
+    pub fn started(&self, commit: &str, services: &[Service], unknown: &[String]) -> SyncStarted {
+        let mut keys: Vec<String> = services.iter().map(|s| s.key.clone()).collect();
+        keys.extend(unknown.iter().cloned());
+        SyncStarted {
+            event_id: self.event_id.clone(),
+            event_seq: self.event_seq,
+            trigger: self.trigger,
+            repository: self.repository.clone(),
+            commit: commit.to_string(),
+            services: keys,
+            replay_of: self.replay_of,
+            started_at: now_rfc3339(),
+        }
+    }
+
+    /// A sync that ran: its state follows from the services' outcomes.
+    pub fn finished(
+        &self,
+        commit: &str,
+        services: Vec<ServiceResult>,
+        duration_ms: u64,
+    ) -> SyncFinished {
+        let totals = Totals::of(&services);
+        SyncFinished {
+            state: SyncFinished::state_of(&totals),
+            commit: Some(commit.to_string()),
+            services,
+            totals,
+            error: None,
+            ..self.base(duration_ms)
+        }
+    }
+
+    /// A sync that could not run.
+    pub fn error(&self, commit: Option<&str>, reason: String, duration_ms: u64) -> SyncFinished {
+        SyncFinished {
+            commit: commit.map(str::to_string),
+            error: Some(reason),
+            ..self.base(duration_ms)
+        }
+    }
+
+    fn base(&self, duration_ms: u64) -> SyncFinished {
+        SyncFinished {
+            event_id: self.event_id.clone(),
+            event_seq: self.event_seq,
+            trigger: self.trigger,
+            repository: self.repository.clone(),
+            commit: None,
+            state: FinishedState::Error,
+            services: Vec::new(),
+            totals: Totals::default(),
+            error: None,
+            duration_ms,
+            replay_of: self.replay_of,
+            finished_at: now_rfc3339(),
+        }
+    }
+}
+
+/// The `error` text of an event given up after its last attempt.
+pub fn gave_up_reason(max_attempts: i64) -> String {
+    format!("gave up after {max_attempts} attempts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn discovered() -> Vec<Service> {
+        Rules::default().discover([
+            "platform/01.postgres/deploy.py",
+            "platform/02.redis/deploy.py",
+            "finance_report/finance_report/10.app/deploy.py",
+            "bootstrap/01.vault/deploy.py",
+            "libs/__init__.py",
+        ])
+    }
+
+    fn push(paths: &[&str], truncated: bool) -> PushEvent {
+        PushEvent {
+            delivery_id: "d-1".into(),
+            repository: Some("acme/infra".into()),
+            git_ref: "refs/heads/main".into(),
+            before: Some("a".repeat(40)),
+            after: Some("b".repeat(40)),
+            head_commit: None,
+            pusher: None,
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            paths_truncated: truncated,
+        }
+    }
+
+    fn keys(services: &[Service]) -> Vec<&str> {
+        services.iter().map(|s| s.key.as_str()).collect()
+    }
+
+    #[test]
+    fn the_event_id_prefers_our_header_then_the_message_id_then_the_sequence() {
+        let headers = HashMap::from([("Iac-Event-Id", "ev-1"), ("Nats-Msg-Id", "msg-1")]);
+        let d = Delivery::new(SYNC_SUBJECT, 7, 1, |n| {
+            headers.get(n).map(|v| v.to_string())
+        });
+        assert_eq!(d.event_id, "ev-1");
+        let d = Delivery::new(SYNC_SUBJECT, 7, 1, |n| {
+            (n == "Nats-Msg-Id").then(|| "msg-1".to_string())
+        });
+        assert_eq!(d.event_id, "msg-1");
+        let d = Delivery::new(SYNC_SUBJECT, 7, 1, |_| None);
+        assert_eq!(d.event_id, "seq-7");
+        assert_eq!((d.replay_of, d.force), (None, false));
+    }
+
+    #[test]
+    fn replay_headers_are_read() {
+        let headers = HashMap::from([("Iac-Replay-Of", "42"), ("Iac-Force", "true")]);
+        let d = Delivery::new(PUSH_SUBJECT, 50, 1, |n| {
+            headers.get(n).map(|v| v.to_string())
+        });
+        assert_eq!(d.replay_of, Some(42));
+        assert!(d.force);
+    }
+
+    #[test]
+    fn the_delivery_after_the_last_attempt_gives_up() {
+        let d = |n| Delivery::new(PUSH_SUBJECT, 1, n, |_| None);
+        assert!(!d(3).attempts_exhausted(3));
+        assert!(d(4).attempts_exhausted(3));
+        assert_eq!(gave_up_reason(3), "gave up after 3 attempts");
+    }
+
+    #[test]
+    fn messages_are_parsed_by_subject() {
+        assert!(matches!(
+            parse_event(SYNC_SUBJECT, br#"{"all": true}"#),
+            Ok(Event::Sync(_))
+        ));
+        let body = serde_json::to_vec(&push(&["x"], false)).unwrap();
+        assert!(matches!(
+            parse_event(PUSH_SUBJECT, &body),
+            Ok(Event::Push(_))
+        ));
+        assert_eq!(
+            parse_event(SYNC_SUBJECT, b"{}"),
+            Err(EventError::BadRequest(RequestError::NoServices))
+        );
+        assert!(matches!(
+            parse_event(PUSH_SUBJECT, b"not json"),
+            Err(EventError::BadPush(_))
+        ));
+        assert!(matches!(
+            parse_event("iac.events.other", b"{}"),
+            Err(EventError::UnknownSubject(_))
+        ));
+    }
+
+    #[test]
+    fn a_push_checks_out_its_after_commit_or_the_branch_head() {
+        let event = Event::Push(push(&[], false));
+        assert_eq!(event.target(), Target::Commit("b".repeat(40)));
+        let mut headless = push(&[], false);
+        headless.after = None;
+        assert_eq!(Event::Push(headless).target(), Target::BranchHead);
+    }
+
+    #[test]
+    fn a_manual_sync_checks_out_its_ref_or_the_branch_head() {
+        let request = |r: Option<&str>| {
+            Event::Sync(SyncRequest {
+                all: true,
+                git_ref: r.map(str::to_string),
+                ..Default::default()
+            })
+        };
+        assert_eq!(request(None).target(), Target::BranchHead);
+        assert_eq!(
+            request(Some("release/1")).target(),
+            Target::Ref("release/1".into())
+        );
+        let sha = "ABCDEF0123456789abcdef0123456789abcdef01";
+        assert_eq!(
+            request(Some(sha)).target(),
+            Target::Commit(sha.to_ascii_lowercase())
+        );
+        assert_eq!(
+            request(None).repository(Some("acme/infra")).as_deref(),
+            Some("acme/infra")
+        );
+    }
+
+    #[test]
+    fn a_push_runs_the_services_git_says_changed() {
+        let rules = Rules::default();
+        let diff = vec!["platform/01.postgres/compose.yaml".to_string()];
+        let selected = push_services(
+            &push(&["README.md"], false),
+            Some(&diff),
+            &rules,
+            &discovered(),
+        );
+        assert_eq!(keys(&selected), ["platform/postgres"]);
+    }
+
+    #[test]
+    fn libs_run_every_service_and_bootstrap_runs_none() {
+        let rules = Rules::default();
+        let all = push_services(
+            &push(&[], false),
+            Some(&["libs/x.py".into()]),
+            &rules,
+            &discovered(),
+        );
+        assert_eq!(
+            keys(&all),
+            ["finance_report/app", "platform/postgres", "platform/redis"]
+        );
+        let none = push_services(
+            &push(&[], false),
+            Some(&["bootstrap/01.vault/compose.yaml".into()]),
+            &rules,
+            &discovered(),
+        );
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn without_a_git_diff_the_payload_paths_decide_unless_truncated() {
+        let rules = Rules::default();
+        let listed = push_services(
+            &push(&["platform/02.redis/compose.yaml"], false),
+            None,
+            &rules,
+            &discovered(),
+        );
+        assert_eq!(keys(&listed), ["platform/redis"]);
+        let truncated = push_services(
+            &push(&["platform/02.redis/compose.yaml"], true),
+            None,
+            &rules,
+            &discovered(),
+        );
+        assert_eq!(truncated.len(), 3);
+    }
+
+    #[test]
+    fn a_removed_service_is_not_run() {
+        let rules = Rules::default();
+        let remaining = rules.discover(["platform/02.redis/deploy.py"]);
+        let selected = push_services(
+            &push(&[], false),
+            Some(&["platform/01.postgres/deploy.py".into()]),
+            &rules,
+            &remaining,
+        );
+        assert!(selected.is_empty());
+    }
+
+    #[test]
+    fn a_manual_sync_runs_named_services_and_reports_unknown_ones() {
+        let request = SyncRequest {
+            services: vec![
+                "platform/redis".into(),
+                "platform/nope".into(),
+                "platform/postgres".into(),
+                "platform/redis".into(),
+            ],
+            ..Default::default()
+        };
+        let (found, unknown) = requested_services(&request, &discovered());
+        assert_eq!(keys(&found), ["platform/postgres", "platform/redis"]);
+        assert_eq!(unknown, ["platform/nope"]);
+        let all = SyncRequest {
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(requested_services(&all, &discovered()).0.len(), 3);
+    }
+
+    #[test]
+    fn results_carry_the_event_and_their_state_follows_the_outcomes() {
+        let delivery = Delivery::new(SYNC_SUBJECT, 9, 1, |_| None);
+        let header = ResultHeader::new(&delivery, Trigger::Sync, Some("acme/infra".into()));
+        let ok = ServiceResult {
+            outcome: SyncOutcome::Synced,
+            ..unknown_service("platform/redis")
+        };
+        let finished = header.finished("c1", vec![ok.clone()], 5);
+        assert_eq!(finished.state, FinishedState::Success);
+        assert_eq!((finished.event_seq, finished.totals.synced), (9, 1));
+        let finished = header.finished("c1", vec![ok, unknown_service("platform/nope")], 5);
+        assert_eq!(finished.state, FinishedState::Failure);
+        let error = header.error(None, "Failed to update git repository: x".into(), 1);
+        assert_eq!(error.state, FinishedState::Error);
+        assert_eq!(error.event_id, "seq-9");
+        let nothing = header.finished("c1", Vec::new(), 1);
+        assert_eq!(
+            (nothing.state, nothing.totals.total),
+            (FinishedState::Success, 0)
+        );
+    }
+}

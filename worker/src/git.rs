@@ -1,0 +1,326 @@
+//! The checkout: cloning, fetching and checking out exactly one commit, and asking git what
+//! changed. Every message that leaves this module has the repository's credentials removed.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use iac_shared::events::is_valid_git_ref;
+
+use crate::config::RepoUrl;
+use crate::decide::Target;
+
+/// Longest any single git command may take (a hung remote must not hold the queue forever).
+const GIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Why the checkout could not be brought to the wanted commit. Texts are already redacted.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("git {command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("git {command} did not finish within {}", humantime::format_duration(*after))]
+    TimedOut { command: String, after: Duration },
+    #[error("cannot run git: {0}")]
+    Spawn(String),
+    #[error("commit {0} is not in the repository")]
+    UnknownCommit(String),
+    #[error("{0:?} is not a valid git ref")]
+    BadRef(String),
+    #[error("cannot prepare the checkout directory: {0}")]
+    Workspace(String),
+}
+
+/// A working copy of the monorepo at `dir`, cloned from `url`.
+#[derive(Debug, Clone)]
+pub struct Checkout {
+    url: RepoUrl,
+    branch: String,
+    dir: PathBuf,
+}
+
+impl Checkout {
+    pub fn new(url: RepoUrl, branch: String, dir: PathBuf) -> Self {
+        Checkout { url, branch, dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Brings the working copy to exactly the commit `target` names, with no file left from
+    /// earlier runs; returns the full commit id.
+    pub async fn update(&self, target: &Target) -> Result<String, GitError> {
+        self.clone_if_missing().await?;
+        // A git command killed with an earlier worker may have left its lock behind; we hold
+        // the workspace lock, so no other git runs here.
+        let _ = tokio::fs::remove_file(self.dir.join(".git/index.lock")).await;
+        let branch_ref = format!("+refs/heads/{0}:refs/remotes/origin/{0}", self.branch);
+        self.git(&[
+            "fetch",
+            "--quiet",
+            "--force",
+            "--prune",
+            "origin",
+            &branch_ref,
+        ])
+        .await?;
+        let commit = self.resolve(target).await?;
+        self.git(&["checkout", "--quiet", "--force", "--detach", &commit])
+            .await?;
+        self.git(&["clean", "-ffdxq"]).await?;
+        Ok(commit)
+    }
+
+    async fn resolve(&self, target: &Target) -> Result<String, GitError> {
+        match target {
+            Target::BranchHead => {
+                self.rev_parse(&format!("refs/remotes/origin/{}", self.branch))
+                    .await
+            }
+            Target::Commit(commit) => {
+                if !is_valid_git_ref(commit) {
+                    return Err(GitError::BadRef(commit.clone()));
+                }
+                if !self.has_commit(commit).await {
+                    // Not on the branch (any more): ask for the commit itself.
+                    self.git(&["fetch", "--quiet", "origin", commit])
+                        .await
+                        .map_err(|_| GitError::UnknownCommit(commit.clone()))?;
+                }
+                self.rev_parse(commit)
+                    .await
+                    .map_err(|_| GitError::UnknownCommit(commit.clone()))
+            }
+            Target::Ref(name) => {
+                if !is_valid_git_ref(name) {
+                    return Err(GitError::BadRef(name.clone()));
+                }
+                match self.git(&["fetch", "--quiet", "origin", name]).await {
+                    Ok(_) => self.rev_parse("FETCH_HEAD").await,
+                    // A short commit id cannot be fetched by name, but may already be here.
+                    Err(e) => self.rev_parse(name).await.map_err(|_| e),
+                }
+            }
+        }
+    }
+
+    async fn clone_if_missing(&self) -> Result<(), GitError> {
+        if self.dir.join(".git").is_dir() {
+            return Ok(());
+        }
+        if self.dir.exists() {
+            tokio::fs::remove_dir_all(&self.dir)
+                .await
+                .map_err(|e| GitError::Workspace(e.to_string()))?;
+        }
+        if let Some(parent) = self.dir.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| GitError::Workspace(e.to_string()))?;
+        }
+        tracing::info!(repository = %self.url, dir = %self.dir.display(), "cloning the repository");
+        let dir = self.dir.to_string_lossy().into_owned();
+        let result = run_git(
+            &self.url,
+            None,
+            &[
+                "clone",
+                "--quiet",
+                "--no-checkout",
+                "--",
+                self.url.expose(),
+                &dir,
+            ],
+        )
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&self.dir).await;
+        }
+        result.map(drop)
+    }
+
+    /// True when `commit` names a commit present in the working copy.
+    pub async fn has_commit(&self, commit: &str) -> bool {
+        is_valid_git_ref(commit)
+            && self
+                .git(&["cat-file", "-e", &format!("{commit}^{{commit}}")])
+                .await
+                .is_ok()
+    }
+
+    /// Every tracked file at the checked-out commit.
+    pub async fn files(&self) -> Result<Vec<String>, GitError> {
+        let out = self.git(&["ls-files", "-z"]).await?;
+        Ok(split_nul(&out))
+    }
+
+    /// Paths that differ between two commits (renames as a removal plus an addition).
+    pub async fn changed_paths(&self, before: &str, after: &str) -> Result<Vec<String>, GitError> {
+        for commit in [before, after] {
+            if !is_valid_git_ref(commit) {
+                return Err(GitError::BadRef(commit.to_string()));
+            }
+        }
+        let out = self
+            .git(&[
+                "diff",
+                "--name-only",
+                "--no-renames",
+                "-z",
+                before,
+                after,
+                "--",
+            ])
+            .await?;
+        Ok(split_nul(&out))
+    }
+
+    async fn rev_parse(&self, name: &str) -> Result<String, GitError> {
+        let out = self
+            .git(&[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("{name}^{{commit}}"),
+            ])
+            .await?;
+        Ok(out.trim().to_string())
+    }
+
+    async fn git(&self, args: &[&str]) -> Result<String, GitError> {
+        run_git(&self.url, Some(&self.dir), args).await
+    }
+}
+
+async fn run_git(url: &RepoUrl, cwd: Option<&Path>, args: &[&str]) -> Result<String, GitError> {
+    // The URL is an argument of `clone`; name the command by its first word only.
+    let command = args.first().copied().unwrap_or_default().to_string();
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.args([
+        "-c",
+        "advice.detachedHead=false",
+        "-c",
+        "core.quotePath=false",
+    ])
+    .args(args)
+    .env("GIT_TERMINAL_PROMPT", "0")
+    .env("LC_ALL", "C")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let output = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
+        Ok(output) => output.map_err(|e| GitError::Spawn(e.to_string()))?,
+        Err(_) => {
+            return Err(GitError::TimedOut {
+                command,
+                after: GIT_TIMEOUT,
+            });
+        }
+    };
+    if output.status.success() {
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = url.scrub(stderr.trim());
+    Err(GitError::Failed {
+        command,
+        stderr: if stderr.is_empty() {
+            format!("exit status {}", output.status.code().unwrap_or(-1))
+        } else {
+            stderr
+        },
+    })
+}
+
+fn split_nul(out: &str) -> Vec<String> {
+    out.split('\0')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The user information of a `scheme://user:secret@host/...` URL.
+pub fn userinfo(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    authority.rfind('@').map(|at| &authority[..at])
+}
+
+/// `url` with its user information replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    redact_text(url, &[])
+}
+
+/// `text` with every `scheme://userinfo@` turned into `scheme://***@`, and every occurrence
+/// of each of `secrets` (however it reached the text) as well.
+pub fn redact_text(text: &str, secrets: &[&str]) -> String {
+    let mut text = text.to_string();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret, "***");
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(pos) = rest.find("://") {
+        let (head, tail) = rest.split_at(pos + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || matches!(c, '\'' | '"' | '<' | '>'))
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_replaced() {
+        assert_eq!(
+            redact_url("https://user:tok@github.com/acme/infra.git"),
+            "https://***@github.com/acme/infra.git"
+        );
+        assert_eq!(
+            redact_url("https://github.com/acme/infra.git"),
+            "https://github.com/acme/infra.git"
+        );
+        assert_eq!(redact_url("/srv/git/infra.git"), "/srv/git/infra.git");
+        assert_eq!(
+            redact_url("ssh://git@host:22/a@b/c"),
+            "ssh://***@host:22/a@b/c"
+        );
+    }
+
+    #[test]
+    fn credentials_in_git_messages_are_replaced_wherever_they_appear() {
+        let stderr = "fatal: unable to access 'https://deploy:hunter2@git.example/acme/infra.git/': \
+                      Could not resolve host\nremote: token hunter2 rejected";
+        let clean = redact_text(stderr, &["deploy:hunter2", "hunter2"]);
+        assert!(!clean.contains("hunter2"), "{clean}");
+        assert!(
+            clean.contains("https://***@git.example/acme/infra.git/"),
+            "{clean}"
+        );
+        let clean = redact_text("see http://a:b@x and https://c:d@y/z", &[]);
+        assert_eq!(clean, "see http://***@x and https://***@y/z");
+    }
+
+    #[test]
+    fn user_information_is_found_only_in_the_authority() {
+        assert_eq!(userinfo("https://u:p@host/x"), Some("u:p"));
+        assert_eq!(userinfo("https://host/x@y"), None);
+        assert_eq!(userinfo("/local/path"), None);
+    }
+}
