@@ -21,3 +21,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast "$@"
 fi
+
+echo "==> benchmarks, once each on a tiny input (they measure with: cargo bench)"
+cargo test --workspace --benches --locked

@@ -126,9 +126,9 @@ async fn replaying_since_a_time_takes_the_events_stored_after_it() {
     let runs = wait_for_runs(&pipeline, "postgres.sync", 3).await;
     assert_eq!(runs[2].commit.as_deref(), Some(second.as_str()));
 
-    let (ok, out, err) = pipeline.operator("iac-worker", &["replay", "--since", "yesterday"]);
+    let (ok, _, err) = pipeline.operator("iac-worker", &["replay", "--since", "yesterday"]);
     assert!(!ok && err.contains("RFC 3339"), "{err}");
-    let (ok, out, err) = pipeline.operator(
+    let (ok, _, err) = pipeline.operator(
         "iac-worker",
         &[
             "replay",
