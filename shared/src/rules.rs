@@ -12,10 +12,10 @@
 //!
 //! `IAC_RULES` may name a TOML file that replaces them (see [`Rules::from_toml`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use globset::{Candidate, Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::events::is_valid_service_key;
@@ -209,23 +209,42 @@ impl Rules {
             let Some(end) = nth_slash(path, rule.depth) else {
                 continue;
             };
-            if let Some(service) = rule.service(&path[..end]) {
-                return Effect::Service(service.key);
+            if let Some(key) = rule.key(&path[..end]) {
+                return Effect::Service(key);
             }
         }
         Effect::Nothing
     }
 
     /// Maps changed paths to services.
+    ///
+    /// Many paths share a service directory, so each directory is matched against the rules
+    /// once; the `never` and `all` sets are checked per path.
     pub fn map_paths<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> Mapping {
         let mut mapping = Mapping::default();
+        let mut known: HashMap<(usize, &'a str), bool> = HashMap::new();
         for path in paths {
-            match self.classify(path) {
-                Effect::Service(key) => {
-                    mapping.services.insert(key);
+            let candidate = Candidate::new(path);
+            if self.never.is_match_candidate(&candidate) {
+                continue;
+            }
+            if self.all.is_match_candidate(&candidate) {
+                mapping.all = true;
+                continue;
+            }
+            for (i, rule) in self.services.iter().enumerate() {
+                let Some(end) = nth_slash(path, rule.depth) else {
+                    continue;
+                };
+                let dir = &path[..end];
+                let is_service = *known.entry((i, dir)).or_insert_with(|| {
+                    rule.key(dir)
+                        .map(|key| mapping.services.insert(key))
+                        .is_some()
+                });
+                if is_service {
+                    break;
                 }
-                Effect::All => mapping.all = true,
-                Effect::Never | Effect::Nothing => {}
             }
         }
         mapping
@@ -263,25 +282,33 @@ impl Rules {
 }
 
 impl ServiceRule {
-    fn service(&self, dir: &str) -> Option<Service> {
+    /// The service key of `dir`, when this rule makes it a service.
+    fn key(&self, dir: &str) -> Option<String> {
         if !self.dir.is_match(dir) {
             return None;
         }
-        let last = dir.rsplit('/').next().unwrap_or(dir);
-        let name = strip_order_prefix(last);
-        if name.is_empty() {
-            return None;
-        }
+        let (name, last) = names(dir)?;
         let key = fill(&self.key, name, last);
-        if !is_valid_service_key(&key) {
-            return None;
-        }
+        is_valid_service_key(&key).then_some(key)
+    }
+
+    fn service(&self, dir: &str) -> Option<Service> {
+        let key = self.key(dir)?;
+        let (name, last) = names(dir)?;
         Some(Service {
             key,
             task: fill(&self.task, name, last),
             dir: dir.to_string(),
         })
     }
+}
+
+/// (`{name}`, `{dir}`) of a service directory: its last component without and with the
+/// `NN.` prefix; none when the name would be empty.
+fn names(dir: &str) -> Option<(&str, &str)> {
+    let last = dir.rsplit('/').next().unwrap_or(dir);
+    let name = strip_order_prefix(last);
+    (!name.is_empty()).then_some((name, last))
 }
 
 /// `01.postgres` → `postgres`; names without a numeric prefix are kept.
@@ -504,5 +531,29 @@ mod tests {
             .map(|s| s.key.as_str())
             .collect();
         assert_eq!(selected, ["platform/b"]);
+    }
+
+    proptest::proptest! {
+        /// Mapping many paths at once (with its per-directory cache) gives what classifying
+        /// each path on its own gives.
+        #[test]
+        fn mapping_paths_together_agrees_with_classifying_each(
+            paths in proptest::collection::vec(
+                "(platform|finance_report/finance_report|bootstrap|libs|docs)(/[0-9]{0,2}\\.?[a-z.]{0,6}){0,3}",
+                0..40,
+            )
+        ) {
+            let rules = Rules::default();
+            let together = rules.map_paths(paths.iter().map(String::as_str));
+            let mut each = Mapping::default();
+            for path in &paths {
+                match rules.classify(path) {
+                    Effect::Service(key) => { each.services.insert(key); }
+                    Effect::All => each.all = true,
+                    Effect::Never | Effect::Nothing => {}
+                }
+            }
+            proptest::prop_assert_eq!(together, each);
+        }
     }
 }
