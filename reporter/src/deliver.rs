@@ -60,13 +60,23 @@ impl Reporter {
             Err(_) => (0, 1),
         };
         let subject = message.subject.to_string();
+        let replay_of = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(REPLAY_OF_HEADER))
+            .map(|v| v.as_str().to_string());
         let span = tracing::info_span!(
             "message",
             %subject,
             seq = stream_seq,
             delivered,
-            event_id = tracing::field::Empty
+            event_id = tracing::field::Empty,
+            replay_of = replay_of.as_deref().unwrap_or("-"),
         );
+        if replay_of.is_some() && delivered <= 1 {
+            self.metrics.replay();
+            span.in_scope(|| tracing::info!("a replayed message"));
+        }
         let disposition = async {
             match parse(&message, stream_seq, &self.settings) {
                 Err(reason) => {

@@ -14,6 +14,7 @@ pub struct Metrics {
     retries: Family<Labels, Counter>,
     permanent_failures: Family<Labels, Counter>,
     rate_limit_remaining: Gauge,
+    replays: Counter,
 }
 
 impl Metrics {
@@ -44,7 +45,16 @@ impl Metrics {
             "Requests left in GitHub's rate-limit window, as last reported",
             metrics.rate_limit_remaining.clone(),
         );
+        registry.register(
+            "iac_reporter_replays",
+            "Replayed results handled (published again by iac-reporter replay)",
+            metrics.replays.clone(),
+        );
         metrics
+    }
+
+    pub fn replay(&self) {
+        self.replays.inc();
     }
 
     pub fn posted(&self, state: &str) {

@@ -98,6 +98,21 @@ fn payload_of_size(git_ref: &str, size: usize) -> Vec<u8> {
     body
 }
 
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(f64::NAN);
+    ticks / 100.0
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -203,17 +218,23 @@ async fn main() {
         })
         .await;
         let prefix: &'static str = if concurrency == 16 { "a16" } else { "a64" };
+        let cpu_before = cpu_seconds(gateway.pid().unwrap());
         let run = drive(
             concurrency,
             duration,
             post(webhook.clone(), accepted.clone(), prefix),
         )
         .await;
+        let cpu = cpu_seconds(gateway.pid().unwrap()) - cpu_before;
         print_row(
             "accepted push (stored before 200)",
             concurrency,
             &run,
             raw.rps,
+        );
+        println!(
+            "    gateway CPU: {:.0} µs per accepted push",
+            cpu / (run.rps * duration.as_secs_f64()) * 1e6
         );
     }
     let baseline_port = baseline_server();

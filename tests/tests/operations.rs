@@ -173,7 +173,7 @@ async fn replaying_results_posts_the_statuses_again() {
     let pipeline = Pipeline::new(&github.url());
     let _gateway = pipeline.start_gateway().await;
     let _worker = pipeline.start_worker();
-    let _reporter = pipeline.start_reporter();
+    let reporter = pipeline.start_reporter();
     let (commit, _, _) = pipeline.push_change(POSTGRES).await;
     let successes = || {
         github

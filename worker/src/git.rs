@@ -81,12 +81,13 @@ impl Checkout {
                 if !is_valid_git_ref(commit) {
                     return Err(GitError::BadRef(commit.clone()));
                 }
-                if !self.has_commit(commit).await {
-                    // Not on the branch (any more): ask for the commit itself.
-                    self.git(&["fetch", "--quiet", "origin", commit])
-                        .await
-                        .map_err(|_| GitError::UnknownCommit(commit.clone()))?;
+                if let Ok(id) = self.rev_parse(commit).await {
+                    return Ok(id);
                 }
+                // Not on the branch (any more): ask for the commit itself.
+                self.git(&["fetch", "--quiet", "origin", commit])
+                    .await
+                    .map_err(|_| GitError::UnknownCommit(commit.clone()))?;
                 self.rev_parse(commit)
                     .await
                     .map_err(|_| GitError::UnknownCommit(commit.clone()))

@@ -395,14 +395,17 @@ async fn decide_services(
     let discovered = ctx.rules.discover(files.iter().map(String::as_str));
     match event {
         Event::Push(push) => {
+            // The diff is tried first: asking whether `before` exists costs a git process
+            // on every push, and is only needed when the diff fails.
             let diff = match push.before_commit() {
-                Some(before) if ctx.checkout.has_commit(before).await => {
-                    Some(ctx.checkout.changed_paths(before, commit).await?)
-                }
-                Some(before) => {
-                    tracing::info!(%before, "the previous head is not in the repository (force push); using the pushed paths");
-                    None
-                }
+                Some(before) => match ctx.checkout.changed_paths(before, commit).await {
+                    Ok(paths) => Some(paths),
+                    Err(_) if !ctx.checkout.has_commit(before).await => {
+                        tracing::info!(%before, "the previous head is not in the repository (force push); using the pushed paths");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
                 None => None,
             };
             let services = decide::push_services(push, diff.as_deref(), &ctx.rules, &discovered);
