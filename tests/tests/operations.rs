@@ -205,4 +205,6 @@ async fn replaying_results_posts_the_statuses_again() {
         || async { (successes() == 2).then_some(()) },
     )
     .await;
+    let log = reporter.output();
+    assert!(log.contains("a replayed message"), "{log}");
 }
