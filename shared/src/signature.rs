@@ -84,4 +84,24 @@ mod tests {
             Some(GITHUB_SIGNATURE)
         ));
     }
+
+    proptest::proptest! {
+        /// Any header, body and secret: no panic, and only the true signature verifies.
+        #[test]
+        fn arbitrary_headers_never_panic_and_only_the_signature_verifies(
+            secret in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            header in proptest::option::of(".{0,80}"),
+        ) {
+            let good = sign(&secret, &body);
+            proptest::prop_assert!(verify(&secret, &body, Some(&good)));
+            if let Some(header) = &header {
+                let expected = header
+                    .trim()
+                    .strip_prefix("sha256=")
+                    .is_some_and(|hex| hex.eq_ignore_ascii_case(&good[7..]));
+                proptest::prop_assert_eq!(verify(&secret, &body, Some(header)), expected);
+            }
+        }
+    }
 }

@@ -375,6 +375,28 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Sends `head` over a raw connection, then whatever `then` writes; returns the start of the
+/// answer (the gateway may answer before the request is complete).
+async fn raw_request(
+    port: u16,
+    head: Vec<u8>,
+    then: impl FnOnce(&mut TcpStream) + Send + 'static,
+) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(&head).unwrap();
+        then(&mut stream);
+        let mut answer = vec![0u8; 64];
+        let n = stream.read(&mut answer).unwrap_or(0);
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn hostile_requests_get_clear_answers_and_only_valid_events_are_stored() {
     let mut pipeline = Pipeline::new("http://127.0.0.1:9");
@@ -438,30 +460,17 @@ async fn hostile_requests_get_clear_answers_and_only_valid_events_are_stored() {
     // Bodies over MAX_BODY_BYTES (GitHub's 25 MiB), announced or streamed.
     // Announced: answered from the headers alone, before any of the body is sent.
     let port = pipeline.gateway_port;
-    let announced = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let head = format!(
-            "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nContent-Length: {}\r\n\r\n",
-            26 * 1024 * 1024
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        let mut answer = vec![0u8; 64];
-        let n = stream.read(&mut answer).unwrap_or(0);
-        String::from_utf8_lossy(&answer[..n]).into_owned()
-    })
-    .await
-    .unwrap();
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nContent-Length: {}\r\n\r\n",
+        26 * 1024 * 1024
+    );
+    let announced = raw_request(port, head.into_bytes(), |_| {}).await;
     assert!(
         announced.starts_with("HTTP/1.1 413"),
         "announced body answered: {announced:?}"
     );
-    let chunked = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        stream
-            .write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nTransfer-Encoding: chunked\r\n\r\n")
-            .unwrap();
+    let head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunked = raw_request(port, head.to_vec(), |stream| {
         let chunk = vec![b' '; 1024 * 1024];
         for _ in 0..27 {
             // The gateway may answer and close before everything is sent.
@@ -473,30 +482,16 @@ async fn hostile_requests_get_clear_answers_and_only_valid_events_are_stored() {
             }
         }
         let _ = stream.write_all(b"0\r\n\r\n");
-        let mut answer = vec![0u8; 64];
-        let n = stream.read(&mut answer).unwrap_or(0);
-        String::from_utf8_lossy(&answer[..n]).into_owned()
     })
-    .await
-    .unwrap();
+    .await;
     assert!(
         chunked.starts_with("HTTP/1.1 413"),
         "chunked body answered: {chunked:?}"
     );
 
-    // A body slower than BODY_READ_TIMEOUT (1 s here).
-    let slow = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        stream
-            .write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nContent-Length: 100\r\n\r\n{\"ref\":")
-            .unwrap();
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
-        answer
-    })
-    .await
-    .unwrap();
+    // A body slower than BODY_READ_TIMEOUT (1 s here): 7 of 100 bytes, then nothing.
+    let head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nContent-Length: 100\r\n\r\n{\"ref\":";
+    let slow = raw_request(port, head.to_vec(), |_| {}).await;
     assert!(
         slow.starts_with("HTTP/1.1 408"),
         "slow body answered: {slow:?}"

@@ -230,3 +230,33 @@ async fn the_pipeline_runs_under_the_least_privilege_nats_users() {
         .collect();
     assert!(states.contains(&"pending".to_string()), "{states:?}");
 }
+
+#[tokio::test]
+async fn hand_published_garbage_results_are_dropped_and_statuses_keep_flowing() {
+    let github = FakeGithub::start().await;
+    let pipeline = Pipeline::new(&github.url());
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let reporter = pipeline.start_reporter();
+
+    let js = async_nats::jetstream::new(pipeline.nats.as_ref().unwrap().client().await);
+    for (subject, body) in [
+        ("iac.results.finished", "not json"),
+        ("iac.results.started", r#"{"event_id": 7}"#),
+        ("iac.results.other", "{}"),
+    ] {
+        js.publish(subject, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let (commit, status, _) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200);
+    wait_for_shown(&github, &commit, "success").await;
+    let log = reporter.output();
+    assert!(
+        log.matches("cannot be read").count() >= 3,
+        "the reporter did not say it dropped the garbage:\n{log}"
+    );
+}
