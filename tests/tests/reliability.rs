@@ -260,3 +260,35 @@ async fn hand_published_garbage_results_are_dropped_and_statuses_keep_flowing() 
         "the reporter did not say it dropped the garbage:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn every_service_stops_on_sigterm_even_when_nats_is_gone() {
+    let mut pipeline = Pipeline::new("http://127.0.0.1:9");
+    let gateway = pipeline.start_gateway().await;
+    let worker = pipeline.start_worker();
+    let reporter = pipeline.start_reporter();
+    let (commit, status, _) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200);
+    wait_for("the push synced", Duration::from_secs(60), || async {
+        synced_commits(&pipeline).contains(&commit).then_some(())
+    })
+    .await;
+
+    pipeline.nats.as_mut().unwrap().stop();
+    for mut process in [gateway, worker, reporter] {
+        let asked = std::time::Instant::now();
+        let exit = process.terminate(Duration::from_secs(30));
+        let took = asked.elapsed();
+        eprintln!("{} stopped in {took:?}", process.name);
+        assert!(
+            took < Duration::from_secs(15),
+            "{} took {took:?} to stop without NATS",
+            process.name
+        );
+        assert!(
+            exit.is_some_and(|s| s.code().is_some()),
+            "{} was killed: {exit:?}",
+            process.name
+        );
+    }
+}

@@ -42,6 +42,9 @@ use metrics::Metrics;
 use task::{TaskEnd, TaskRunner};
 use workspace::Workspace;
 
+/// How long shutdown waits for the last acknowledgements to leave.
+const FLUSH_BOUND: Duration = Duration::from_secs(2);
+
 /// How long one pull waits for an event before the loop looks at shutdown and the queue again.
 const PULL_EXPIRY: Duration = Duration::from_secs(5);
 
@@ -164,9 +167,13 @@ async fn serve_events(
         "worker ready, waiting for events"
     );
     while !shutdown.is_triggered() {
-        refresh_queue_depth(&consumer, &ctx.metrics).await;
+        // Everything before an event is in hand gives way to shutdown (NATS may be gone).
+        let next = async {
+            refresh_queue_depth(&consumer, &ctx.metrics).await;
+            next_message(&consumer).await
+        };
         let message = tokio::select! {
-            message = next_message(&consumer) => message,
+            message = next => message,
             _ = shutdown.wait() => break,
         };
         if let Some(message) = message {
@@ -174,9 +181,12 @@ async fn serve_events(
         }
     }
     ready.store(false, Ordering::Relaxed);
-    // Acknowledgements are sent in the background: make sure they left before exiting.
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "cannot flush the NATS connection");
+    // Acknowledgements are sent in the background: make sure they left before exiting, but
+    // do not wait for a NATS server that is gone (unacknowledged work comes back to a worker).
+    match tokio::time::timeout(FLUSH_BOUND, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),
+        Err(_) => tracing::warn!("NATS unreachable at shutdown; unacknowledged work will be redelivered"),
     }
     tracing::info!("worker stopped");
     Ok(())
