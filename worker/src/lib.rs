@@ -186,7 +186,9 @@ async fn serve_events(
     match tokio::time::timeout(FLUSH_BOUND, client.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the NATS connection"),
-        Err(_) => tracing::warn!("NATS unreachable at shutdown; unacknowledged work will be redelivered"),
+        Err(_) => {
+            tracing::warn!("NATS unreachable at shutdown; unacknowledged work will be redelivered")
+        }
     }
     tracing::info!("worker stopped");
     Ok(())
