@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use iac_shared::events::parse_branch;
 use iac_shared::nats::{NatsArgs, parse_positive_duration, parse_secret};
 use iac_shared::rules::{Rules, RulesError};
 use iac_shared::telemetry::LogArgs;
@@ -118,10 +119,7 @@ pub struct Config {
 impl Config {
     /// The rules the previews use: `IAC_RULES` when set, else the built-in table.
     pub fn load_rules(&self) -> Result<Rules, RulesError> {
-        match &self.rules {
-            Some(path) => Rules::load(path),
-            None => Ok(Rules::default()),
-        }
+        Rules::load_or_default(self.rules.as_deref())
     }
 
     /// A configuration from command-line arguments (without the program name), environment
@@ -133,15 +131,6 @@ impl Config {
     {
         let program = std::iter::once(std::ffi::OsString::from("iac-gateway"));
         Cli::try_parse_from(program.chain(args.into_iter().map(Into::into))).map(|cli| cli.config)
-    }
-}
-
-fn parse_branch(s: &str) -> Result<String, String> {
-    let branch = s.trim();
-    if iac_shared::events::is_valid_git_ref(branch) {
-        Ok(branch.to_string())
-    } else {
-        Err("not a branch name".into())
     }
 }
 

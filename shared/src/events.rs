@@ -152,6 +152,17 @@ pub fn is_valid_git_ref(git_ref: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
 }
 
+/// A branch name from configuration (`GIT_BRANCH`): surrounding whitespace dropped, then it must
+/// be a valid git ref (the clap value parser of the gateway and the worker).
+pub fn parse_branch(s: &str) -> Result<String, String> {
+    let branch = s.trim();
+    if is_valid_git_ref(branch) {
+        Ok(branch.to_string())
+    } else {
+        Err("not a valid branch name".into())
+    }
+}
+
 /// At most `max` characters of `s`, cut on a character boundary.
 pub fn truncate_chars(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {

@@ -171,6 +171,14 @@ impl Rules {
         Rules::from_toml(&text)
     }
 
+    /// The rules of `IAC_RULES`: the file when one is named, else the built-in table.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Self, RulesError> {
+        match path {
+            Some(path) => Rules::load(path),
+            None => Ok(Rules::default()),
+        }
+    }
+
     /// Parses and validates rules; an error names the rule and what is wrong with it.
     pub fn from_toml(text: &str) -> Result<Self, RulesError> {
         let file: RulesFile = toml::from_str(text).map_err(|e| RulesError::Toml(e.to_string()))?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use iac_shared::events::parse_branch;
 use iac_shared::nats::{NatsArgs, parse_positive_duration};
 use iac_shared::telemetry::LogArgs;
 use secrecy::{ExposeSecret, SecretString};
@@ -220,14 +221,6 @@ impl fmt::Display for RepoUrl {
 // checked by `Config::validate`, whose messages show it redacted.
 fn parse_repo_url(s: &str) -> Result<RepoUrl, std::convert::Infallible> {
     Ok(RepoUrl::new(s.trim()))
-}
-
-fn parse_branch(s: &str) -> Result<String, String> {
-    if iac_shared::events::is_valid_git_ref(s) {
-        Ok(s.to_string())
-    } else {
-        Err("not a valid branch name".into())
-    }
 }
 
 fn parse_ack_wait(s: &str) -> Result<Duration, String> {

@@ -64,10 +64,7 @@ impl Worker {
     /// in the background (connecting to NATS as soon as it is reachable).
     pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
-        let rules = match &config.rules {
-            Some(path) => Rules::load(path).context("IAC_RULES")?,
-            None => Rules::default(),
-        };
+        let rules = Rules::load_or_default(config.rules.as_deref()).context("IAC_RULES")?;
         std::fs::create_dir_all(&config.workspace)
             .with_context(|| format!("WORKSPACE: cannot create {}", config.workspace.display()))?;
         let (metrics, registry) = Metrics::new();
