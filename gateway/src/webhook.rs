@@ -2,11 +2,16 @@
 //! the GitHub event it is, whether a push is for the deployed branch, and the [`PushEvent`]
 //! that is stored for it.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
 
 use iac_shared::events::{PushEvent, is_null_commit, truncate_chars};
 use iac_shared::rules::Rules;
-use serde::Deserialize;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Why a signed body cannot be used; answered 400 with this message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,31 +35,34 @@ pub enum BodyError {
 /// The JSON document of a webhook body: the body itself, or the `payload` field of a form.
 ///
 /// GitHub signs the raw body, so this runs only after the signature was verified.
-pub fn payload_json(content_type: Option<&str>, body: &[u8]) -> Result<String, BodyError> {
+pub fn payload_json<'a>(
+    content_type: Option<&str>,
+    body: &'a [u8],
+) -> Result<Cow<'a, str>, BodyError> {
     let is_form = content_type.is_some_and(|ct| {
         ct.split(';').next().is_some_and(|mime| {
             mime.trim()
                 .eq_ignore_ascii_case("application/x-www-form-urlencoded")
         })
     });
+    let text = std::str::from_utf8(body).map_err(|_| BodyError::NotUtf8)?;
     if !is_form {
-        return std::str::from_utf8(body)
-            .map(str::to_string)
-            .map_err(|_| BodyError::NotUtf8);
+        return Ok(Cow::Borrowed(text));
     }
     #[derive(Deserialize)]
     struct Form {
         payload: Option<String>,
     }
-    std::str::from_utf8(body).map_err(|_| BodyError::NotUtf8)?;
     let form: Form =
         serde_urlencoded::from_bytes(body).map_err(|e| BodyError::BadForm(e.to_string()))?;
-    form.payload.ok_or(BodyError::FormWithoutPayload)
+    form.payload
+        .map(Cow::Owned)
+        .ok_or(BodyError::FormWithoutPayload)
 }
 
 /// What to do with a verified webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Decision<'a> {
     /// GitHub's `ping` when a hook is created.
     Pong { hook_id: Option<u64> },
     /// An event the runner does not act on.
@@ -62,17 +70,69 @@ pub enum Decision {
     /// A push the runner does not deploy (another branch, a tag, a deletion).
     IgnoredPush { reason: String },
     /// A push to the deployed branch: store it.
-    Store(Box<PushPlan>),
+    Store(Box<PushPlan<'a>>),
 }
 
 /// A push to store, with what the answer shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PushPlan {
-    pub event: PushEvent,
+pub struct PushPlan<'a> {
+    /// The event, its paths still the payload's own JSON text.
+    pub event: PushEvent<ListedPath<'a>>,
     /// Services the listed paths map to ([`Mapping::preview`](iac_shared::rules::Mapping::preview)).
     pub services: Vec<String>,
     /// The first 8 characters of the pushed commit, when the payload names one.
     pub commit: Option<String>,
+}
+
+/// A path as the payload lists it: a JSON string, kept as the payload's text so that a push
+/// of thousands of paths is neither copied path by path nor escaped again when stored.
+#[derive(Debug, Clone, Copy)]
+pub struct ListedPath<'a>(&'a RawValue);
+
+impl<'a> ListedPath<'a> {
+    /// The JSON string literal, quotes included.
+    pub fn json(&self) -> &'a str {
+        self.0.get()
+    }
+
+    /// The path itself; decoded (and so copied) only when the payload escaped a character.
+    pub fn text(&self) -> Result<Cow<'a, str>, BodyError> {
+        let json = self.json();
+        let inner = &json[1..json.len() - 1];
+        if !inner.as_bytes().contains(&b'\\') {
+            return Ok(Cow::Borrowed(inner));
+        }
+        serde_json::from_str::<String>(json)
+            .map(Cow::Owned)
+            .map_err(|e| BodyError::NotJson(format!("a listed path: {e}")))
+    }
+}
+
+impl PartialEq for ListedPath<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl Eq for ListedPath<'_> {}
+
+impl Serialize for ListedPath<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ListedPath<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = <&'a RawValue>::deserialize(deserializer)?;
+        if raw.get().len() < 2 || !raw.get().starts_with('"') {
+            return Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Other(raw.get().get(..20).unwrap_or(raw.get())),
+                &"a path (a string)",
+            ));
+        }
+        Ok(ListedPath(raw))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,7 +141,7 @@ struct Ping {
 }
 
 #[derive(Debug, Deserialize)]
-struct PushPayload {
+struct PushPayload<'a> {
     #[serde(rename = "ref")]
     git_ref: Option<String>,
     before: Option<String>,
@@ -89,8 +149,10 @@ struct PushPayload {
     deleted: Option<bool>,
     repository: Option<Repository>,
     pusher: Option<Pusher>,
-    head_commit: Option<Commit>,
-    commits: Option<Vec<Commit>>,
+    #[serde(borrow)]
+    head_commit: Option<CommitPaths<'a>>,
+    #[serde(borrow)]
+    commits: Option<CommitPaths<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,31 +165,135 @@ struct Pusher {
     name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct Commit {
-    id: Option<String>,
-    added: Option<Vec<String>>,
-    modified: Option<Vec<String>>,
-    removed: Option<Vec<String>>,
+/// The paths of `head_commit` (one commit) or of `commits` (a list), read into one list: a
+/// push of thousands of commits costs no list per commit.
+#[derive(Debug, Default)]
+struct CommitPaths<'a> {
+    /// Every listed path, commit by commit, in the order the payload lists them.
+    paths: Vec<ListedPath<'a>>,
+    /// The id of the (last) commit.
+    last_id: Option<String>,
 }
 
-impl Commit {
-    fn paths(&self) -> impl Iterator<Item = &String> {
-        [&self.added, &self.modified, &self.removed]
-            .into_iter()
-            .flatten()
-            .flatten()
+impl<'de: 'a, 'a> Deserialize<'de> for CommitPaths<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CommitPathsVisitor(PhantomData))
+    }
+}
+
+struct CommitPathsVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for CommitPathsVisitor<'a> {
+    type Value = CommitPaths<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a commit or a list of commits")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let mut one = CommitPaths::default();
+        one.last_id = CommitSeed(&mut one.paths).visit_map(map)?;
+        Ok(one)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut all = CommitPaths::default();
+        while let Some(id) = seq.next_element_seed(CommitSeed(&mut all.paths))? {
+            all.last_id = id;
+        }
+        Ok(all)
+    }
+}
+
+/// Reads one commit object: appends its paths, gives its id.
+struct CommitSeed<'s, 'a>(&'s mut Vec<ListedPath<'a>>);
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum CommitField {
+    Id,
+    Added,
+    Modified,
+    Removed,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for CommitSeed<'_, 'a> {
+    type Value = Option<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for CommitSeed<'_, 'a> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a commit")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let out = self.0;
+        let mut id = None;
+        while let Some(field) = map.next_key()? {
+            match field {
+                CommitField::Id => id = map.next_value()?,
+                CommitField::Added | CommitField::Modified | CommitField::Removed => {
+                    map.next_value_seed(PathListSeed(&mut *out))?;
+                }
+                CommitField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(id)
+    }
+}
+
+/// Reads one `added`/`modified`/`removed` list (or `null`) into the shared list.
+struct PathListSeed<'s, 'a>(&'s mut Vec<ListedPath<'a>>);
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for PathListSeed<'_, 'a> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for PathListSeed<'_, 'a> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of paths")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(path) = seq.next_element()? {
+            self.0.push(path);
+        }
+        Ok(())
     }
 }
 
 /// Decides what a verified webhook of type `event` (`X-GitHub-Event`) means.
-pub fn decide(
+pub fn decide<'a>(
     event: Option<&str>,
-    json: &str,
+    json: &'a str,
     delivery_id: &str,
     branch: &str,
     rules: &Rules,
-) -> Result<Decision, BodyError> {
+) -> Result<Decision<'a>, BodyError> {
     let event = event.map(str::trim).filter(|e| !e.is_empty());
     match event {
         None => {
@@ -155,12 +321,12 @@ fn parse<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, BodyError> {
     serde_json::from_str(json).map_err(|e| BodyError::NotJson(e.to_string()))
 }
 
-fn decide_push(
-    push: PushPayload,
+fn decide_push<'a>(
+    push: PushPayload<'a>,
     delivery_id: &str,
     branch: &str,
     rules: &Rules,
-) -> Result<Decision, BodyError> {
+) -> Result<Decision<'a>, BodyError> {
     let git_ref = push.git_ref.ok_or(BodyError::MissingRef)?;
     let deployed = format!("refs/heads/{branch}");
     if git_ref != deployed {
@@ -183,16 +349,32 @@ fn decide_push(
         });
     }
 
-    let paths: BTreeSet<String> = push
-        .commits
-        .iter()
-        .flatten()
-        .chain(push.head_commit.iter())
-        .flat_map(Commit::paths)
-        .cloned()
-        .collect();
-    let services = rules.map_paths(paths.iter().map(String::as_str)).preview();
-    let head_commit = push.head_commit.and_then(|c| c.id);
+    // Each path once, in the payload's order. GitHub's head commit is the last of `commits`;
+    // its paths count only when it is not (hand-written payloads).
+    let commits = push.commits.unwrap_or_default();
+    let mut paths = commits.paths;
+    let head_commit = push.head_commit.and_then(|head| {
+        if head.last_id.is_none() || head.last_id != commits.last_id {
+            paths.extend(head.paths);
+        }
+        head.last_id
+    });
+    let mut seen = foldhash::HashSet::with_capacity_and_hasher(paths.len(), Default::default());
+    paths.retain(|path| seen.insert(path.json()));
+    // Paths the payload escaped are decoded aside (rare); the rest are mapped as they are.
+    let mut decoded = Vec::new();
+    for path in &paths {
+        if let Cow::Owned(text) = path.text()? {
+            decoded.push(text);
+        }
+    }
+    let plain = paths.iter().filter_map(|path| match path.text() {
+        Ok(Cow::Borrowed(text)) => Some(text),
+        _ => None,
+    });
+    let services = rules
+        .map_paths(plain.chain(decoded.iter().map(String::as_str)))
+        .preview();
     let commit = after
         .as_deref()
         .or(head_commit.as_deref())
@@ -205,7 +387,7 @@ fn decide_push(
         after,
         head_commit,
         pusher: push.pusher.and_then(|p| p.name),
-        paths: paths.into_iter().collect(),
+        paths,
         paths_truncated: false,
     };
     Ok(Decision::Store(Box::new(PushPlan {
@@ -215,11 +397,18 @@ fn decide_push(
     })))
 }
 
+/// Room for the fields of an event other than its paths, when sizing its buffer.
+const EVENT_ROOM: usize = 512;
+
 /// Serializes `event`, cutting its path list (and setting `paths_truncated`) so that the
 /// message is at most `limit` bytes. The worker decides from git, so a cut list loses nothing
 /// but the preview of a very large push.
-pub fn serialize_within(event: &mut PushEvent, limit: usize) -> Result<Vec<u8>, BodyError> {
-    let full = serde_json::to_vec(&*event).expect("a PushEvent serializes");
+pub fn serialize_within<P: Serialize>(
+    event: &mut PushEvent<P>,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let mut full = Vec::with_capacity(limit.min(EVENT_ROOM + event.paths.len() * 64));
+    serde_json::to_writer(&mut full, &*event).expect("a PushEvent serializes");
     if full.len() <= limit {
         return Ok(full);
     }
@@ -235,8 +424,7 @@ pub fn serialize_within(event: &mut PushEvent, limit: usize) -> Result<Vec<u8>, 
     let mut kept = 0;
     for path in &paths {
         // The quoted, escaped path plus the comma separating it from the previous one.
-        let cost =
-            serde_json::to_string(path).map_or(usize::MAX, |s| s.len()) + usize::from(kept > 0);
+        let cost = serde_json::to_vec(path).map_or(usize::MAX, |s| s.len()) + usize::from(kept > 0);
         if size.saturating_add(cost) > limit {
             break;
         }
@@ -256,17 +444,17 @@ mod tests {
 
     const BRANCH: &str = "main";
 
-    fn push(body: serde_json::Value) -> Result<Decision, BodyError> {
+    fn push(body: serde_json::Value) -> Result<Decision<'static>, BodyError> {
         decide(
             Some("push"),
-            &body.to_string(),
+            String::leak(body.to_string()),
             "d-1",
             BRANCH,
             &Rules::default(),
         )
     }
 
-    fn stored(decision: Result<Decision, BodyError>) -> PushPlan {
+    fn stored(decision: Result<Decision<'static>, BodyError>) -> PushPlan<'static> {
         match decision {
             Ok(Decision::Store(plan)) => *plan,
             other => panic!("expected a push to store, got {other:?}"),
@@ -296,6 +484,67 @@ mod tests {
         assert_eq!(plan.event.pusher.as_deref(), Some("octocat"));
         assert_eq!(plan.event.delivery_id, "d-1");
         assert_eq!(plan.event.paths.len(), 4);
+    }
+
+    #[test]
+    fn each_path_is_kept_once_in_the_payloads_order() {
+        let plan = stored(push(serde_json::json!({
+            "ref": "refs/heads/main", "after": "c3",
+            "commits": [
+                {"id": "c1", "added": ["platform/02.redis/a"], "modified": ["libs/x.py"], "removed": null},
+                {"id": "c2", "modified": ["platform/02.redis/a", "platform/01.postgres/b"]},
+                {"id": "c3", "removed": ["libs/x.py", "docs/c.md"]}
+            ],
+            // GitHub repeats the last commit as the head commit.
+            "head_commit": {"id": "c3", "removed": ["libs/x.py", "docs/c.md"]}
+        })));
+        let paths: Vec<&str> = plan.event.paths.iter().map(ListedPath::json).collect();
+        assert_eq!(
+            paths,
+            [
+                r#""platform/02.redis/a""#,
+                r#""libs/x.py""#,
+                r#""platform/01.postgres/b""#,
+                r#""docs/c.md""#
+            ]
+        );
+        assert_eq!(plan.event.head_commit.as_deref(), Some("c3"));
+    }
+
+    #[test]
+    fn escaped_paths_are_mapped_decoded_and_stored_as_written() {
+        let json = r#"{"ref": "refs/heads/main", "after": "ab",
+            "commits": [{"added": ["platform\/01.postgres\/caf\u00e9.yaml", "libs/\"q\".py"]}]}"#;
+        let mut plan = stored(decide(Some("push"), json, "d", BRANCH, &Rules::default()));
+        assert_eq!(plan.services, ["__all__", "platform/postgres"]);
+        let bytes = serialize_within(&mut plan.event, 1 << 20).unwrap();
+        let read: PushEvent = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            read.paths,
+            ["platform/01.postgres/café.yaml", r#"libs/"q".py"#]
+        );
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_string_is_refused() {
+        for paths in [
+            serde_json::json!([7]),
+            serde_json::json!([{"a": 1}]),
+            serde_json::json!("x"),
+        ] {
+            let refused = push(serde_json::json!({
+                "ref": "refs/heads/main", "commits": [{"added": paths}]
+            }));
+            assert!(
+                matches!(refused, Err(BodyError::NotJson(_))),
+                "{paths}: {refused:?}"
+            );
+        }
+        let lone_surrogate = r#"{"ref": "refs/heads/main", "commits": [{"added": ["a\ud800"]}]}"#;
+        assert!(matches!(
+            decide(Some("push"), lone_surrogate, "d", BRANCH, &Rules::default()),
+            Err(BodyError::NotJson(_))
+        ));
     }
 
     #[test]
@@ -386,7 +635,7 @@ mod tests {
         let form = "payload=%7B%22ref%22%3A%22refs%2Fheads%2Fmain%22%7D";
         assert_eq!(
             payload_json(Some("application/x-www-form-urlencoded"), form.as_bytes()),
-            Ok(r#"{"ref":"refs/heads/main"}"#.to_string())
+            Ok(Cow::Borrowed(r#"{"ref":"refs/heads/main"}"#))
         );
         assert_eq!(
             payload_json(
@@ -399,7 +648,7 @@ mod tests {
             payload_json(Some("application/json"), b"\xff\xfe"),
             Err(BodyError::NotUtf8)
         );
-        assert_eq!(payload_json(None, b"{}"), Ok("{}".to_string()));
+        assert_eq!(payload_json(None, b"{}"), Ok(Cow::Borrowed("{}")));
     }
 
     #[test]

@@ -14,8 +14,11 @@ pub const MAX_SERVICE_KEY_LEN: usize = 100;
 ///
 /// Only what the worker and the reporter need, never the raw GitHub payload (which may be far
 /// larger than a NATS message).
+///
+/// `P` is how a path is held: owned text when an event is read, the payload's own JSON text
+/// when the gateway writes one (so a large push is not copied and re-escaped path by path).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PushEvent {
+pub struct PushEvent<P = String> {
     /// GitHub's `X-GitHub-Delivery`; also the message's `Nats-Msg-Id`.
     pub delivery_id: String,
     /// `owner/name` of the repository that was pushed to.
@@ -36,15 +39,16 @@ pub struct PushEvent {
     /// Who pushed (`pusher.name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pusher: Option<String>,
-    /// Paths the payload listed as added, modified or removed (may be incomplete).
+    /// Paths the payload listed as added, modified or removed, each once, in the order the
+    /// payload lists them (commit by commit). May be incomplete.
     #[serde(default)]
-    pub paths: Vec<String>,
+    pub paths: Vec<P>,
     /// True when `paths` was cut to fit a NATS message.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paths_truncated: bool,
 }
 
-impl PushEvent {
+impl<P> PushEvent<P> {
     /// `before` when it names a commit (not absent, not all zeros).
     pub fn before_commit(&self) -> Option<&str> {
         self.before.as_deref().filter(|c| !is_null_commit(c))
@@ -120,7 +124,10 @@ impl SyncRequest {
 /// `layer/name`: two components of letters, digits, `-`, `_` or `.`, none starting with a dot,
 /// no `..`, at most [`MAX_SERVICE_KEY_LEN`] characters.
 pub fn is_valid_service_key(key: &str) -> bool {
-    if key.is_empty() || key.len() > MAX_SERVICE_KEY_LEN || key.contains("..") {
+    if key.is_empty()
+        || key.len() > MAX_SERVICE_KEY_LEN
+        || key.as_bytes().windows(2).any(|pair| pair == b"..")
+    {
         return false;
     }
     let mut parts = key.split('/');

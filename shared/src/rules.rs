@@ -12,10 +12,11 @@
 //!
 //! `IAC_RULES` may name a TOML file that replaces them (see [`Rules::from_toml`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use globset::{Candidate, Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use foldhash::HashMap as FoldHashMap;
+use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::events::is_valid_service_key;
@@ -126,19 +127,96 @@ struct ServiceRuleFile {
 
 #[derive(Debug, Clone)]
 struct ServiceRule {
-    dir: GlobMatcher,
+    dir: DirPattern,
     depth: usize,
     key: String,
     task: String,
 }
 
+/// The `dir` pattern of a service rule. The usual `parent/*` (no wildcard in `parent`) is a
+/// prefix test plus "no further `/`", which matches what the glob matches at a fraction of
+/// the cost; any other pattern is a compiled glob.
+#[derive(Debug, Clone)]
+enum DirPattern {
+    /// `parent/` of a `parent/*` pattern.
+    Children(String),
+    Glob(GlobMatcher),
+}
+
+impl DirPattern {
+    fn new(rule: &str, pattern: &str) -> Result<DirPattern, RulesError> {
+        let matcher = glob(rule, pattern)?.compile_matcher();
+        Ok(match pattern.strip_suffix('*') {
+            Some(parent) if parent.ends_with('/') && !parent.contains(GLOB_SYNTAX) => {
+                DirPattern::Children(parent.to_string())
+            }
+            _ => DirPattern::Glob(matcher),
+        })
+    }
+
+    fn is_match(&self, dir: &str) -> bool {
+        match self {
+            DirPattern::Children(parent) => dir
+                .strip_prefix(parent.as_str())
+                .is_some_and(|child| !child.contains('/')),
+            DirPattern::Glob(matcher) => matcher.is_match(dir),
+        }
+    }
+}
+
 /// Path-to-service rules, compiled once.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    never: GlobSet,
-    all: GlobSet,
+    never: PathSet,
+    all: PathSet,
     services: Vec<ServiceRule>,
 }
+
+/// A set of glob patterns. Patterns of the form `dir/**` (no wildcard in `dir`, like the
+/// default `libs/**` and `bootstrap/**`) are kept as plain prefix tests, which match the same
+/// paths as the glob and cost a fraction of it; the other patterns go through a [`GlobSet`].
+#[derive(Debug, Clone)]
+struct PathSet {
+    /// `dir/` of every `dir/**` pattern.
+    prefixes: Vec<String>,
+    /// The other patterns; `None` when there are none.
+    globs: Option<GlobSet>,
+}
+
+impl PathSet {
+    fn new(rule: &str, patterns: &[String]) -> Result<PathSet, RulesError> {
+        let mut prefixes = Vec::new();
+        let mut others = Vec::new();
+        for pattern in patterns {
+            glob(rule, pattern)?;
+            match pattern.strip_suffix("**") {
+                Some(dir) if dir.ends_with('/') && !dir.contains(GLOB_SYNTAX) => {
+                    prefixes.push(dir.to_string())
+                }
+                _ => others.push(pattern.clone()),
+            }
+        }
+        let globs = if others.is_empty() {
+            None
+        } else {
+            Some(glob_set(rule, &others)?)
+        };
+        Ok(PathSet { prefixes, globs })
+    }
+
+    fn is_match(&self, path: &str) -> bool {
+        self.prefixes
+            .iter()
+            .any(|prefix| path.starts_with(prefix.as_str()))
+            || self
+                .globs
+                .as_ref()
+                .is_some_and(|globs| globs.is_match(path))
+    }
+}
+
+/// Characters with a meaning in a glob; a pattern without them is literal text.
+const GLOB_SYNTAX: &[char] = &['*', '?', '[', ']', '{', '}', '\\'];
 
 const DEFAULT_RULES: &str = r#"
 never = ["bootstrap/**"]
@@ -182,8 +260,8 @@ impl Rules {
     /// Parses and validates rules; an error names the rule and what is wrong with it.
     pub fn from_toml(text: &str) -> Result<Self, RulesError> {
         let file: RulesFile = toml::from_str(text).map_err(|e| RulesError::Toml(e.to_string()))?;
-        let never = glob_set("never", &file.never)?;
-        let all = glob_set("all", &file.all)?;
+        let never = PathSet::new("never", &file.never)?;
+        let all = PathSet::new("all", &file.all)?;
         let services = file
             .service
             .iter()
@@ -227,16 +305,18 @@ impl Rules {
     /// Maps changed paths to services.
     ///
     /// Many paths share a service directory, so each directory is matched against the rules
-    /// once; the `never` and `all` sets are checked per path.
+    /// once (and a run of paths in the same directory, the usual order, costs one comparison
+    /// each); the `never` and `all` sets are checked per path.
     pub fn map_paths<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> Mapping {
         let mut mapping = Mapping::default();
-        let mut known: HashMap<(usize, &'a str), bool> = HashMap::new();
+        let mut known: FoldHashMap<(usize, &'a str), bool> = FoldHashMap::default();
+        // Per rule: the directory of the previous path and whether it is a service.
+        let mut last: Vec<Option<(&'a str, bool)>> = vec![None; self.services.len()];
         for path in paths {
-            let candidate = Candidate::new(path);
-            if self.never.is_match_candidate(&candidate) {
+            if self.never.is_match(path) {
                 continue;
             }
-            if self.all.is_match_candidate(&candidate) {
+            if self.all.is_match(path) {
                 mapping.all = true;
                 continue;
             }
@@ -245,11 +325,18 @@ impl Rules {
                     continue;
                 };
                 let dir = &path[..end];
-                let is_service = *known.entry((i, dir)).or_insert_with(|| {
-                    rule.key(dir)
-                        .map(|key| mapping.services.insert(key))
-                        .is_some()
-                });
+                let is_service = match last[i] {
+                    Some((previous, is_service)) if previous == dir => is_service,
+                    _ => {
+                        let is_service = *known.entry((i, dir)).or_insert_with(|| {
+                            rule.key(dir)
+                                .map(|key| mapping.services.insert(key))
+                                .is_some()
+                        });
+                        last[i] = Some((dir, is_service));
+                        is_service
+                    }
+                };
                 if is_service {
                     break;
                 }
@@ -331,13 +418,35 @@ fn strip_order_prefix(dir: &str) -> &str {
     }
 }
 
+/// `template` with `{name}` and `{dir}` replaced (in one pass: a name holding `{dir}` stays).
 fn fill(template: &str, name: &str, dir: &str) -> String {
-    template.replace("{name}", name).replace("{dir}", dir)
+    let mut out = String::with_capacity(template.len() + dir.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(after) = tail.strip_prefix("{name}") {
+            out.push_str(name);
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("{dir}") {
+            out.push_str(dir);
+            rest = after;
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Byte index of the `n`-th `/` in `path` (1-based).
 fn nth_slash(path: &str, n: usize) -> Option<usize> {
-    path.match_indices('/').nth(n - 1).map(|(i, _)| i)
+    path.bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'/')
+        .nth(n - 1)
+        .map(|(i, _)| i)
 }
 
 fn glob(rule: &str, pattern: &str) -> Result<Glob, RulesError> {
@@ -390,7 +499,7 @@ fn service_rule(name: &str, rule: &ServiceRuleFile) -> Result<ServiceRule, Rules
         )));
     }
     Ok(ServiceRule {
-        dir: glob(name, &rule.dir)?.compile_matcher(),
+        dir: DirPattern::new(name, &rule.dir)?,
         depth: rule.dir.split('/').count(),
         key: rule.key.clone(),
         task: rule.task.clone(),
@@ -562,6 +671,59 @@ mod tests {
                 }
             }
             proptest::prop_assert_eq!(together, each);
+        }
+
+        /// The shortcut for `parent/*` service directories matches exactly what the glob matches.
+        #[test]
+        fn child_patterns_match_what_their_globs_match(
+            parent in "[a-z_.-]{0,3}(/[a-z.]{0,3}){0,2}/",
+            dirs in proptest::collection::vec("[a-z./]{0,6}|/|\\.\\.|\\n", 1..6),
+            noise in ".{0,12}",
+        ) {
+            let pattern = format!("{parent}*");
+            let fast = DirPattern::new("test", &pattern).unwrap();
+            proptest::prop_assert!(matches!(fast, DirPattern::Children(_)));
+            let slow = glob("test", &pattern).unwrap().compile_matcher();
+            let mut candidates: Vec<String> = dirs.iter().map(|d| format!("{parent}{d}")).collect();
+            candidates.extend([parent.clone(), parent.trim_end_matches('/').to_string(), noise]);
+            for dir in &candidates {
+                proptest::prop_assert_eq!(fast.is_match(dir), slow.is_match(dir), "{:?} against {:?}", dir, pattern);
+            }
+        }
+
+        /// The prefix shortcut for `dir/**` patterns matches exactly what the glob matches.
+        #[test]
+        fn prefix_patterns_match_what_their_globs_match(
+            dirs in proptest::collection::vec("[a-z_./-]{0,3}(/[a-z.]{0,3}){0,2}/", 1..3),
+            others in proptest::collection::vec("[a-z]{1,3}/\\*\\.md|\\*\\*/x", 0..2),
+            tails in proptest::collection::vec("[a-z./]{0,6}|/|\\.\\.|\\n", 1..6),
+            noise in ".{0,12}",
+        ) {
+            let patterns: Vec<String> = dirs
+                .iter()
+                .map(|dir| format!("{dir}**"))
+                .chain(others)
+                .collect();
+            let fast = PathSet::new("test", &patterns).unwrap();
+            let slow = glob_set("test", &patterns).unwrap();
+            let mut paths: Vec<String> = dirs
+                .iter()
+                .flat_map(|dir| {
+                    let mut candidates = vec![dir.clone(), dir.trim_end_matches('/').to_string()];
+                    candidates.extend(tails.iter().map(|tail| format!("{dir}{tail}")));
+                    candidates
+                })
+                .collect();
+            paths.push(noise);
+            for path in &paths {
+                proptest::prop_assert_eq!(
+                    fast.is_match(path),
+                    slow.is_match(path),
+                    "{:?} against {:?}",
+                    path,
+                    patterns
+                );
+            }
         }
     }
 }

@@ -169,14 +169,15 @@ async fn a_push_to_the_branch_is_stored_then_answered_with_its_services() {
     assert_eq!(event.after.as_deref(), Some(HEAD));
     assert_eq!(event.head_commit.as_deref(), Some(HEAD));
     assert_eq!(event.pusher.as_deref(), Some("octocat"));
+    // In the order the payload lists them, commit by commit.
     assert_eq!(
         event.paths,
         [
+            "platform/01.postgres/compose.yaml",
+            "finance_report/finance_report/10.app/settings.env",
+            "docs/old-runbook.md",
             "README.md",
             "bootstrap/01.vault/compose.yaml",
-            "docs/old-runbook.md",
-            "finance_report/finance_report/10.app/settings.env",
-            "platform/01.postgres/compose.yaml",
         ]
     );
     assert!(!event.paths_truncated);
