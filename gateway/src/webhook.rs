@@ -362,18 +362,16 @@ fn decide_push<'a>(
     let mut seen = foldhash::HashSet::with_capacity_and_hasher(paths.len(), Default::default());
     paths.retain(|path| seen.insert(path.json()));
     // Paths the payload escaped are decoded aside (rare); the rest are mapped as they are.
+    let mut plain = Vec::with_capacity(paths.len());
     let mut decoded = Vec::new();
     for path in &paths {
-        if let Cow::Owned(text) = path.text()? {
-            decoded.push(text);
+        match path.text()? {
+            Cow::Borrowed(text) => plain.push(text),
+            Cow::Owned(text) => decoded.push(text),
         }
     }
-    let plain = paths.iter().filter_map(|path| match path.text() {
-        Ok(Cow::Borrowed(text)) => Some(text),
-        _ => None,
-    });
     let services = rules
-        .map_paths(plain.chain(decoded.iter().map(String::as_str)))
+        .map_paths(plain.into_iter().chain(decoded.iter().map(String::as_str)))
         .preview();
     let commit = after
         .as_deref()
