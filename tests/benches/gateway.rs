@@ -20,6 +20,7 @@ use iac_shared::names::PUSH_SUBJECT;
 use iac_shared::nats::{StreamSettings, provision};
 use iac_shared::signature::sign;
 use iac_tests::fixture::push_payload;
+use iac_tests::measure::{cpu_seconds, peak_rss_mb};
 use iac_tests::nats::NatsServer;
 use iac_tests::pipeline::ServiceProcess;
 use iac_tests::{free_port, http, wait_for};
@@ -96,31 +97,6 @@ fn payload_of_size(git_ref: &str, size: usize) -> Vec<u8> {
         .unwrap();
     }
     body
-}
-
-/// CPU seconds (user + system) the process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(f64::NAN);
-    ticks / 100.0
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// A warp server that only answers 200, on its own runtime thread (the ceiling of the no-op path).

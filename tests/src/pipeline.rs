@@ -132,6 +132,8 @@ pub struct Pipeline {
     worker_env: HashMap<String, String>,
     reporter_env: HashMap<String, String>,
     logs: PathBuf,
+    /// One client for every webhook, so its connections are reused.
+    client: reqwest::Client,
 }
 
 impl Pipeline {
@@ -186,6 +188,7 @@ impl Pipeline {
             gateway_port,
             github_url: github_url.to_string(),
             logs,
+            client: crate::http(),
         }
     }
 
@@ -276,7 +279,8 @@ impl Pipeline {
     /// Signs and sends a GitHub webhook; returns the status code and the JSON answer.
     pub async fn webhook(&self, event: &str, delivery: &str, payload: &Value) -> (u16, Value) {
         let body = serde_json::to_vec(payload).unwrap();
-        let response = crate::http()
+        let response = self
+            .client
             .post(format!("http://127.0.0.1:{}/webhook", self.gateway_port))
             .header("Content-Type", "application/json")
             .header("X-GitHub-Event", event)

@@ -400,27 +400,34 @@ async fn decide_services(
     event: &Event,
     commit: &str,
 ) -> Result<(Vec<Service>, Vec<String>), git::GitError> {
-    let files = ctx.checkout.files().await?;
-    let discovered = ctx.rules.discover(files.iter().map(String::as_str));
     match event {
         Event::Push(push) => {
             // The diff is tried first: asking whether `before` exists costs a git process
-            // on every push, and is only needed when the diff fails.
-            let diff = match push.before_commit() {
-                Some(before) => match ctx.checkout.changed_paths(before, commit).await {
-                    Ok(paths) => Some(paths),
-                    Err(_) if !ctx.checkout.has_commit(before).await => {
-                        tracing::info!(%before, "the previous head is not in the repository (force push); using the pushed paths");
-                        None
-                    }
-                    Err(e) => return Err(e),
-                },
-                None => None,
+            // on every push, and is only needed when the diff fails. Listing the files and
+            // diffing only read the repository, so they run side by side.
+            let diff = async {
+                match push.before_commit() {
+                    Some(before) => match ctx.checkout.changed_paths(before, commit).await {
+                        Ok(paths) => Ok(Some(paths)),
+                        Err(_) if !ctx.checkout.has_commit(before).await => {
+                            tracing::info!(%before, "the previous head is not in the repository (force push); using the pushed paths");
+                            Ok(None)
+                        }
+                        Err(e) => Err(e),
+                    },
+                    None => Ok(None),
+                }
             };
-            let services = decide::push_services(push, diff.as_deref(), &ctx.rules, &discovered);
+            let (files, diff) = tokio::join!(ctx.checkout.files(), diff);
+            let discovered = ctx.rules.discover(files?.iter().map(String::as_str));
+            let services = decide::push_services(push, diff?.as_deref(), &ctx.rules, &discovered);
             Ok((services, Vec::new()))
         }
-        Event::Sync(request) => Ok(decide::requested_services(request, &discovered)),
+        Event::Sync(request) => {
+            let files = ctx.checkout.files().await?;
+            let discovered = ctx.rules.discover(files.iter().map(String::as_str));
+            Ok(decide::requested_services(request, &discovered))
+        }
     }
 }
 
