@@ -145,12 +145,10 @@ enum DirPattern {
 
 impl DirPattern {
     fn new(rule: &str, pattern: &str) -> Result<DirPattern, RulesError> {
-        let matcher = glob(rule, pattern)?.compile_matcher();
-        Ok(match pattern.strip_suffix('*') {
-            Some(parent) if parent.ends_with('/') && !parent.contains(GLOB_SYNTAX) => {
-                DirPattern::Children(parent.to_string())
-            }
-            _ => DirPattern::Glob(matcher),
+        let glob = glob(rule, pattern)?;
+        Ok(match literal_dir(pattern, "*") {
+            Some(parent) => DirPattern::Children(parent.to_string()),
+            None => DirPattern::Glob(glob.compile_matcher()),
         })
     }
 
@@ -189,11 +187,9 @@ impl PathSet {
         let mut others = Vec::new();
         for pattern in patterns {
             glob(rule, pattern)?;
-            match pattern.strip_suffix("**") {
-                Some(dir) if dir.ends_with('/') && !dir.contains(GLOB_SYNTAX) => {
-                    prefixes.push(dir.to_string())
-                }
-                _ => others.push(pattern.clone()),
+            match literal_dir(pattern, "**") {
+                Some(dir) => prefixes.push(dir.to_string()),
+                None => others.push(pattern.clone()),
             }
         }
         let globs = if others.is_empty() {
@@ -217,6 +213,13 @@ impl PathSet {
 
 /// Characters with a meaning in a glob; a pattern without them is literal text.
 const GLOB_SYNTAX: &[char] = &['*', '?', '[', ']', '{', '}', '\\'];
+
+/// `dir/` when `pattern` is `dir/` followed by `wildcard` and `dir` is literal text.
+fn literal_dir<'p>(pattern: &'p str, wildcard: &str) -> Option<&'p str> {
+    pattern
+        .strip_suffix(wildcard)
+        .filter(|dir| dir.ends_with('/') && !dir.contains(GLOB_SYNTAX))
+}
 
 const DEFAULT_RULES: &str = r#"
 never = ["bootstrap/**"]

@@ -20,7 +20,7 @@ use iac_shared::names::PUSH_SUBJECT;
 use iac_shared::nats::{StreamSettings, provision};
 use iac_shared::signature::sign;
 use iac_tests::fixture::push_payload;
-use iac_tests::measure::{cpu_seconds, peak_rss_mb};
+use iac_tests::measure::{cpu_seconds, peak_rss_mb, quantile};
 use iac_tests::nats::NatsServer;
 use iac_tests::pipeline::ServiceProcess;
 use iac_tests::{free_port, http, wait_for};
@@ -35,14 +35,11 @@ struct Run {
 }
 
 impl Run {
-    fn from(latencies: &mut [Duration], elapsed: Duration) -> Run {
-        latencies.sort();
-        let at =
-            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    fn from(latencies: &[Duration], elapsed: Duration) -> Run {
         Run {
             rps: latencies.len() as f64 / elapsed.as_secs_f64(),
-            p50: at(0.50),
-            p99: at(0.99),
+            p50: quantile(latencies, 0.50),
+            p99: quantile(latencies, 0.99),
         }
     }
 }
@@ -75,7 +72,7 @@ where
     for task in tasks {
         all.extend(task.await.unwrap());
     }
-    Run::from(&mut all, started.elapsed())
+    Run::from(&all, started.elapsed())
 }
 
 /// A push payload of about `size` bytes (paths padded), as GitHub would send it.
