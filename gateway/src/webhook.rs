@@ -99,7 +99,7 @@ impl<'a> ListedPath<'a> {
     pub fn text(&self) -> Result<Cow<'a, str>, BodyError> {
         let json = self.json();
         let inner = &json[1..json.len() - 1];
-        if !inner.as_bytes().contains(&b'\\') {
+        if memchr::memchr(b'\\', inner.as_bytes()).is_none() {
             return Ok(Cow::Borrowed(inner));
         }
         serde_json::from_str::<String>(json)
@@ -140,19 +140,136 @@ struct Ping {
     hook_id: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct PushPayload<'a> {
-    #[serde(rename = "ref")]
     git_ref: Option<String>,
     before: Option<String>,
     after: Option<String>,
     deleted: Option<bool>,
     repository: Option<Repository>,
     pusher: Option<Pusher>,
-    #[serde(borrow)]
     head_commit: Option<CommitPaths<'a>>,
-    #[serde(borrow)]
     commits: Option<CommitPaths<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum PushField {
+    Ref,
+    Before,
+    After,
+    Deleted,
+    Repository,
+    Pusher,
+    HeadCommit,
+    Commits,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for PushPayload<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(PushVisitor(PhantomData))
+    }
+}
+
+struct PushVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for PushVisitor<'a> {
+    type Value = PushPayload<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a push payload (an object)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        fn once<T, E: serde::de::Error>(slot: &Option<T>, name: &'static str) -> Result<(), E> {
+            match slot {
+                Some(_) => Err(E::duplicate_field(name)),
+                None => Ok(()),
+            }
+        }
+        let mut push = PushPayload::default();
+        while let Some(field) = map.next_key()? {
+            match field {
+                PushField::Ref => {
+                    once(&push.git_ref, "ref")?;
+                    push.git_ref = map.next_value()?;
+                }
+                PushField::Before => {
+                    once(&push.before, "before")?;
+                    push.before = map.next_value()?;
+                }
+                PushField::After => {
+                    once(&push.after, "after")?;
+                    push.after = map.next_value()?;
+                }
+                PushField::Deleted => {
+                    once(&push.deleted, "deleted")?;
+                    push.deleted = map.next_value()?;
+                }
+                PushField::Repository => {
+                    once(&push.repository, "repository")?;
+                    push.repository = map.next_value()?;
+                }
+                PushField::Pusher => {
+                    once(&push.pusher, "pusher")?;
+                    push.pusher = map.next_value()?;
+                }
+                PushField::Commits => {
+                    once(&push.commits, "commits")?;
+                    push.commits = map.next_value()?;
+                }
+                PushField::HeadCommit => {
+                    once(&push.head_commit, "head_commit")?;
+                    // GitHub lists `commits` first, and the head commit is the last of them:
+                    // its paths are then known already and only scanned, not kept.
+                    let known = push.commits.as_ref().and_then(|c| c.last_id.as_deref());
+                    push.head_commit = map.next_value_seed(HeadCommitSeed(known, PhantomData))?;
+                }
+                PushField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(push)
+    }
+}
+
+/// Reads `head_commit` (or `null`), skipping the paths of a commit already read.
+struct HeadCommitSeed<'a, 'k>(Option<&'k str>, PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for HeadCommitSeed<'a, '_> {
+    type Value = Option<CommitPaths<'a>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for HeadCommitSeed<'a, '_> {
+    type Value = Option<CommitPaths<'a>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a commit")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        let mut head = CommitPaths::default();
+        head.last_id = deserializer.deserialize_map(CommitSeed {
+            paths: &mut head.paths,
+            known: self.0,
+        })?;
+        Ok(Some(head))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,21 +309,32 @@ impl<'de: 'a, 'a> Visitor<'de> for CommitPathsVisitor<'a> {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
         let mut one = CommitPaths::default();
-        one.last_id = CommitSeed(&mut one.paths).visit_map(map)?;
+        one.last_id = CommitSeed {
+            paths: &mut one.paths,
+            known: None,
+        }
+        .visit_map(map)?;
         Ok(one)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut all = CommitPaths::default();
-        while let Some(id) = seq.next_element_seed(CommitSeed(&mut all.paths))? {
+        while let Some(id) = seq.next_element_seed(CommitSeed {
+            paths: &mut all.paths,
+            known: None,
+        })? {
             all.last_id = id;
         }
         Ok(all)
     }
 }
 
-/// Reads one commit object: appends its paths, gives its id.
-struct CommitSeed<'s, 'a>(&'s mut Vec<ListedPath<'a>>);
+/// Reads one commit object: appends its paths, gives its id. The paths of commit `known`,
+/// already read elsewhere, are skipped when its id comes before them (as GitHub orders keys).
+struct CommitSeed<'s, 'a, 'k> {
+    paths: &'s mut Vec<ListedPath<'a>>,
+    known: Option<&'k str>,
+}
 
 #[derive(Deserialize)]
 #[serde(field_identifier, rename_all = "lowercase")]
@@ -219,7 +347,7 @@ enum CommitField {
     Other,
 }
 
-impl<'de: 'a, 'a> DeserializeSeed<'de> for CommitSeed<'_, 'a> {
+impl<'de: 'a, 'a> DeserializeSeed<'de> for CommitSeed<'_, 'a, '_> {
     type Value = Option<String>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -227,7 +355,7 @@ impl<'de: 'a, 'a> DeserializeSeed<'de> for CommitSeed<'_, 'a> {
     }
 }
 
-impl<'de: 'a, 'a> Visitor<'de> for CommitSeed<'_, 'a> {
+impl<'de: 'a, 'a> Visitor<'de> for CommitSeed<'_, 'a, '_> {
     type Value = Option<String>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -235,11 +363,16 @@ impl<'de: 'a, 'a> Visitor<'de> for CommitSeed<'_, 'a> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let out = self.0;
-        let mut id = None;
+        let out = self.paths;
+        let mut id: Option<String> = None;
         while let Some(field) = map.next_key()? {
             match field {
                 CommitField::Id => id = map.next_value()?,
+                CommitField::Added | CommitField::Modified | CommitField::Removed
+                    if self.known.is_some() && id.as_deref() == self.known =>
+                {
+                    map.next_value::<IgnoredAny>()?;
+                }
                 CommitField::Added | CommitField::Modified | CommitField::Removed => {
                     map.next_value_seed(PathListSeed(&mut *out))?;
                 }
@@ -507,6 +640,29 @@ mod tests {
             ]
         );
         assert_eq!(plan.event.head_commit.as_deref(), Some("c3"));
+    }
+
+    #[test]
+    fn the_head_commit_counts_once_in_whichever_order_the_payload_lists_it() {
+        let head_first = r#"{"ref": "refs/heads/main", "after": "c1",
+            "head_commit": {"id": "c1", "added": ["platform/02.redis/a"]},
+            "commits": [{"id": "c1", "added": ["platform/02.redis/a"]}]}"#;
+        let head_last = r#"{"ref": "refs/heads/main", "after": "c1",
+            "commits": [{"id": "c1", "added": ["platform/02.redis/a"]}],
+            "head_commit": {"id": "c1", "added": ["platform/02.redis/a"]}}"#;
+        let head_only = r#"{"ref": "refs/heads/main", "after": "c1", "commits": null,
+            "head_commit": {"id": "c1", "added": ["platform/02.redis/a"]}}"#;
+        for json in [head_first, head_last, head_only] {
+            let plan = stored(decide(Some("push"), json, "d", BRANCH, &Rules::default()));
+            let paths: Vec<&str> = plan.event.paths.iter().map(ListedPath::json).collect();
+            assert_eq!(paths, [r#""platform/02.redis/a""#], "{json}");
+            assert_eq!(plan.services, ["platform/redis"], "{json}");
+        }
+        let twice = r#"{"ref": "refs/heads/main", "ref": "refs/heads/other"}"#;
+        assert!(matches!(
+            decide(Some("push"), twice, "d", BRANCH, &Rules::default()),
+            Err(BodyError::NotJson(e)) if e.contains("duplicate field `ref`")
+        ));
     }
 
     #[test]

@@ -324,6 +324,17 @@ impl Rules {
                 continue;
             }
             for (i, rule) in self.services.iter().enumerate() {
+                // Most paths of a push share the previous path's directory: `dir/` starting
+                // the path is cheaper to test than finding the path's own directory.
+                if let Some((previous, is_service)) = last[i]
+                    && path.as_bytes().get(previous.len()) == Some(&b'/')
+                    && path.starts_with(previous)
+                {
+                    if is_service {
+                        break;
+                    }
+                    continue;
+                }
                 let Some(end) = nth_slash(path, rule.depth) else {
                     continue;
                 };
@@ -445,11 +456,7 @@ fn fill(template: &str, name: &str, dir: &str) -> String {
 
 /// Byte index of the `n`-th `/` in `path` (1-based).
 fn nth_slash(path: &str, n: usize) -> Option<usize> {
-    path.bytes()
-        .enumerate()
-        .filter(|&(_, b)| b == b'/')
-        .nth(n - 1)
-        .map(|(i, _)| i)
+    memchr::memchr_iter(b'/', path.as_bytes()).nth(n - 1)
 }
 
 fn glob(rule: &str, pattern: &str) -> Result<Glob, RulesError> {

@@ -7,19 +7,27 @@
 //!   handler that only answers 200;
 //! - the gateway's peak RSS after the runs.
 //!
+//! Each pair runs in rounds, ceiling then gateway, and the median ratio of the rounds is the
+//! result: the machine's other load comes and goes within seconds. Every run starts from an
+//! empty events stream, and prints the CPU time each process spent per request, which shows
+//! where the machine's two cores went. Requests come from [`iac_tests::load`], a generator
+//! about as cheap per request as the in-process NATS client of the raw ceiling.
+//!
 //! `cargo build --release --bins && cargo bench -p iac-tests --bench gateway` measures;
 //! without `--bench` (as `cargo test --benches` runs it) it does a tiny run to prove it works.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use iac_shared::names::PUSH_SUBJECT;
+use iac_shared::names::{EVENTS_STREAM, PUSH_SUBJECT};
 use iac_shared::nats::{StreamSettings, provision};
-use iac_shared::signature::sign;
+use iac_shared::signature::{SIGNATURE_HEADER, sign};
 use iac_tests::fixture::push_payload;
+use iac_tests::load::{KeepAlive, Load};
 use iac_tests::measure::{cpu_seconds, peak_rss_mb, quantile};
 use iac_tests::nats::NatsServer;
 use iac_tests::pipeline::ServiceProcess;
@@ -27,52 +35,85 @@ use iac_tests::{free_port, http, wait_for};
 
 const SECRET: &str = "bench-secret";
 
-/// Requests per second and latency percentiles of one run.
+/// Requests per second, latency percentiles, and CPU per request of each process of one run.
 struct Run {
     rps: f64,
     p50: Duration,
     p99: Duration,
+    /// Microseconds of CPU per request, by process name.
+    cpu: Vec<(&'static str, f64)>,
 }
 
-impl Run {
-    fn from(latencies: &[Duration], elapsed: Duration) -> Run {
-        Run {
-            rps: latencies.len() as f64 / elapsed.as_secs_f64(),
-            p50: quantile(latencies, 0.50),
-            p99: quantile(latencies, 0.99),
-        }
-    }
-}
-
-/// Runs `op` from `concurrency` tasks for `duration`; each call gets a unique number.
-async fn drive<F, Fut>(concurrency: usize, duration: Duration, op: F) -> Run
+/// Runs `concurrency` copies of `task` for `duration`, each on its own connection, and reads
+/// the CPU time the `processes` (name, pid) used meanwhile. A task takes request numbers from
+/// the [`Load`] until it says the run is over, and returns the latency of each request.
+async fn drive<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    processes: &[(&'static str, u32)],
+    task: F,
+) -> Run
 where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    F: Fn(Arc<Load>) -> Fut,
+    Fut: Future<Output = Vec<Duration>> + Send + 'static,
 {
-    let op = Arc::new(op);
-    let counter = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let load = Arc::new(Load::new(duration));
     let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (op, counter) = (op.clone(), counter.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while started.elapsed() < duration {
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let t = Instant::now();
-                    op(n).await;
-                    latencies.push(t.elapsed());
-                }
-                latencies
-            })
-        })
+        .map(|_| tokio::spawn(task(load.clone())))
         .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("a load task"));
     }
-    Run::from(&all, started.elapsed())
+    let elapsed = load.elapsed();
+    let requests = latencies.len() as f64;
+    Run {
+        rps: requests / elapsed.as_secs_f64(),
+        p50: quantile(&latencies, 0.50),
+        p99: quantile(&latencies, 0.99),
+        cpu: processes
+            .iter()
+            .zip(cpu_before)
+            .map(|((name, pid), before)| (*name, (cpu_seconds(*pid) - before) / requests * 1e6))
+            .collect(),
+    }
+}
+
+/// A load task posting `body` to `path` at `addr` as a GitHub push delivery, each request
+/// with its own delivery id (`{prefix}-{n}`), and asserting every answer is 200.
+fn poster(
+    addr: SocketAddr,
+    path: &'static str,
+    body: Arc<Vec<u8>>,
+    prefix: String,
+) -> impl Fn(Arc<Load>) -> std::pin::Pin<Box<dyn Future<Output = Vec<Duration>> + Send>> {
+    let signature = sign(SECRET.as_bytes(), &body);
+    let head_start: Arc<[u8]> = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nX-GitHub-Event: push\r\n{SIGNATURE_HEADER}: {signature}\r\n\
+         X-GitHub-Delivery: {prefix}-",
+        body.len()
+    )
+    .into_bytes()
+    .into();
+    move |load| {
+        let (head_start, body) = (head_start.clone(), body.clone());
+        Box::pin(async move {
+            let mut connection = KeepAlive::connect(addr).await.expect("connecting");
+            let mut latencies = Vec::new();
+            while let Some(n) = load.next() {
+                let started = Instant::now();
+                let status = connection
+                    .send(&[&head_start, n.to_string().as_bytes(), b"\r\n\r\n", &body])
+                    .await
+                    .expect("the server answers");
+                assert_eq!(status, 200, "request {n} answered {status}");
+                latencies.push(started.elapsed());
+            }
+            latencies
+        })
+    }
 }
 
 /// A push payload of about `size` bytes (paths padded), as GitHub would send it.
@@ -117,7 +158,11 @@ fn baseline_server() -> u16 {
 #[tokio::main]
 async fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
-    let duration = Duration::from_millis(if measuring { 5_000 } else { 300 });
+    let (duration, rounds) = if measuring {
+        (Duration::from_secs(3), 3)
+    } else {
+        (Duration::from_millis(300), 1)
+    };
 
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
@@ -144,100 +189,151 @@ async fn main() {
 
     let accepted = Arc::new(payload_of_size("refs/heads/main", 8 * 1024));
     let ignored = Arc::new(payload_of_size("refs/heads/feature", 8 * 1024));
-    let client = http();
-    let webhook = format!("http://127.0.0.1:{port}/webhook");
-
-    let post = |url: String, body: Arc<Vec<u8>>, prefix: &'static str| {
-        let client = client.clone();
-        let signature = sign(SECRET.as_bytes(), &body);
-        move |n: u64| {
-            let request = client
-                .post(&url)
-                .header("Content-Type", "application/json")
-                .header("X-GitHub-Event", "push")
-                .header("X-GitHub-Delivery", format!("{prefix}-{n}"))
-                .header("X-Hub-Signature-256", &signature)
-                .body(body.as_ref().clone());
-            async move {
-                let response = request.send().await.expect("the gateway answers");
-                assert_eq!(response.status(), 200, "{:?}", response.text().await);
-            }
-        }
-    };
+    let gateway_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let baseline_addr = SocketAddr::from(([127, 0, 0, 1], baseline_server()));
+    let gateway_pid = gateway.pid().expect("the gateway runs");
+    let nats_pid = nats.pid().expect("nats-server runs");
+    let own_pid = std::process::id();
 
     println!(
-        "gateway benchmark: {} KB push, {:?} per run",
+        "gateway benchmark: {} KB push, {rounds} rounds of {duration:?} per run, each run \
+         next to its ceiling; keep-alive HTTP/1.1 load generator",
         accepted.len() / 1024,
-        duration
     );
     println!(
         "{:<34} {:>5} {:>10} {:>9} {:>9} {:>10} {:>7}",
         "path", "conns", "req/s", "p50 ms", "p99 ms", "ceiling/s", "ratio"
     );
+    let raw_payload = bytes::Bytes::from(accepted.as_ref().clone());
     for concurrency in [16, 64] {
-        let js_raw = js.clone();
-        let raw_payload = bytes::Bytes::from(accepted.as_ref().clone());
-        let raw = drive(concurrency, duration, move |n| {
-            let (js, payload) = (js_raw.clone(), raw_payload.clone());
-            async move {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("raw-{n}").as_str());
-                js.publish_with_headers(PUSH_SUBJECT, headers, payload)
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
-        })
-        .await;
-        let prefix: &'static str = if concurrency == 16 { "a16" } else { "a64" };
-        let cpu_before = cpu_seconds(gateway.pid().unwrap());
-        let run = drive(
-            concurrency,
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            fresh_events_stream(&js).await;
+            let raw = drive(
+                concurrency,
+                duration,
+                &[("nats-server", nats_pid), ("bench client", own_pid)],
+                |load| {
+                    let (js, payload) = (js.clone(), raw_payload.clone());
+                    async move {
+                        let mut latencies = Vec::new();
+                        while let Some(n) = load.next() {
+                            let started = Instant::now();
+                            let mut headers = async_nats::HeaderMap::new();
+                            headers.insert("Nats-Msg-Id", format!("raw-{n}").as_str());
+                            js.publish_with_headers(PUSH_SUBJECT, headers, payload.clone())
+                                .await
+                                .expect("publishing")
+                                .await
+                                .expect("an acknowledgement");
+                            latencies.push(started.elapsed());
+                        }
+                        latencies
+                    }
+                },
+            )
+            .await;
+            print_row("raw JetStream publish-with-ack", concurrency, &raw, None);
+            fresh_events_stream(&js).await;
+            let run = drive(
+                concurrency,
+                duration,
+                &[
+                    ("gateway", gateway_pid),
+                    ("nats-server", nats_pid),
+                    ("load generator", own_pid),
+                ],
+                poster(
+                    gateway_addr,
+                    "/webhook",
+                    accepted.clone(),
+                    format!("a{concurrency}-{round}"),
+                ),
+            )
+            .await;
+            print_row(
+                "accepted push (stored before 200)",
+                concurrency,
+                &run,
+                Some(raw.rps),
+            );
+            ratios.push(run.rps / raw.rps);
+        }
+        print_ratios("accepted push vs raw JetStream", concurrency, &ratios);
+    }
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let baseline = drive(
+            16,
             duration,
-            post(webhook.clone(), accepted.clone(), prefix),
+            &[("load generator", own_pid)],
+            poster(baseline_addr, "/", ignored.clone(), format!("b-{round}")),
         )
         .await;
-        let cpu = cpu_seconds(gateway.pid().unwrap()) - cpu_before;
-        print_row(
-            "accepted push (stored before 200)",
-            concurrency,
-            &run,
-            raw.rps,
-        );
-        println!(
-            "    gateway CPU: {:.0} µs per accepted push",
-            cpu / (run.rps * duration.as_secs_f64()) * 1e6
-        );
+        print_row("bare warp answering 200", 16, &baseline, None);
+        let run = drive(
+            16,
+            duration,
+            &[("gateway", gateway_pid), ("load generator", own_pid)],
+            poster(
+                gateway_addr,
+                "/webhook",
+                ignored.clone(),
+                format!("i-{round}"),
+            ),
+        )
+        .await;
+        print_row("ignored push (other branch)", 16, &run, Some(baseline.rps));
+        ratios.push(run.rps / baseline.rps);
     }
-    let baseline_port = baseline_server();
-    let baseline = drive(
-        16,
-        duration,
-        post(
-            format!("http://127.0.0.1:{baseline_port}/"),
-            ignored.clone(),
-            "b",
-        ),
-    )
-    .await;
-    let run = drive(16, duration, post(webhook.clone(), ignored.clone(), "i")).await;
-    print_row("ignored push (other branch)", 16, &run, baseline.rps);
+    print_ratios("ignored push vs bare warp", 16, &ratios);
+    println!("gateway peak RSS: {:.1} MB", peak_rss_mb(gateway_pid));
+}
+
+/// The median ratio of the rounds, with the lowest and highest.
+fn print_ratios(what: &str, concurrency: usize, ratios: &[f64]) {
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
     println!(
-        "gateway peak RSS: {:.1} MB",
-        peak_rss_mb(gateway.pid().unwrap())
+        "=> {what}, {concurrency} conns: median ratio {:.2} (rounds {:.2}–{:.2})",
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1]
     );
 }
 
-fn print_row(path: &str, concurrency: usize, run: &Run, ceiling: f64) {
+/// Deletes and re-creates the events stream, so that each run starts from an empty stream and
+/// de-duplication window: what a run stores makes nats-server's work per message grow (its
+/// garbage collector scans the window's ids), which would favour whichever run goes first.
+async fn fresh_events_stream(js: &jetstream::Context) {
+    js.delete_stream(EVENTS_STREAM)
+        .await
+        .expect("deleting the events stream");
+    provision(js, &StreamSettings::default())
+        .await
+        .expect("re-creating the streams");
+}
+
+/// One row; with a ceiling, the ratio to it. Below it, the CPU each process spent per request.
+fn print_row(path: &str, concurrency: usize, run: &Run, ceiling: Option<f64>) {
+    let (ceiling, ratio) = match ceiling {
+        Some(c) => (format!("{c:.0}"), format!("{:.2}", run.rps / c)),
+        None => ("-".to_string(), "-".to_string()),
+    };
     println!(
-        "{:<34} {:>5} {:>10.0} {:>9.2} {:>9.2} {:>10.0} {:>7.2}",
+        "{:<34} {:>5} {:>10.0} {:>9.2} {:>9.2} {:>10} {:>7}",
         path,
         concurrency,
         run.rps,
         run.p50.as_secs_f64() * 1e3,
         run.p99.as_secs_f64() * 1e3,
         ceiling,
-        run.rps / ceiling
+        ratio
     );
+    let cpu: Vec<String> = run
+        .cpu
+        .iter()
+        .map(|(name, us)| format!("{name} {us:.0}"))
+        .collect();
+    println!("    CPU µs per request: {}", cpu.join(", "));
 }

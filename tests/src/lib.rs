@@ -5,12 +5,14 @@
 //! - [`fixture`]: a git monorepo (`platform/`, `finance_report/`, `bootstrap/`, `libs/`, a root
 //!   `tasks.py`) whose invoke tasks record every run in a log the test reads back.
 //! - [`github`]: sample GitHub payloads, signed requests, and a raw HTTP/1.1 client.
+//! - [`load`]: a lean keep-alive HTTP/1.1 load generator for the throughput benchmarks.
 //! - [`measure`]: CPU time, peak RSS and quantiles for the whole-process benchmarks.
 //! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are.
 
 pub mod fake_github;
 pub mod fixture;
 pub mod github;
+pub mod load;
 pub mod measure;
 pub mod nats;
 pub mod pipeline;
