@@ -4,7 +4,15 @@ use iac_shared::events::{
     FinishedState, PushEvent, ServiceResult, SyncFinished, SyncOutcome, SyncStarted,
     is_null_commit, truncate_chars,
 };
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
+
+/// What an event id keeps unencoded in a link: letters, digits and RFC 3986's `-._~`.
+const URL_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// GitHub's limit on a status description, in characters.
 pub const MAX_DESCRIPTION_CHARS: usize = 140;
@@ -112,12 +120,15 @@ impl StatusSettings {
         format!("{prefix} / {service}")
     }
 
+    /// The link, with the event id percent-encoded: unlike the repository and the commit,
+    /// which are checked to be URL-safe, it is whatever delivery id the request carried.
     fn target_url(&self, repository: &str, commit: &str, event_id: &str) -> Option<String> {
         self.target_url.as_ref().map(|template| {
+            let event_id = utf8_percent_encode(event_id, URL_COMPONENT).to_string();
             template
                 .replace("{commit}", commit)
                 .replace("{repository}", repository)
-                .replace("{event_id}", event_id)
+                .replace("{event_id}", &event_id)
         })
     }
 
@@ -565,6 +576,24 @@ mod tests {
         let body =
             serde_json::to_value(&only(for_started(&started(&[]), &settings())).status).unwrap();
         assert!(body.get("target_url").is_none(), "{body}");
+    }
+
+    #[test]
+    fn an_event_id_cannot_bend_the_target_url() {
+        let with_url = StatusSettings {
+            target_url: Some("https://ci.example/events/{event_id}?r={repository}".into()),
+            ..settings()
+        };
+        let url = with_url.target_url("acme/infra", SHA, "a b?c&d#e/../f%");
+        assert_eq!(
+            url.as_deref(),
+            Some("https://ci.example/events/a%20b%3Fc%26d%23e%2F..%2Ff%25?r=acme/infra")
+        );
+        let uuid = "72d3162e-cc78-11e3-81ab-4c9367dc0958";
+        assert_eq!(
+            with_url.target_url("acme/infra", SHA, uuid).as_deref(),
+            Some(format!("https://ci.example/events/{uuid}?r=acme/infra").as_str())
+        );
     }
 
     #[test]
