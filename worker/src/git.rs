@@ -64,11 +64,49 @@ impl Checkout {
             &branch_ref,
         ])
         .await?;
-        let commit = self.resolve(target).await?;
-        self.git(&["checkout", "--quiet", "--force", "--detach", &commit])
-            .await?;
+        let commit = match target {
+            Target::Commit(id) if is_full_commit_id(id) => self.check_out_full_id(id).await?,
+            _ => {
+                let commit = self.resolve(target).await?;
+                self.check_out(&commit).await?;
+                commit
+            }
+        };
         self.git(&["clean", "-ffdxq"]).await?;
         Ok(commit)
+    }
+
+    /// Checks out a full commit id (what every GitHub push names) without asking git to
+    /// resolve it first: the checkout fails when the commit is not here, and only then is it
+    /// fetched by id. Returns the commit the checkout landed on.
+    async fn check_out_full_id(&self, id: &str) -> Result<String, GitError> {
+        if self.check_out(id).await.is_err() {
+            // Not on the branch (any more): ask for the commit itself.
+            self.git(&["fetch", "--quiet", "origin", id])
+                .await
+                .map_err(|_| GitError::UnknownCommit(id.to_string()))?;
+            self.check_out(id)
+                .await
+                .map_err(|_| GitError::UnknownCommit(id.to_string()))?;
+        }
+        self.head().await
+    }
+
+    async fn check_out(&self, commit: &str) -> Result<(), GitError> {
+        self.git(&["checkout", "--quiet", "--force", "--detach", commit])
+            .await
+            .map(drop)
+    }
+
+    /// The commit checked out: read from `.git/HEAD`, which a detached checkout sets to the
+    /// commit's id (a tag's id given to it lands on the tagged commit); asked of git when the
+    /// file says something else (another ref storage).
+    async fn head(&self) -> Result<String, GitError> {
+        let file = tokio::fs::read_to_string(self.dir.join(".git/HEAD")).await;
+        match file.as_deref().map(str::trim) {
+            Ok(id) if is_full_commit_id(id) => Ok(id.to_string()),
+            _ => self.rev_parse("HEAD").await,
+        }
     }
 
     async fn resolve(&self, target: &Target) -> Result<String, GitError> {
@@ -235,6 +273,11 @@ async fn run_git(url: &RepoUrl, cwd: Option<&Path>, args: &[&str]) -> Result<Str
             stderr
         },
     })
+}
+
+/// 40 lowercase hexadecimal digits: a full SHA-1 commit id as GitHub writes it.
+fn is_full_commit_id(id: &str) -> bool {
+    id.len() == 40 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn split_nul(out: &str) -> Vec<String> {
