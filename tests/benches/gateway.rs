@@ -44,8 +44,8 @@ struct Run {
     cpu: Vec<(&'static str, f64)>,
 }
 
-/// Runs `concurrency` copies of `task` for `duration`, each on its own connection, and reads
-/// the CPU time the `processes` (name, pid) used meanwhile. A task takes request numbers from
+/// Runs `concurrency` copies of `task` for `duration` and reads the CPU time the `processes`
+/// (name, pid) used meanwhile. A task takes request numbers from
 /// the [`Load`] until it says the run is over, and returns the latency of each request.
 async fn drive<F, Fut>(
     concurrency: usize,

