@@ -183,45 +183,35 @@ impl<'de: 'a, 'a> Visitor<'de> for PushVisitor<'a> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        fn once<T, E: serde::de::Error>(slot: &Option<T>, name: &'static str) -> Result<(), E> {
+        /// Refuses a field seen before, as serde's derived code does.
+        fn unseen<T, E: serde::de::Error>(slot: &Option<T>, name: &'static str) -> Result<(), E> {
             match slot {
                 Some(_) => Err(E::duplicate_field(name)),
                 None => Ok(()),
             }
         }
+        /// Reads the value of a field seen for the first time into `slot`.
+        fn read_once<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+            map: &mut A,
+            slot: &mut Option<T>,
+            name: &'static str,
+        ) -> Result<(), A::Error> {
+            unseen(slot, name)?;
+            *slot = map.next_value()?;
+            Ok(())
+        }
         let mut push = PushPayload::default();
         while let Some(field) = map.next_key()? {
             match field {
-                PushField::Ref => {
-                    once(&push.git_ref, "ref")?;
-                    push.git_ref = map.next_value()?;
-                }
-                PushField::Before => {
-                    once(&push.before, "before")?;
-                    push.before = map.next_value()?;
-                }
-                PushField::After => {
-                    once(&push.after, "after")?;
-                    push.after = map.next_value()?;
-                }
-                PushField::Deleted => {
-                    once(&push.deleted, "deleted")?;
-                    push.deleted = map.next_value()?;
-                }
-                PushField::Repository => {
-                    once(&push.repository, "repository")?;
-                    push.repository = map.next_value()?;
-                }
-                PushField::Pusher => {
-                    once(&push.pusher, "pusher")?;
-                    push.pusher = map.next_value()?;
-                }
-                PushField::Commits => {
-                    once(&push.commits, "commits")?;
-                    push.commits = map.next_value()?;
-                }
+                PushField::Ref => read_once(&mut map, &mut push.git_ref, "ref")?,
+                PushField::Before => read_once(&mut map, &mut push.before, "before")?,
+                PushField::After => read_once(&mut map, &mut push.after, "after")?,
+                PushField::Deleted => read_once(&mut map, &mut push.deleted, "deleted")?,
+                PushField::Repository => read_once(&mut map, &mut push.repository, "repository")?,
+                PushField::Pusher => read_once(&mut map, &mut push.pusher, "pusher")?,
+                PushField::Commits => read_once(&mut map, &mut push.commits, "commits")?,
                 PushField::HeadCommit => {
-                    once(&push.head_commit, "head_commit")?;
+                    unseen(&push.head_commit, "head_commit")?;
                     // GitHub lists `commits` first, and the head commit is the last of them:
                     // its paths are then known already and only scanned, not kept.
                     let known = push.commits.as_ref().and_then(|c| c.last_id.as_deref());
