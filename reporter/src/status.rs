@@ -225,11 +225,7 @@ pub fn for_push(
     stream_seq: u64,
     settings: &StatusSettings,
 ) -> Plan {
-    let commit = push
-        .after
-        .as_deref()
-        .filter(|c| !is_null_commit(c))
-        .or(push.head_commit.as_deref());
+    let commit = push.status_commit();
     let order = OrderKey {
         event_seq: stream_seq,
         phase: Phase::Queued,
@@ -335,6 +331,10 @@ fn service_summary(result: &ServiceResult) -> (StatusState, String) {
         (SyncOutcome::Failed, None) => (StatusState::Failure, "Failed".to_string()),
         (SyncOutcome::TimedOut, _) => (StatusState::Failure, "Failed: timed out".to_string()),
         (SyncOutcome::Unknown, _) => (StatusState::Failure, "Failed: unknown service".to_string()),
+        (SyncOutcome::NotFinished, _) => (
+            StatusState::Error,
+            "Not finished: the sync was given up".to_string(),
+        ),
     }
 }
 
@@ -544,6 +544,7 @@ mod tests {
                 result("platform/redis", SyncOutcome::Failed, Some(3)),
                 result("platform/kafka", SyncOutcome::TimedOut, None),
                 result("platform/nope", SyncOutcome::Unknown, None),
+                result("platform/kafka2", SyncOutcome::NotFinished, None),
             ],
         );
         let plan = for_finished(&done, &per_service).unwrap();
@@ -558,6 +559,7 @@ mod tests {
                 (StatusState::Failure, "Failed with exit code 3"),
                 (StatusState::Failure, "Failed: timed out"),
                 (StatusState::Failure, "Failed: unknown service"),
+                (StatusState::Error, "Not finished: the sync was given up"),
             ]
         );
     }

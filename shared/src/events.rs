@@ -53,6 +53,15 @@ impl<P> PushEvent<P> {
     pub fn before_commit(&self) -> Option<&str> {
         self.before.as_deref().filter(|c| !is_null_commit(c))
     }
+
+    /// The commit this push's statuses go on before its sync knows one: `after`, else
+    /// `head_commit` (a hand-written push may name neither).
+    pub fn status_commit(&self) -> Option<&str> {
+        self.after
+            .as_deref()
+            .filter(|c| !c.is_empty() && !is_null_commit(c))
+            .or(self.head_commit.as_deref())
+    }
 }
 
 /// True for GitHub's all-zeros commit id.
@@ -211,7 +220,8 @@ pub enum FinishedState {
     Success,
     /// At least one service failed, timed out or was unknown.
     Failure,
-    /// The sync could not run: git trouble, a malformed request, attempts exhausted.
+    /// The sync could not run or was given up: git trouble, a malformed request, attempts
+    /// exhausted.
     Error,
 }
 
@@ -224,6 +234,8 @@ pub enum SyncOutcome {
     TimedOut,
     /// A manual request named a service that does not exist at that commit.
     Unknown,
+    /// The sync was given up (its attempts ran out) before this service's task finished.
+    NotFinished,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +259,8 @@ pub struct Totals {
     pub failed: usize,
     pub timed_out: usize,
     pub unknown: usize,
+    #[serde(default)]
+    pub not_finished: usize,
 }
 
 impl Totals {
@@ -261,6 +275,7 @@ impl Totals {
                 SyncOutcome::Failed => totals.failed += 1,
                 SyncOutcome::TimedOut => totals.timed_out += 1,
                 SyncOutcome::Unknown => totals.unknown += 1,
+                SyncOutcome::NotFinished => totals.not_finished += 1,
             }
         }
         totals
@@ -268,7 +283,7 @@ impl Totals {
 
     /// Services that did not sync.
     pub fn not_synced(&self) -> usize {
-        self.failed + self.timed_out + self.unknown
+        self.failed + self.timed_out + self.unknown + self.not_finished
     }
 }
 

@@ -122,6 +122,7 @@ fn outcome_word(outcome: SyncOutcome) -> &'static str {
         SyncOutcome::Failed => "failed",
         SyncOutcome::TimedOut => "timed_out",
         SyncOutcome::Unknown => "unknown",
+        SyncOutcome::NotFinished => "not_finished",
     }
 }
 

@@ -88,3 +88,87 @@ async fn a_failing_task_turns_the_commit_status_to_failure() {
     assert_eq!(failure.description(), "1/1 service(s) failed to sync");
     assert_eq!(pipeline.fixture.finished_tasks(), ["redis.sync"]);
 }
+
+#[tokio::test]
+async fn a_push_whose_commit_cannot_be_checked_out_turns_its_queued_status_to_error() {
+    let github = FakeGithub::start().await;
+    let pipeline = Pipeline::new(&github.url());
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let _reporter = pipeline.start_reporter();
+
+    // GitHub names a commit the worker's remote does not have (a remote the worker cannot
+    // read fails the same way): no sync can run, and the commit must not stay pending.
+    let missing = "5".repeat(40);
+    let payload =
+        pipeline
+            .fixture
+            .push_payload(&pipeline.fixture.head(), &missing, &["platform/02.redis/a"]);
+    let (status, answer) = pipeline.webhook("push", "delivery-missing", &payload).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let seen = wait_for_final(&github, &missing, "error").await;
+    assert_eq!(seen[0].state(), "pending", "queued first: {seen:?}");
+    let error = github.shown(&missing, CONTEXT).unwrap();
+    assert_eq!(error.state(), "error");
+    assert!(
+        error
+            .description()
+            .starts_with("Failed to update git repository"),
+        "{error:?}"
+    );
+    assert!(pipeline.fixture.runs().is_empty(), "no task ran");
+}
+
+#[tokio::test]
+async fn a_sync_given_up_after_its_last_attempt_leaves_no_status_pending() {
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::new(&github.url());
+    pipeline.set_env("reporter", "STATUS_PER_SERVICE", "true");
+    pipeline.set_env("worker", "WORKER_ACK_WAIT", "1s");
+    pipeline.set_env("worker", "SYNC_MAX_ATTEMPTS", "1");
+    let _gateway = pipeline.start_gateway().await;
+    let _reporter = pipeline.start_reporter();
+    let mut crashing = pipeline.start_worker();
+
+    pipeline.fixture.set_behaviour("platform/02.redis", 30.0, 0);
+    let (commit, status, answer) = pipeline.push_change("platform/02.redis/compose.yaml").await;
+    assert_eq!(status, 200, "{answer}");
+    let redis = "IaC Runner / platform/redis";
+    wait_for("redis to be shown syncing", Duration::from_secs(30), || {
+        let shown = github.shown(&commit, redis);
+        async move { shown.filter(|s| s.state() == "pending") }
+    })
+    .await;
+    wait_for("redis.sync to start", Duration::from_secs(30), || {
+        let started = pipeline
+            .fixture
+            .runs()
+            .into_iter()
+            .find(|r| r.phase == "start");
+        async move { started }
+    })
+    .await;
+    // The worker dies on its only attempt; a standby gives the event up.
+    crashing.kill();
+    let _standby = pipeline.start_worker();
+
+    wait_for_final(&github, &commit, "error").await;
+    let sync = github.shown(&commit, CONTEXT).unwrap();
+    assert_eq!(
+        (sync.state(), sync.description()),
+        ("error", "gave up after 1 attempts")
+    );
+    let service = github.shown(&commit, redis).unwrap();
+    assert_eq!(
+        (service.state(), service.description()),
+        ("error", "Not finished: the sync was given up")
+    );
+    let starts = pipeline
+        .fixture
+        .runs()
+        .into_iter()
+        .filter(|r| r.phase == "start")
+        .count();
+    assert_eq!(starts, 1, "not run again");
+}

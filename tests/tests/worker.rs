@@ -928,7 +928,7 @@ async fn an_event_whose_attempts_ran_out_is_reported_as_an_error_and_not_run_aga
     );
     let mut crashing =
         WorkerProcess::spawn(&args, &HashMap::new(), h.workspace("logs").join("a.log"));
-    let (_, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
+    let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
     wait_for("the only attempt to start", WAIT, || async {
         task_runs(&h.fixture).into_iter().next()
     })
@@ -942,6 +942,14 @@ async fn an_event_whose_attempts_ran_out_is_reported_as_an_error_and_not_run_aga
     let finished = h.finished_for(seq).await;
     assert_eq!(finished.state, FinishedState::Error, "{finished:#?}");
     assert_eq!(finished.error.as_deref(), Some("gave up after 1 attempts"));
+    // Where the attempt started, and what it left unfinished, so no status stays pending.
+    assert_eq!(finished.commit.as_deref(), Some(commit.as_str()));
+    let outcomes: Vec<_> = finished
+        .services
+        .iter()
+        .map(|s| (s.service.as_str(), s.outcome))
+        .collect();
+    assert_eq!(outcomes, [("platform/redis", SyncOutcome::NotFinished)]);
     assert_eq!(task_runs(&h.fixture).len(), 1, "not run again");
     standby.stop().await;
 }

@@ -219,16 +219,27 @@ pub struct ResultHeader {
     pub trigger: Trigger,
     pub repository: Option<String>,
     pub replay_of: Option<u64>,
+    /// The commit a push's queued status is on: where an error before checkout is shown.
+    pub status_commit: Option<String>,
 }
 
 impl ResultHeader {
-    pub fn new(delivery: &Delivery, trigger: Trigger, repository: Option<String>) -> Self {
+    /// The header of results about `event` (`None` when it cannot be parsed); `configured` is
+    /// the repository derived from `GIT_REPO_URL`.
+    pub fn new(delivery: &Delivery, event: Option<&Event>, configured: Option<&str>) -> Self {
         ResultHeader {
             event_id: delivery.event_id.clone(),
             event_seq: delivery.seq,
-            trigger,
-            repository,
+            trigger: event.map_or(trigger_of(&delivery.subject), Event::trigger),
+            repository: match event {
+                Some(event) => event.repository(configured),
+                None => configured.map(str::to_string),
+            },
             replay_of: delivery.replay_of,
+            status_commit: match event {
+                Some(Event::Push(push)) => push.status_commit().map(str::to_string),
+                _ => None,
+            },
         }
     }
 
@@ -265,12 +276,46 @@ impl ResultHeader {
         }
     }
 
-    /// A sync that could not run.
+    /// A sync that could not run, shown on `commit`, else on the push's own commit (so that
+    /// its queued status does not stay pending).
     pub fn error(&self, commit: Option<&str>, reason: String, duration_ms: u64) -> SyncFinished {
         SyncFinished {
-            commit: commit.map(str::to_string),
+            commit: commit
+                .map(str::to_string)
+                .or_else(|| self.status_commit.clone()),
             error: Some(reason),
             ..self.base(duration_ms)
+        }
+    }
+
+    /// An event given up after its last attempt. When an attempt got as far as `started`,
+    /// the result is on that commit and names each started service as not finished, so that
+    /// no status the attempt set to pending stays pending.
+    pub fn given_up(
+        &self,
+        started: Option<&SyncStarted>,
+        reason: String,
+        duration_ms: u64,
+    ) -> SyncFinished {
+        let Some(started) = started else {
+            return self.error(None, reason, duration_ms);
+        };
+        let services: Vec<ServiceResult> = started
+            .services
+            .iter()
+            .map(|service| ServiceResult {
+                service: service.clone(),
+                task: None,
+                outcome: SyncOutcome::NotFinished,
+                exit_code: None,
+                output_tail: Vec::new(),
+                duration_ms: 0,
+            })
+            .collect();
+        SyncFinished {
+            totals: Totals::of(&services),
+            services,
+            ..self.error(Some(&started.commit), reason, duration_ms)
         }
     }
 
@@ -512,9 +557,58 @@ mod tests {
     }
 
     #[test]
+    fn a_push_that_cannot_run_or_is_given_up_is_reported_where_its_statuses_are() {
+        let delivery = Delivery::new(PUSH_SUBJECT, 4, 2, |_| None);
+        let mut event = push(&[], false);
+        event.after = Some("b".repeat(40));
+        let header = ResultHeader::new(&delivery, Some(&Event::Push(event)), None);
+        assert_eq!(header.repository.as_deref(), Some("acme/infra"));
+        let error = header.error(None, "Failed to update git repository: x".into(), 1);
+        assert_eq!(
+            error.commit,
+            Some("b".repeat(40)),
+            "the queued status's commit"
+        );
+
+        // No attempt got as far as `started`: the error goes on the push's commit.
+        let gave_up = header.given_up(None, gave_up_reason(1), 1);
+        assert_eq!(gave_up.commit, Some("b".repeat(40)));
+        assert!(gave_up.services.is_empty());
+
+        // An attempt started: its commit, and every service it set pending, not finished.
+        let started = header.started(
+            &"c".repeat(40),
+            &Rules::default().discover(["platform/02.redis/deploy.py"]),
+            &["platform/nope".to_string()],
+        );
+        let gave_up = header.given_up(Some(&started), gave_up_reason(1), 1);
+        assert_eq!(gave_up.state, FinishedState::Error);
+        assert_eq!(gave_up.commit, Some("c".repeat(40)));
+        assert_eq!(gave_up.error.as_deref(), Some("gave up after 1 attempts"));
+        let outcomes: Vec<(&str, SyncOutcome)> = gave_up
+            .services
+            .iter()
+            .map(|s| (s.service.as_str(), s.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("platform/redis", SyncOutcome::NotFinished),
+                ("platform/nope", SyncOutcome::NotFinished)
+            ]
+        );
+        assert_eq!((gave_up.totals.total, gave_up.totals.not_finished), (2, 2));
+
+        // A manual sync names no commit before it runs.
+        let manual = Delivery::new(SYNC_SUBJECT, 5, 2, |_| None);
+        let header = ResultHeader::new(&manual, Some(&Event::Sync(SyncRequest::default())), None);
+        assert_eq!(header.error(None, "x".into(), 1).commit, None);
+    }
+
+    #[test]
     fn results_carry_the_event_and_their_state_follows_the_outcomes() {
         let delivery = Delivery::new(SYNC_SUBJECT, 9, 1, |_| None);
-        let header = ResultHeader::new(&delivery, Trigger::Sync, Some("acme/infra".into()));
+        let header = ResultHeader::new(&delivery, None, Some("acme/infra"));
         let ok = ServiceResult {
             outcome: SyncOutcome::Synced,
             ..unknown_service("platform/redis")

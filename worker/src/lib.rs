@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::PublishMessage};
 use futures::StreamExt;
-use iac_shared::events::{ServiceResult, SyncFinished};
+use iac_shared::events::{ServiceResult, SyncFinished, SyncStarted};
 use iac_shared::names::{
-    EVENT_ID_HEADER, EVENTS_STREAM, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT,
+    EVENT_ID_HEADER, EVENTS_STREAM, FINISHED_SUBJECT, MSG_ID_HEADER, RESULTS_STREAM,
+    STARTED_SUBJECT,
 };
 use iac_shared::nats::{connect, ensure_consumer, provision_until_ready, worker_consumer_config};
 use iac_shared::rules::{Rules, Service};
@@ -44,6 +45,12 @@ use workspace::Workspace;
 
 /// How long shutdown waits for the last acknowledgements to leave.
 const FLUSH_BOUND: Duration = Duration::from_secs(2);
+
+/// How many of the newest results a given-up event's `started` is looked for among.
+const STARTED_SCAN_LIMIT: u64 = 100;
+
+/// How long looking for a given-up event's `started` may take.
+const STARTED_SCAN_BOUND: Duration = Duration::from_secs(5);
 
 /// How long one pull waits for an event before the loop looks at shutdown and the queue again.
 const PULL_EXPIRY: Duration = Duration::from_secs(5);
@@ -300,19 +307,13 @@ async fn with_progress<T>(
 async fn process(ctx: &Context, delivery: &Delivery, payload: &[u8]) -> Handled {
     let started = Instant::now();
     let event = decide::parse_event(&delivery.subject, payload);
-    let trigger = event
-        .as_ref()
-        .map_or(decide::trigger_of(&delivery.subject), Event::trigger);
-    let repository = match &event {
-        Ok(event) => event.repository(ctx.repository.as_deref()),
-        Err(_) => ctx.repository.clone(),
-    };
-    let header = ResultHeader::new(delivery, trigger, repository);
+    let header = ResultHeader::new(delivery, event.as_ref().ok(), ctx.repository.as_deref());
 
     if delivery.attempts_exhausted(ctx.config.max_attempts) {
         let reason = decide::gave_up_reason(ctx.config.max_attempts);
         tracing::error!("{reason}; giving up on this event");
-        let finished = header.error(None, reason, elapsed_ms(started));
+        let last_started = last_started(ctx, delivery.seq).await;
+        let finished = header.given_up(last_started.as_ref(), reason, elapsed_ms(started));
         return match publish_finished(ctx, delivery, &finished).await {
             Some(()) => Handled::GaveUp,
             None => Handled::HandedBack,
@@ -335,6 +336,42 @@ async fn process(ctx: &Context, delivery: &Delivery, payload: &[u8]) -> Handled 
     match publish_finished(ctx, delivery, &finished).await {
         Some(()) => Handled::Done,
         None => Handled::HandedBack,
+    }
+}
+
+/// The newest `started` result of the event at `event_seq`, looked for among the last
+/// [`STARTED_SCAN_LIMIT`] results (an event's attempts are the newest results, as events are
+/// handled one at a time); `None` when no attempt got that far or the results cannot be read.
+async fn last_started(ctx: &Context, event_seq: u64) -> Option<SyncStarted> {
+    let found = async {
+        let mut stream = ctx.js.get_stream(RESULTS_STREAM).await?;
+        let last = stream.info().await?.state.last_sequence;
+        let lowest = last.saturating_sub(STARTED_SCAN_LIMIT).max(1);
+        for seq in (lowest..=last).rev() {
+            let Ok(message) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            if message.subject.as_str() != STARTED_SUBJECT {
+                continue;
+            }
+            if let Ok(started) = serde_json::from_slice::<SyncStarted>(&message.payload)
+                && started.event_seq == event_seq
+            {
+                return Ok(Some(started));
+            }
+        }
+        Ok::<_, async_nats::Error>(None)
+    };
+    match tokio::time::timeout(STARTED_SCAN_BOUND, found).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the results to find where the event started");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("timed out reading the results to find where the event started");
+            None
+        }
     }
 }
 

@@ -90,6 +90,7 @@ impl Metrics {
             SyncOutcome::Failed => "failed",
             SyncOutcome::TimedOut => "timed_out",
             SyncOutcome::Unknown => "unknown",
+            SyncOutcome::NotFinished => "not_finished",
         };
         self.tasks
             .get_or_create(&OutcomeLabel {
