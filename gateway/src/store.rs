@@ -7,11 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, context::PublishErrorKind, publish::PublishAck};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
 use iac_shared::names::{EVENT_ID_HEADER, MSG_ID_HEADER};
 use iac_shared::nats::{StreamSettings, provision_until_ready};
 use iac_shared::shutdown::Shutdown;
+use tokio::sync::{mpsc, oneshot};
 
 /// Room left in a message for its headers when an event is fitted to `max_payload`.
 pub const HEADER_ROOM: usize = 4096;
@@ -31,6 +35,8 @@ pub enum StoreError {
     TooLarge,
     #[error("publish failed ({0})")]
     Publish(String),
+    #[error("the publisher task stopped")]
+    PublisherStopped,
 }
 
 /// A stored event: its stream sequence and whether JetStream had seen its id already.
@@ -45,6 +51,7 @@ pub struct EventStore {
     js: jetstream::Context,
     provisioned: AtomicBool,
     timeout: Duration,
+    publisher: mpsc::Sender<Job>,
 }
 
 impl EventStore {
@@ -53,11 +60,14 @@ impl EventStore {
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .build(client.clone());
+        let (publisher, jobs) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(publish_batches(js.clone(), jobs));
         EventStore {
             client,
             js,
             provisioned: AtomicBool::new(false),
             timeout,
+            publisher,
         }
     }
 
@@ -90,7 +100,7 @@ impl EventStore {
     }
 
     /// Publishes `payload` on `subject` with `event_id` as its event id and de-duplication id,
-    /// and waits for JetStream's acknowledgement.
+    /// through the publisher task, and waits for JetStream's acknowledgement.
     pub async fn publish(
         &self,
         subject: &'static str,
@@ -108,25 +118,80 @@ impl EventStore {
         let mut headers = HeaderMap::new();
         headers.insert(MSG_ID_HEADER, event_id);
         headers.insert(EVENT_ID_HEADER, event_id);
-        let publish = async {
-            self.js
-                .publish_with_headers(subject, headers, payload.into())
-                .await?
-                .await
+        let timeout = self.timeout;
+        let refused = move |e: PublishError| match e.kind() {
+            PublishErrorKind::TimedOut => StoreError::TimedOut(timeout),
+            PublishErrorKind::StreamNotFound => StoreError::NoStream,
+            PublishErrorKind::MaxPayloadExceeded => StoreError::TooLarge,
+            PublishErrorKind::BrokenPipe => StoreError::Disconnected,
+            _ => StoreError::Publish(e.to_string()),
         };
-        let ack: PublishAck = tokio::time::timeout(self.timeout, publish)
+        let publish = async {
+            let (sent, ack) = oneshot::channel();
+            let job = Job {
+                subject,
+                headers,
+                payload: payload.into(),
+                sent,
+            };
+            self.publisher
+                .send(job)
+                .await
+                .map_err(|_| StoreError::PublisherStopped)?;
+            let ack = ack.await.map_err(|_| StoreError::PublisherStopped)?;
+            ack.map_err(refused)?.await.map_err(refused)
+        };
+        let ack: PublishAck = tokio::time::timeout(timeout, publish)
             .await
-            .map_err(|_| StoreError::TimedOut(self.timeout))?
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::TimedOut => StoreError::TimedOut(self.timeout),
-                PublishErrorKind::StreamNotFound => StoreError::NoStream,
-                PublishErrorKind::MaxPayloadExceeded => StoreError::TooLarge,
-                PublishErrorKind::BrokenPipe => StoreError::Disconnected,
-                _ => StoreError::Publish(e.to_string()),
-            })?;
+            .map_err(|_| StoreError::TimedOut(timeout))??;
         Ok(Stored {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+}
+
+/// One event handed to the publisher task, and where its acknowledgement future goes.
+struct Job {
+    subject: &'static str,
+    headers: HeaderMap,
+    payload: Bytes,
+    sent: oneshot::Sender<Result<PublishAckFuture, PublishError>>,
+}
+
+/// Most events the publisher sends in one go.
+const BATCH: usize = 64;
+
+/// Events waiting for the publisher; a handler finding the queue full waits (within its
+/// publish timeout).
+const PUBLISH_QUEUE: usize = 1024;
+
+/// The publisher task: sends the events handed to it in batches. After the first event of a
+/// batch it lets the other ready request handlers run up to their own publish, then sends all
+/// of them back to back, so that they leave in one write, which nats-server then reads, stores
+/// and acknowledges together. Sent one at a time as each handler got there, every event took
+/// a write of its own, and nats-server read 1.5 events per read instead of 3 and spent more
+/// CPU on each than on the same events arriving together.
+async fn publish_batches(js: jetstream::Context, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while jobs.recv_many(&mut batch, BATCH).await > 0 {
+        tokio::task::yield_now().await;
+        while batch.len() < BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        for job in batch.drain(..) {
+            if job.sent.is_closed() {
+                // Its request already timed out and was answered 503: not stored.
+                continue;
+            }
+            let message = PublishMessage::build()
+                .payload(job.payload)
+                .headers(job.headers);
+            let sent = js.send_publish(job.subject, message).await;
+            let _ = job.sent.send(sent);
+        }
     }
 }

@@ -324,6 +324,56 @@ async fn redelivered_push_is_stored_once_and_answered_200_each_time() {
 }
 
 #[tokio::test]
+async fn concurrent_pushes_are_each_stored_once_and_each_answer_is_its_own() {
+    // Events that arrive together are published together: the answers must not mix.
+    let server = NatsServer::start();
+    let gateway = Gateway::start(&server, &[]).await;
+    let pushes = 40;
+    let requests = (0..pushes).flat_map(|n| {
+        // Every delivery twice at once, as a redelivery racing the original.
+        let body = push_to_main(&[&format!("platform/{n:02}.svc{n}/compose.yaml")]);
+        let gateway = &gateway;
+        (0..2).map(move |_| {
+            let body = body.clone();
+            async move { (n, gateway.push(&format!("delivery-{n}"), &body).await) }
+        })
+    });
+    let answers = futures::future::join_all(requests).await;
+    let mut duplicates = vec![0; pushes];
+    for (n, answer) in answers {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let answer = answer.json();
+        assert_eq!(answer["event_id"], format!("delivery-{n}"));
+        assert_eq!(answer["services"], json!([format!("platform/svc{n}")]));
+        if answer["duplicate"] == json!(true) {
+            duplicates[n] += 1;
+        }
+    }
+    assert!(
+        duplicates.iter().all(|&d| d == 1),
+        "one of each pair is the duplicate: {duplicates:?}"
+    );
+    let stored = stored_events(&server).await;
+    assert_eq!(stored.len(), pushes);
+    let mut seen: Vec<String> = stored
+        .iter()
+        .map(|message| {
+            let event: PushEvent = serde_json::from_slice(&message.payload).unwrap();
+            let n: usize = event.delivery_id["delivery-".len()..].parse().unwrap();
+            assert_eq!(header(message, MSG_ID_HEADER), event.delivery_id);
+            assert_eq!(
+                event.paths,
+                [format!("platform/{n:02}.svc{n}/compose.yaml")]
+            );
+            event.delivery_id
+        })
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), pushes, "each delivery stored once");
+}
+
+#[tokio::test]
 async fn a_push_without_delivery_id_gets_a_generated_event_id() {
     let server = NatsServer::start();
     let gateway = Gateway::start(&server, &[]).await;
