@@ -121,6 +121,14 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// The three services of a pipeline, stopped (and checked for secrets in their output) when
+/// dropped, the reporter first.
+pub struct Running {
+    pub reporter: ServiceProcess,
+    pub worker: ServiceProcess,
+    pub gateway: ServiceProcess,
+}
+
 /// NATS, the fixture repository, and the environment each service is started with.
 pub struct Pipeline {
     /// The single server, unless the pipeline runs on a cluster.
@@ -219,6 +227,17 @@ impl Pipeline {
             }
         }
         secrets
+    }
+
+    /// Starts the gateway (waiting until it is ready), a worker and a reporter; they run until
+    /// the returned value is dropped.
+    pub async fn start_all(&self) -> Running {
+        let gateway = self.start_gateway().await;
+        Running {
+            reporter: self.start_reporter(),
+            worker: self.start_worker(),
+            gateway,
+        }
     }
 
     /// Starts the gateway and waits until it is ready.

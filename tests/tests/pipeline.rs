@@ -31,9 +31,7 @@ async fn wait_for_final(github: &FakeGithub, commit: &str, state: &str) -> Vec<S
 async fn a_signed_push_syncs_the_changed_service_and_github_sees_pending_then_success() {
     let github = FakeGithub::start().await;
     let pipeline = Pipeline::new(&github.url());
-    let _gateway = pipeline.start_gateway().await;
-    let _worker = pipeline.start_worker();
-    let _reporter = pipeline.start_reporter();
+    let _services = pipeline.start_all().await;
 
     let (commit, status, answer) = pipeline
         .push_change("platform/01.postgres/compose.yaml")
@@ -75,9 +73,7 @@ async fn a_signed_push_syncs_the_changed_service_and_github_sees_pending_then_su
 async fn a_failing_task_turns_the_commit_status_to_failure() {
     let github = FakeGithub::start().await;
     let pipeline = Pipeline::new(&github.url());
-    let _gateway = pipeline.start_gateway().await;
-    let _worker = pipeline.start_worker();
-    let _reporter = pipeline.start_reporter();
+    let _services = pipeline.start_all().await;
 
     pipeline.fixture.set_behaviour("platform/02.redis", 0.0, 3);
     let (commit, status, answer) = pipeline.push_change("platform/02.redis/compose.yaml").await;
@@ -93,9 +89,7 @@ async fn a_failing_task_turns_the_commit_status_to_failure() {
 async fn a_push_whose_commit_cannot_be_checked_out_turns_its_queued_status_to_error() {
     let github = FakeGithub::start().await;
     let pipeline = Pipeline::new(&github.url());
-    let _gateway = pipeline.start_gateway().await;
-    let _worker = pipeline.start_worker();
-    let _reporter = pipeline.start_reporter();
+    let _services = pipeline.start_all().await;
 
     // GitHub names a commit the worker's remote does not have (a remote the worker cannot
     // read fails the same way): no sync can run, and the commit must not stay pending.

@@ -39,9 +39,7 @@ fn synced_commits(pipeline: &Pipeline) -> BTreeSet<String> {
 async fn a_nats_restart_under_all_three_services_loses_no_accepted_push() {
     let github = FakeGithub::start().await;
     let mut pipeline = Pipeline::new(&github.url());
-    let _gateway = pipeline.start_gateway().await;
-    let _worker = pipeline.start_worker();
-    let _reporter = pipeline.start_reporter();
+    let _services = pipeline.start_all().await;
 
     let (first, status, _) = pipeline.push_change(POSTGRES).await;
     assert_eq!(status, 200);
@@ -83,9 +81,7 @@ async fn a_nats_restart_under_all_three_services_loses_no_accepted_push() {
 async fn a_delivery_sent_five_times_is_synced_once() {
     let github = FakeGithub::start().await;
     let pipeline = Pipeline::new(&github.url());
-    let _gateway = pipeline.start_gateway().await;
-    let _worker = pipeline.start_worker();
-    let _reporter = pipeline.start_reporter();
+    let _services = pipeline.start_all().await;
 
     let (commit, delivery, payload) = pipeline.commit_change(POSTGRES);
     for _ in 0..5 {
@@ -215,9 +211,7 @@ async fn the_pipeline_runs_under_the_least_privilege_nats_users() {
         pipeline.set_env(user, "NATS_USER", user);
         pipeline.set_env(user, "NATS_PASSWORD", password);
     }
-    let _gateway = pipeline.start_gateway().await;
-    let _worker = pipeline.start_worker();
-    let _reporter = pipeline.start_reporter();
+    let _services = pipeline.start_all().await;
 
     let (commit, status, answer) = pipeline.push_change(POSTGRES).await;
     assert_eq!(status, 200, "{answer}");
