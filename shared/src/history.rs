@@ -1,6 +1,9 @@
 //! What the pipeline did lately, read from the streams (`iac-worker status`).
 
+use std::ops::ControlFlow;
+
 use async_nats::jetstream;
+use serde::de::DeserializeOwned;
 
 use crate::events::{SyncFinished, SyncOutcome};
 use crate::names::{EVENTS_STREAM, FINISHED_SUBJECT, RESULTS_STREAM, WORKER_CONSUMER};
@@ -44,23 +47,52 @@ pub async fn recent_syncs(
     js: &jetstream::Context,
     count: usize,
 ) -> Result<Vec<SyncFinished>, async_nats::Error> {
+    let mut found = Vec::new();
+    if count == 0 {
+        return Ok(found);
+    }
+    newest_results(
+        js,
+        FINISHED_SUBJECT,
+        SCAN_LIMIT,
+        |finished: SyncFinished| {
+            found.push(finished);
+            if found.len() < count {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        },
+    )
+    .await?;
+    Ok(found)
+}
+
+/// Hands the results on `subject` that parse as `T` to `visit`, newest first, until it breaks,
+/// looking at most at the last `limit` messages of [`RESULTS_STREAM`] (fewer when the stream
+/// holds fewer).
+pub async fn newest_results<T: DeserializeOwned>(
+    js: &jetstream::Context,
+    subject: &str,
+    limit: u64,
+    mut visit: impl FnMut(T) -> ControlFlow<()>,
+) -> Result<(), async_nats::Error> {
     let mut stream = js.get_stream(RESULTS_STREAM).await?;
     let state = stream.info().await?.state.clone();
-    let mut found = Vec::new();
-    let mut seq = state.last_sequence;
     let lowest = state
         .first_sequence
-        .max(state.last_sequence.saturating_sub(SCAN_LIMIT));
-    while seq >= lowest && seq > 0 && found.len() < count {
+        .max(state.last_sequence.saturating_sub(limit))
+        .max(1);
+    for seq in (lowest..=state.last_sequence).rev() {
         if let Ok(message) = stream.get_raw_message(seq).await
-            && message.subject.as_str() == FINISHED_SUBJECT
-            && let Ok(finished) = serde_json::from_slice::<SyncFinished>(&message.payload)
+            && message.subject.as_str() == subject
+            && let Ok(result) = serde_json::from_slice::<T>(&message.payload)
+            && visit(result).is_break()
         {
-            found.push(finished);
+            break;
         }
-        seq -= 1;
     }
-    Ok(found)
+    Ok(())
 }
 
 /// How many events wait for the worker.

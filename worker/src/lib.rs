@@ -18,6 +18,7 @@ pub mod workspace;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -26,9 +27,9 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::PublishMessage};
 use futures::StreamExt;
 use iac_shared::events::{ServiceResult, SyncFinished, SyncStarted};
+use iac_shared::history::newest_results;
 use iac_shared::names::{
-    EVENT_ID_HEADER, EVENTS_STREAM, FINISHED_SUBJECT, MSG_ID_HEADER, RESULTS_STREAM,
-    STARTED_SUBJECT,
+    EVENT_ID_HEADER, EVENTS_STREAM, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT,
 };
 use iac_shared::nats::{connect, ensure_consumer, provision_until_ready, worker_consumer_config};
 use iac_shared::rules::{Rules, Service};
@@ -344,23 +345,22 @@ async fn process(ctx: &Context, delivery: &Delivery, payload: &[u8]) -> Handled 
 /// handled one at a time); `None` when no attempt got that far or the results cannot be read.
 async fn last_started(ctx: &Context, event_seq: u64) -> Option<SyncStarted> {
     let found = async {
-        let mut stream = ctx.js.get_stream(RESULTS_STREAM).await?;
-        let last = stream.info().await?.state.last_sequence;
-        let lowest = last.saturating_sub(STARTED_SCAN_LIMIT).max(1);
-        for seq in (lowest..=last).rev() {
-            let Ok(message) = stream.get_raw_message(seq).await else {
-                continue;
-            };
-            if message.subject.as_str() != STARTED_SUBJECT {
-                continue;
-            }
-            if let Ok(started) = serde_json::from_slice::<SyncStarted>(&message.payload)
-                && started.event_seq == event_seq
-            {
-                return Ok(Some(started));
-            }
-        }
-        Ok::<_, async_nats::Error>(None)
+        let mut found = None;
+        newest_results(
+            &ctx.js,
+            STARTED_SUBJECT,
+            STARTED_SCAN_LIMIT,
+            |started: SyncStarted| {
+                if started.event_seq == event_seq {
+                    found = Some(started);
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .await
+        .map(|()| found)
     };
     match tokio::time::timeout(STARTED_SCAN_BOUND, found).await {
         Ok(Ok(found)) => found,
