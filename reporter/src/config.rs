@@ -12,12 +12,7 @@ use crate::status::{StatusSettings, is_valid_repository};
 
 /// Posts GitHub commit statuses from iac-runner results.
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "iac-reporter",
-    version,
-    about,
-    after_help = "Operator command: iac-reporter replay --help (publish stored results again)."
-)]
+#[command(name = "iac-reporter", version, about)]
 pub struct Config {
     #[command(flatten)]
     pub nats: NatsArgs,

@@ -8,6 +8,7 @@ use async_nats::jetstream::{self, AckKind, kv};
 use iac_shared::events::{PushEvent, SyncFinished, SyncStarted};
 use iac_shared::names::*;
 use iac_shared::nats::{REPORTER_DEFAULT_ACK_WAIT, REPORTER_MAX_DELIVER};
+use iac_shared::runtime::{Envelope, with_progress};
 use rand::Rng;
 use tracing::Instrument;
 
@@ -55,30 +56,29 @@ pub struct Reporter {
 impl Reporter {
     /// Handles one message from either consumer and acknowledges it.
     pub async fn handle(self: Arc<Self>, message: jetstream::Message) {
-        let (stream_seq, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered),
-            Err(_) => (0, 1),
+        let envelope = match Envelope::of(&message) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                tracing::error!(error = %e, "dropping a message that cannot be tracked");
+                let _ = message.ack().await;
+                return;
+            }
         };
-        let subject = message.subject.to_string();
-        let replay_of = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(REPLAY_OF_HEADER))
-            .map(|v| v.as_str().to_string());
+        let (stream_seq, delivered) = (envelope.seq, envelope.delivered);
         let span = tracing::info_span!(
             "message",
-            %subject,
+            subject = %envelope.subject,
             seq = stream_seq,
             delivered,
             event_id = tracing::field::Empty,
-            replay_of = replay_of.as_deref().unwrap_or("-"),
+            replay_of = envelope.replay_of.map_or_else(|| "-".to_string(), |seq| seq.to_string()),
         );
-        if replay_of.is_some() && delivered <= 1 {
+        if envelope.replay_of.is_some() && delivered <= 1 {
             self.metrics.replay();
             span.in_scope(|| tracing::info!("a replayed message"));
         }
         let disposition = async {
-            match parse(&message, stream_seq, &self.settings) {
+            match parse(&message, &envelope, &self.settings) {
                 Err(reason) => {
                     tracing::error!(%reason, "dropping a message that cannot be read");
                     Disposition::Ack
@@ -86,7 +86,7 @@ impl Reporter {
                 Ok(parsed) => {
                     tracing::Span::current().record("event_id", parsed.event_id.as_str());
                     let work = self.report(parsed.plan, delivered);
-                    with_progress(&message, work).await
+                    with_progress(&message, REPORTER_DEFAULT_ACK_WAIT / 3, work).await
                 }
             }
         }
@@ -369,24 +369,6 @@ impl Reporter {
     }
 }
 
-/// Runs `work`, telling JetStream every third of the ack wait that the message is still in
-/// hand, so a slow GitHub does not get it redelivered to another reporter meanwhile.
-async fn with_progress<T>(message: &jetstream::Message, work: impl Future<Output = T>) -> T {
-    let every = REPORTER_DEFAULT_ACK_WAIT / 3;
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = ticks.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::debug!(error = %e, "could not extend the ack wait");
-                }
-            }
-        }
-    }
-}
-
 fn encode(claim: &Claim) -> bytes::Bytes {
     serde_json::to_vec(claim)
         .expect("a claim serializes")
@@ -403,7 +385,7 @@ fn worse(a: Disposition, b: Disposition) -> Disposition {
 
 fn parse(
     message: &jetstream::Message,
-    stream_seq: u64,
+    envelope: &Envelope,
     settings: &StatusSettings,
 ) -> Result<Parsed, String> {
     let payload = &message.payload;
@@ -426,13 +408,12 @@ fn parse(
         }
         PUSH_SUBJECT => {
             let push: PushEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-            let event_id = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(EVENT_ID_HEADER))
-                .map_or_else(|| push.delivery_id.clone(), |v| v.to_string());
+            let event_id = envelope
+                .event_id
+                .clone()
+                .unwrap_or_else(|| push.delivery_id.clone());
             Ok(Parsed {
-                plan: status::for_push(&push, &event_id, stream_seq, settings),
+                plan: status::for_push(&push, &event_id, envelope.seq, settings),
                 event_id,
             })
         }

@@ -26,9 +26,9 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
 use futures::StreamExt;
 use iac_shared::names::*;
 use iac_shared::nats::{
-    REPORTER_DEFAULT_ACK_WAIT, connect, ensure_consumer, provision_until_ready,
-    reporter_consumer_config, reporter_events_consumer_config,
+    REPORTER_DEFAULT_ACK_WAIT, connect, reporter_consumer_config, reporter_events_consumer_config,
 };
+use iac_shared::runtime::{retry_until_shutdown, start_consumers};
 use iac_shared::shutdown::Shutdown;
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
@@ -76,26 +76,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 
     let client = connect(&config.nats, "iac-reporter").await?;
     let js = jetstream::new(client);
-    if let Err(e) = provision_until_ready(&js, &config.nats.streams, &shutdown).await {
-        if shutdown.is_triggered() {
-            return Ok(());
-        }
-        return Err(e.into());
-    }
-    let results = ensure_consumer(
-        &js,
-        RESULTS_STREAM,
-        reporter_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
-        true,
-    )
-    .await?;
-    let events = ensure_consumer(
-        &js,
-        EVENTS_STREAM,
-        reporter_events_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
-        true,
-    )
-    .await?;
+    let wanted = [
+        (
+            RESULTS_STREAM,
+            reporter_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
+        ),
+        (
+            EVENTS_STREAM,
+            reporter_events_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
+        ),
+    ];
+    let Some([results, events]) =
+        start_consumers(&js, &config.nats.streams, wanted, &shutdown).await?
+    else {
+        return Ok(());
+    };
     let statuses = status_bucket(&js, &config, &shutdown).await?;
 
     let reporter = Arc::new(Reporter {
@@ -125,27 +120,25 @@ async fn status_bucket(
     config: &Config,
     shutdown: &Shutdown,
 ) -> anyhow::Result<kv::Store> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let bucket = kv::Config {
-            bucket: STATUS_BUCKET.to_string(),
-            description: "iac-runner: newest status claimed per commit and context".into(),
-            history: 1,
-            num_replicas: config.nats.streams.replicas.into(),
-            max_age: config.nats.streams.max_age,
-            ..Default::default()
-        };
-        match js.create_or_update_key_value(bucket).await {
-            Ok(store) => return Ok(store),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "status bucket {STATUS_BUCKET} not ready yet");
-                if shutdown.sleep_or_shutdown(delay).await {
-                    return Err(e).context(format!("creating the {STATUS_BUCKET} bucket"));
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    let bucket = kv::Config {
+        bucket: STATUS_BUCKET.to_string(),
+        description: "iac-runner: newest status claimed per commit and context".into(),
+        history: 1,
+        num_replicas: config.nats.streams.replicas.into(),
+        max_age: config.nats.streams.max_age,
+        ..Default::default()
+    };
+    retry_until_shutdown(
+        shutdown,
+        Duration::from_millis(200),
+        || js.create_or_update_key_value(bucket.clone()),
+        |e, delay| {
+            tracing::warn!(error = %e, retry_in = ?delay, "status bucket {STATUS_BUCKET} not ready yet");
+            true
+        },
+    )
+    .await
+    .with_context(|| format!("creating the {STATUS_BUCKET} bucket"))
 }
 
 /// Pulls from `consumer` and hands each message to a task, at most as many at once as there

@@ -3,14 +3,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Subcommand;
 use iac_reporter::Config;
+use iac_shared::cli::Invocation;
 use iac_shared::names::{FINISHED_SUBJECT, RESULTS_STREAM, STARTED_SUBJECT};
 use iac_shared::replay::ReplayCommand;
+use iac_shared::telemetry;
 
 /// Operator commands, read from the streams.
-#[derive(Debug, Parser)]
-#[command(name = "iac-reporter", version)]
+#[derive(Debug, Subcommand)]
 enum Operation {
     /// Publish selected results of IAC_RESULTS again, so their statuses are posted again
     /// (after a GitHub outage or a token change).
@@ -19,23 +20,31 @@ enum Operation {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("replay") {
-        let Operation::Replay(command) = Operation::parse();
-        iac_shared::telemetry::init_for_command();
-        let subjects = [STARTED_SUBJECT, FINISHED_SUBJECT];
-        return match command
-            .run("iac-reporter replay", RESULTS_STREAM, &subjects)
-            .await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("iac-reporter replay: {e}");
-                ExitCode::FAILURE
+    match Invocation::<Config, Operation>::parse() {
+        Invocation::Serve(config) => serve(config).await,
+        Invocation::Operate {
+            operation: Operation::Replay(command),
+            nats,
+            log,
+        } => {
+            telemetry::init_for_command(&log);
+            let subjects = [STARTED_SUBJECT, FINISHED_SUBJECT];
+            match command
+                .run(&nats, "iac-reporter replay", RESULTS_STREAM, &subjects)
+                .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("iac-reporter replay: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        };
+        }
     }
-    let config = Config::parse();
-    iac_shared::telemetry::init(&config.log);
+}
+
+async fn serve(config: Config) -> ExitCode {
+    telemetry::init(&config.log);
     match iac_reporter::run(config, iac_shared::shutdown::on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

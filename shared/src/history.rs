@@ -8,11 +8,9 @@ use serde::de::DeserializeOwned;
 use crate::events::{SyncFinished, SyncOutcome};
 use crate::names::{EVENTS_STREAM, FINISHED_SUBJECT, RESULTS_STREAM, WORKER_CONSUMER};
 
-/// `status`: where NATS is, and how many syncs to show.
+/// `status`: how many syncs to show (NATS is reached through the global NATS flags).
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusCommand {
-    #[command(flatten)]
-    pub nats: crate::nats::NatsArgs,
     /// How many of the last syncs to show.
     #[arg(long, short = 'n', default_value_t = 10)]
     pub count: usize,
@@ -20,8 +18,12 @@ pub struct StatusCommand {
 
 impl StatusCommand {
     /// Connects and prints the last syncs and the queue depth.
-    pub async fn run(&self, client_name: &str) -> Result<(), async_nats::Error> {
-        let client = crate::nats::connect_once(&self.nats, client_name).await?;
+    pub async fn run(
+        &self,
+        nats: &crate::nats::NatsArgs,
+        client_name: &str,
+    ) -> Result<(), async_nats::Error> {
+        let client = crate::nats::connect_once(nats, client_name).await?;
         let js = jetstream::new(client);
         let syncs = recent_syncs(&js, self.count).await?;
         let queue = queue_depth(&js).await?;

@@ -11,11 +11,13 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::names::*;
 use crate::shutdown::Shutdown;
 
-/// NATS connection and stream settings shared by every service.
+/// NATS connection and stream settings shared by every service. Global: an operator command
+/// takes them before or after its name.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
     /// NATS server URLs, comma-separated (give every node of a cluster).
     #[arg(
+        global = true,
         long = "nats-url",
         env = "NATS_URL",
         value_name = "NATS_URL",
@@ -26,11 +28,17 @@ pub struct NatsArgs {
     pub urls: Vec<ServerAddr>,
 
     /// Credentials file (JWT + NKey) for NATS.
-    #[arg(long = "nats-creds", env = "NATS_CREDS", value_name = "NATS_CREDS")]
+    #[arg(
+        global = true,
+        long = "nats-creds",
+        env = "NATS_CREDS",
+        value_name = "NATS_CREDS"
+    )]
     pub creds: Option<PathBuf>,
 
     /// NATS user name (with NATS_PASSWORD).
     #[arg(
+        global = true,
         long = "nats-user",
         env = "NATS_USER",
         value_name = "NATS_USER",
@@ -40,6 +48,7 @@ pub struct NatsArgs {
 
     /// NATS password.
     #[arg(
+        global = true,
         long = "nats-password",
         env = "NATS_PASSWORD",
         value_name = "NATS_PASSWORD",
@@ -50,6 +59,7 @@ pub struct NatsArgs {
 
     /// NATS token.
     #[arg(
+        global = true,
         long = "nats-token",
         env = "NATS_TOKEN",
         value_name = "NATS_TOKEN",
@@ -59,7 +69,12 @@ pub struct NatsArgs {
     pub token: Option<SecretString>,
 
     /// CA certificate (PEM) to verify the NATS server's TLS certificate.
-    #[arg(long = "nats-ca", env = "NATS_CA", value_name = "NATS_CA")]
+    #[arg(
+        global = true,
+        long = "nats-ca",
+        env = "NATS_CA",
+        value_name = "NATS_CA"
+    )]
     pub ca: Option<PathBuf>,
 
     #[command(flatten)]
@@ -71,6 +86,7 @@ pub struct NatsArgs {
 pub struct StreamSettings {
     /// Replicas of each stream (3 on a three-node cluster).
     #[arg(
+        global = true,
         long = "stream-replicas",
         env = "STREAM_REPLICAS",
         value_name = "STREAM_REPLICAS",
@@ -81,6 +97,7 @@ pub struct StreamSettings {
 
     /// How long events and results are kept (the audit log), e.g. `30d`.
     #[arg(
+        global = true,
         long = "stream-max-age",
         env = "STREAM_MAX_AGE",
         value_name = "STREAM_MAX_AGE",
@@ -91,6 +108,7 @@ pub struct StreamSettings {
 
     /// Window in which a repeated `Nats-Msg-Id` (GitHub delivery id) is stored once, e.g. `2m`.
     #[arg(
+        global = true,
         long = "duplicate-window",
         env = "DUPLICATE_WINDOW",
         value_name = "DUPLICATE_WINDOW",
@@ -487,20 +505,19 @@ pub async fn provision_until_ready(
     settings: &StreamSettings,
     shutdown: &Shutdown,
 ) -> Result<(), ProvisionError> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match provision(js, settings).await {
-            Ok(()) => return Ok(()),
-            Err(e @ ProvisionError::Drift { .. }) => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "streams not ready yet");
-                if shutdown.sleep_or_shutdown(delay).await {
-                    return Err(e);
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
+    crate::runtime::retry_until_shutdown(
+        shutdown,
+        Duration::from_millis(200),
+        || provision(js, settings),
+        |e, delay| {
+            if matches!(e, ProvisionError::Drift { .. }) {
+                return false;
             }
-        }
-    }
+            tracing::warn!(error = %e, retry_in = ?delay, "streams not ready yet");
+            true
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -15,11 +15,9 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::names::{FORCE_HEADER, MSG_ID_HEADER, REPLAY_OF_HEADER};
 
-/// `replay`: where NATS is, and which messages to publish again.
+/// `replay`: which messages to publish again (NATS is reached through the global NATS flags).
 #[derive(Debug, Clone, Args)]
 pub struct ReplayCommand {
-    #[command(flatten)]
-    pub nats: crate::nats::NatsArgs,
     #[command(flatten)]
     pub select: ReplayArgs,
 }
@@ -29,11 +27,12 @@ impl ReplayCommand {
     /// on a dry run).
     pub async fn run(
         &self,
+        nats: &crate::nats::NatsArgs,
         client_name: &str,
         stream: &str,
         subjects: &[&str],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let client = crate::nats::connect_once(&self.nats, client_name).await?;
+        let client = crate::nats::connect_once(nats, client_name).await?;
         let js = jetstream::new(client);
         let replayed = replay(&js, stream, subjects, &self.select).await?;
         println!("SEQ\tTIME\tSUBJECT\tCOMMIT\tSERVICES");

@@ -13,6 +13,7 @@ pub enum LogFormat {
 pub struct LogArgs {
     /// Log line format.
     #[arg(
+        global = true,
         long = "log-format",
         env = "LOG_FORMAT",
         value_name = "LOG_FORMAT",
@@ -41,10 +42,12 @@ pub fn init(args: &LogArgs) {
 
 /// Logging for the operator commands (`replay`, `status`): warnings and errors only, on
 /// stderr, so that stdout is just what the command prints.
-pub fn init_for_command() {
+pub fn init_for_command(args: &LogArgs) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
-        .init();
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = fmt::layer().with_target(false).with_writer(std::io::stderr);
+    match args.format {
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json().flatten_event(true)).init(),
+    }
 }

@@ -1,6 +1,5 @@
 //! The worker's settings: one clap struct, every flag also an environment variable.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,20 +7,13 @@ use clap::Parser;
 use iac_shared::events::parse_branch;
 use iac_shared::nats::{NatsArgs, parse_positive_duration};
 use iac_shared::telemetry::LogArgs;
-use secrecy::{ExposeSecret, SecretString};
 
-use crate::git::redact_url;
+use crate::repo_url::RepoUrl;
 use crate::task::SyncCommand;
 
 /// Runs the syncs of iac-runner: one at a time, from git, durable across crashes.
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "iac-worker",
-    version,
-    about,
-    args_override_self = true,
-    after_help = "Operator commands: iac-worker replay --help (publish stored events again), iac-worker status --help (the last syncs and the queue)."
-)]
+#[command(name = "iac-worker", version, about, args_override_self = true)]
 pub struct Config {
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -133,90 +125,6 @@ pub struct Config {
     pub output_tail_lines: u16,
 }
 
-/// `GIT_REPO_URL`: printed and logged only with its credentials replaced by `***`.
-#[derive(Clone)]
-pub struct RepoUrl(SecretString);
-
-impl RepoUrl {
-    pub fn new(url: &str) -> Self {
-        RepoUrl(SecretString::from(url))
-    }
-
-    /// The URL as git needs it, credentials included. Never log this.
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-
-    /// The URL with any user information replaced by `***`.
-    pub fn redacted(&self) -> String {
-        redact_url(self.expose())
-    }
-
-    /// `text` without this URL's credentials: its user information, and the password or token
-    /// alone, wherever they appear.
-    pub fn scrub(&self, text: &str) -> String {
-        let mut secrets = Vec::new();
-        if let Some(userinfo) = crate::git::userinfo(self.expose()) {
-            secrets.push(userinfo);
-            if let Some((_, password)) = userinfo.split_once(':')
-                && password.len() >= 4
-            {
-                secrets.push(password);
-            }
-        }
-        crate::git::redact_text(text, &secrets)
-    }
-
-    /// The checkout's directory name: the last path segment without `.git`.
-    pub fn repo_name(&self) -> String {
-        let path = self.path_segments();
-        path.last().cloned().unwrap_or_else(|| "repo".to_string())
-    }
-
-    /// `owner/name` for results of manual syncs (pushes carry their own).
-    pub fn owner_and_name(&self) -> Option<String> {
-        let segments = self.path_segments();
-        match segments.as_slice() {
-            [.., owner, name] => Some(format!("{owner}/{name}")),
-            _ => None,
-        }
-    }
-
-    fn path_segments(&self) -> Vec<String> {
-        let url = self.expose();
-        let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-        let authority_end = without_scheme.find('/').unwrap_or(without_scheme.len());
-        let without_userinfo = match without_scheme[..authority_end].rfind('@') {
-            Some(at) => &without_scheme[at + 1..],
-            None => without_scheme,
-        };
-        let without_query = without_userinfo
-            .split(['?', '#'])
-            .next()
-            .unwrap_or_default();
-        // `git@host:owner/name.git` (scp-like) separates host and path with a colon.
-        without_query
-            .split(['/', ':'])
-            .skip(usize::from(url.contains("://") || !url.starts_with('/')))
-            .filter(|s| !s.is_empty())
-            .map(|s| s.strip_suffix(".git").unwrap_or(s).to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    }
-}
-
-impl fmt::Debug for RepoUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.redacted())
-    }
-}
-
-impl fmt::Display for RepoUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
 // Never fails: clap would quote the raw value, credentials included, in its error. The URL is
 // checked by `Config::validate`, whose messages show it redacted.
 fn parse_repo_url(s: &str) -> Result<RepoUrl, std::convert::Infallible> {
@@ -243,23 +151,9 @@ impl Config {
 
     /// Checks what clap cannot check without printing a secret; the error names the variable.
     pub fn validate(&self) -> Result<(), String> {
-        let url = self.repo_url.expose();
-        if url.is_empty() {
-            return Err("GIT_REPO_URL: must not be empty".into());
-        }
-        if url.starts_with('-') || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(format!(
-                "GIT_REPO_URL: not a git URL: {}",
-                self.repo_url.redacted()
-            ));
-        }
-        if self.repo_url.path_segments().is_empty() {
-            return Err(format!(
-                "GIT_REPO_URL: no repository path in {}",
-                self.repo_url.redacted()
-            ));
-        }
-        Ok(())
+        self.repo_url
+            .check()
+            .map_err(|e| format!("GIT_REPO_URL: {e}"))
     }
 
     /// Deliveries allowed by the consumer: the attempts plus the one that reports giving up.
@@ -276,29 +170,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn repository_names_come_from_the_url_path() {
-        let https = RepoUrl::new("https://user:tok@github.com/acme/infra.git");
-        assert_eq!(https.repo_name(), "infra");
-        assert_eq!(https.owner_and_name().as_deref(), Some("acme/infra"));
-        let scp = RepoUrl::new("git@github.com:acme/infra.git");
-        assert_eq!(scp.repo_name(), "infra");
-        assert_eq!(scp.owner_and_name().as_deref(), Some("acme/infra"));
-        let local = RepoUrl::new("/srv/git/infra.git");
-        assert_eq!(local.repo_name(), "infra");
-        assert_eq!(local.owner_and_name().as_deref(), Some("git/infra"));
-        let bare = RepoUrl::new("https://host/infra");
-        assert_eq!(bare.repo_name(), "infra");
-        assert_eq!(bare.owner_and_name(), None);
-    }
-
-    #[test]
-    fn the_repository_url_never_prints_its_credentials() {
-        let url = RepoUrl::new("https://deploy:s3cret@github.com/acme/infra.git");
-        assert_eq!(format!("{url}"), "https://***@github.com/acme/infra.git");
-        assert!(!format!("{url:?}").contains("s3cret"));
-    }
 
     #[test]
     fn a_bad_repository_url_is_refused_without_showing_its_credentials() {

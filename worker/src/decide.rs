@@ -7,6 +7,10 @@ use iac_shared::events::{
 };
 use iac_shared::names::{PUSH_SUBJECT, SYNC_SUBJECT};
 use iac_shared::rules::{Rules, Service};
+use iac_shared::runtime::Envelope;
+use std::time::Duration;
+
+use crate::task::TaskEnd;
 
 /// Where a delivered event came from and how it asks to be handled (from its headers).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +26,22 @@ pub struct Delivery {
     pub force: bool,
 }
 
+impl From<Envelope> for Delivery {
+    /// A message published by hand without an id header gets `seq-<seq>`.
+    fn from(envelope: Envelope) -> Self {
+        Delivery {
+            event_id: envelope
+                .event_id
+                .unwrap_or_else(|| format!("seq-{}", envelope.seq)),
+            subject: envelope.subject,
+            seq: envelope.seq,
+            delivered: envelope.delivered,
+            replay_of: envelope.replay_of,
+            force: envelope.force,
+        }
+    }
+}
+
 impl Delivery {
     /// Reads the event id (`Iac-Event-Id`, else `Nats-Msg-Id`, else `seq-<seq>` for messages
     /// published by hand), `Iac-Replay-Of` and `Iac-Force` through `header`.
@@ -31,26 +51,7 @@ impl Delivery {
         delivered: i64,
         header: impl Fn(&str) -> Option<String>,
     ) -> Self {
-        use iac_shared::names::{EVENT_ID_HEADER, FORCE_HEADER, MSG_ID_HEADER, REPLAY_OF_HEADER};
-        let present = |name: &str| {
-            header(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let event_id = present(EVENT_ID_HEADER)
-            .or_else(|| present(MSG_ID_HEADER))
-            .map(|id| iac_shared::events::truncate_chars(&id, 200))
-            .unwrap_or_else(|| format!("seq-{seq}"));
-        Delivery {
-            event_id,
-            subject: subject.to_string(),
-            seq,
-            delivered,
-            replay_of: present(REPLAY_OF_HEADER).and_then(|v| v.parse().ok()),
-            force: present(FORCE_HEADER).is_some_and(|v| {
-                v.eq_ignore_ascii_case("true") || v == "1" || v.eq_ignore_ascii_case("yes")
-            }),
-        }
+        Envelope::read(subject, seq, delivered, header).into()
     }
 
     /// True on the delivery after the last allowed attempt: report giving up, do not run.
@@ -197,6 +198,25 @@ pub fn requested_services(
         }
     }
     (found, unknown)
+}
+
+/// The result a task end reports.
+pub fn service_result(service: &Service, end: TaskEnd, duration: Duration) -> ServiceResult {
+    let (outcome, exit_code, output_tail) = match end {
+        TaskEnd::Exited { code: Some(0), .. } => (SyncOutcome::Synced, Some(0), Vec::new()),
+        TaskEnd::Exited { code, tail } => (SyncOutcome::Failed, code, tail),
+        TaskEnd::TimedOut { tail } => (SyncOutcome::TimedOut, None, tail),
+        TaskEnd::CannotStart(reason) => (SyncOutcome::Failed, None, vec![reason]),
+        TaskEnd::Interrupted => (SyncOutcome::Failed, None, vec!["interrupted".into()]),
+    };
+    ServiceResult {
+        service: service.key.clone(),
+        task: Some(service.task.clone()),
+        outcome,
+        exit_code,
+        output_tail,
+        duration_ms: duration.as_millis().try_into().unwrap_or(u64::MAX),
+    }
 }
 
 /// The result for a service a request named but the commit does not have.
@@ -626,5 +646,45 @@ mod tests {
             (nothing.state, nothing.totals.total),
             (FinishedState::Success, 0)
         );
+    }
+
+    #[test]
+    fn task_ends_become_outcomes() {
+        let service = Service {
+            key: "platform/postgres".into(),
+            task: "postgres.sync".into(),
+            dir: "platform/01.postgres".into(),
+        };
+        let d = Duration::from_millis(1500);
+        let ok = service_result(
+            &service,
+            TaskEnd::Exited {
+                code: Some(0),
+                tail: vec!["x".into()],
+            },
+            d,
+        );
+        assert_eq!(
+            (ok.outcome, ok.exit_code, ok.duration_ms),
+            (SyncOutcome::Synced, Some(0), 1500)
+        );
+        assert!(ok.output_tail.is_empty());
+        let failed = service_result(
+            &service,
+            TaskEnd::Exited {
+                code: Some(3),
+                tail: vec!["boom".into()],
+            },
+            d,
+        );
+        assert_eq!(
+            (failed.outcome, failed.exit_code),
+            (SyncOutcome::Failed, Some(3))
+        );
+        assert_eq!(failed.output_tail, ["boom"]);
+        let timed_out = service_result(&service, TaskEnd::TimedOut { tail: vec![] }, d);
+        assert_eq!(timed_out.outcome, SyncOutcome::TimedOut);
+        let missing = service_result(&service, TaskEnd::CannotStart("cannot start".into()), d);
+        assert_eq!(missing.outcome, SyncOutcome::Failed);
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use iac_shared::events::is_valid_git_ref;
 
-use crate::config::RepoUrl;
 use crate::decide::Target;
+use crate::repo_url::RepoUrl;
 
 /// Longest any single git command may take (a hung remote must not hold the queue forever).
 const GIT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -283,86 +283,4 @@ fn split_nul(out: &str) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
-}
-
-/// The user information of a `scheme://user:secret@host/...` URL.
-pub fn userinfo(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    authority.rfind('@').map(|at| &authority[..at])
-}
-
-/// `url` with its user information replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    redact_text(url, &[])
-}
-
-/// `text` with every `scheme://userinfo@` turned into `scheme://***@`, and every occurrence
-/// of each of `secrets` (however it reached the text) as well.
-pub fn redact_text(text: &str, secrets: &[&str]) -> String {
-    let mut text = text.to_string();
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        text = text.replace(secret, "***");
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(pos) = rest.find("://") {
-        let (head, tail) = rest.split_at(pos + 3);
-        out.push_str(head);
-        let authority_end = tail
-            .find(|c: char| c == '/' || c.is_whitespace() || matches!(c, '\'' | '"' | '<' | '>'))
-            .unwrap_or(tail.len());
-        match tail[..authority_end].rfind('@') {
-            Some(at) => {
-                out.push_str("***");
-                rest = &tail[at..];
-            }
-            None => rest = tail,
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_in_urls_are_replaced() {
-        assert_eq!(
-            redact_url("https://user:tok@github.com/acme/infra.git"),
-            "https://***@github.com/acme/infra.git"
-        );
-        assert_eq!(
-            redact_url("https://github.com/acme/infra.git"),
-            "https://github.com/acme/infra.git"
-        );
-        assert_eq!(redact_url("/srv/git/infra.git"), "/srv/git/infra.git");
-        assert_eq!(
-            redact_url("ssh://git@host:22/a@b/c"),
-            "ssh://***@host:22/a@b/c"
-        );
-    }
-
-    #[test]
-    fn credentials_in_git_messages_are_replaced_wherever_they_appear() {
-        let stderr = "fatal: unable to access 'https://deploy:hunter2@git.example/acme/infra.git/': \
-                      Could not resolve host\nremote: token hunter2 rejected";
-        let clean = redact_text(stderr, &["deploy:hunter2", "hunter2"]);
-        assert!(!clean.contains("hunter2"), "{clean}");
-        assert!(
-            clean.contains("https://***@git.example/acme/infra.git/"),
-            "{clean}"
-        );
-        let clean = redact_text("see http://a:b@x and https://c:d@y/z", &[]);
-        assert_eq!(clean, "see http://***@x and https://***@y/z");
-    }
-
-    #[test]
-    fn user_information_is_found_only_in_the_authority() {
-        assert_eq!(userinfo("https://u:p@host/x"), Some("u:p"));
-        assert_eq!(userinfo("https://host/x@y"), None);
-        assert_eq!(userinfo("/local/path"), None);
-    }
 }

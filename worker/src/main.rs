@@ -3,15 +3,16 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Subcommand;
+use iac_shared::cli::Invocation;
 use iac_shared::history::StatusCommand;
 use iac_shared::names::{EVENTS_STREAM, PUSH_SUBJECT, SYNC_SUBJECT};
 use iac_shared::replay::ReplayCommand;
 use iac_shared::telemetry;
+use iac_worker::Config;
 
 /// Operator commands, read from the streams.
-#[derive(Debug, Parser)]
-#[command(name = "iac-worker", version)]
+#[derive(Debug, Subcommand)]
 enum Operation {
     /// Publish selected events of IAC_EVENTS again: they go through the serialized path and
     /// sync once more.
@@ -22,34 +23,40 @@ enum Operation {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if matches!(
-        std::env::args().nth(1).as_deref(),
-        Some("replay" | "status")
-    ) {
-        telemetry::init_for_command();
-        let outcome = match Operation::parse() {
-            Operation::Replay(command) => command
-                .run(
-                    "iac-worker replay",
-                    EVENTS_STREAM,
-                    &[PUSH_SUBJECT, SYNC_SUBJECT],
-                )
-                .await
-                .map_err(|e| e.to_string()),
-            Operation::Status(command) => command
-                .run("iac-worker status")
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        return match outcome {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("iac-worker: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    let (operation, nats, log) = match Invocation::<Config, Operation>::parse() {
+        Invocation::Serve(config) => return serve(config).await,
+        Invocation::Operate {
+            operation,
+            nats,
+            log,
+        } => (operation, nats, log),
+    };
+    telemetry::init_for_command(&log);
+    let outcome = match operation {
+        Operation::Replay(command) => command
+            .run(
+                &nats,
+                "iac-worker replay",
+                EVENTS_STREAM,
+                &[PUSH_SUBJECT, SYNC_SUBJECT],
+            )
+            .await
+            .map_err(|e| e.to_string()),
+        Operation::Status(command) => command
+            .run(&nats, "iac-worker status")
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iac-worker: {e}");
+            ExitCode::FAILURE
+        }
     }
-    let config = iac_worker::Config::parse();
+}
+
+async fn serve(config: Config) -> ExitCode {
     telemetry::init(&config.log);
     match iac_worker::run(config, iac_shared::shutdown::on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,12 +8,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use iac_shared::events::{ServiceResult, SyncOutcome};
 use iac_shared::rules::Service;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tracing::Instrument;
 
-use crate::config::RepoUrl;
+use crate::repo_url::RepoUrl;
 
 const TASK_PLACEHOLDER: &str = "{task}";
 /// Environment variables of the worker that a task has no business seeing.
@@ -75,25 +74,6 @@ pub enum TaskEnd {
     /// The worker is shutting down and the grace period ran out.
     Interrupted,
     CannotStart(String),
-}
-
-/// The result a task end reports.
-pub fn service_result(service: &Service, end: TaskEnd, duration: Duration) -> ServiceResult {
-    let (outcome, exit_code, output_tail) = match end {
-        TaskEnd::Exited { code: Some(0), .. } => (SyncOutcome::Synced, Some(0), Vec::new()),
-        TaskEnd::Exited { code, tail } => (SyncOutcome::Failed, code, tail),
-        TaskEnd::TimedOut { tail } => (SyncOutcome::TimedOut, None, tail),
-        TaskEnd::CannotStart(reason) => (SyncOutcome::Failed, None, vec![reason]),
-        TaskEnd::Interrupted => (SyncOutcome::Failed, None, vec!["interrupted".into()]),
-    };
-    ServiceResult {
-        service: service.key.clone(),
-        task: Some(service.task.clone()),
-        outcome,
-        exit_code,
-        output_tail,
-        duration_ms: duration.as_millis().try_into().unwrap_or(u64::MAX),
-    }
 }
 
 type Tail = Arc<Mutex<VecDeque<String>>>;
@@ -342,45 +322,5 @@ mod tests {
         assert_eq!(live_group_of("42 (sleep) Z 1 42 42 0"), None);
         assert_eq!(live_group_of("garbage"), None);
         assert!(!group_alive(0) && !group_alive(1));
-    }
-
-    #[test]
-    fn task_ends_become_outcomes() {
-        let service = Service {
-            key: "platform/postgres".into(),
-            task: "postgres.sync".into(),
-            dir: "platform/01.postgres".into(),
-        };
-        let d = Duration::from_millis(1500);
-        let ok = service_result(
-            &service,
-            TaskEnd::Exited {
-                code: Some(0),
-                tail: vec!["x".into()],
-            },
-            d,
-        );
-        assert_eq!(
-            (ok.outcome, ok.exit_code, ok.duration_ms),
-            (SyncOutcome::Synced, Some(0), 1500)
-        );
-        assert!(ok.output_tail.is_empty());
-        let failed = service_result(
-            &service,
-            TaskEnd::Exited {
-                code: Some(3),
-                tail: vec!["boom".into()],
-            },
-            d,
-        );
-        assert_eq!(
-            (failed.outcome, failed.exit_code),
-            (SyncOutcome::Failed, Some(3))
-        );
-        assert_eq!(failed.output_tail, ["boom"]);
-        let timed_out = service_result(&service, TaskEnd::TimedOut { tail: vec![] }, d);
-        assert_eq!(timed_out.outcome, SyncOutcome::TimedOut);
-        let missing = service_result(&service, TaskEnd::CannotStart("cannot start".into()), d);
-        assert_eq!(missing.outcome, SyncOutcome::Failed);
     }
 }
