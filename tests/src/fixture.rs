@@ -25,6 +25,9 @@ pub struct TaskRun {
     pub cwd: String,
     /// `start` or `end`.
     pub phase: String,
+    /// The task's whole environment.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
     /// Seconds since the epoch.
     pub t: f64,
 }
@@ -114,6 +117,20 @@ impl Fixture {
             &format!("{service_dir}/behaviour.json"),
             &json!({ "sleep": sleep_secs, "exit": exit }).to_string(),
         );
+    }
+
+    /// Sets a service's whole `behaviour.json` (see `libs/fixture_sync.py`), committed with the
+    /// next commit.
+    pub fn set_behaviour_json(&self, service_dir: &str, behaviour: Value) {
+        self.write(
+            &format!("{service_dir}/behaviour.json"),
+            &behaviour.to_string(),
+        );
+    }
+
+    /// Whether a git hook planted by a task ever ran (see `plant_hook`).
+    pub fn hook_ran(&self) -> bool {
+        self.log.with_file_name("hook-ran.txt").exists()
     }
 
     /// Commits everything and pushes to the remote's `main`; returns the new commit id.

@@ -10,6 +10,7 @@ use iac_shared::telemetry::LogArgs;
 
 use crate::repo_url::RepoUrl;
 use crate::task::SyncCommand;
+use crate::task_env::{TaskEnvSettings, parse_pass_name};
 
 /// Runs the syncs of iac-runner: one at a time, from git, durable across crashes.
 #[derive(Debug, Clone, Parser)]
@@ -123,6 +124,26 @@ pub struct Config {
         value_parser = clap::value_parser!(u16).range(1..=1000)
     )]
     pub output_tail_lines: u16,
+
+    /// Dotenv file whose variables every task gets, read again at every sync so a rotated
+    /// secret applies without a restart; its values of 6 or more characters are masked.
+    #[arg(
+        long = "task-env-file",
+        env = "TASK_ENV_FILE",
+        value_name = "TASK_ENV_FILE"
+    )]
+    pub task_env_file: Option<PathBuf>,
+
+    /// Comma-separated names of worker variables passed to every task as they are (never the
+    /// worker's own secrets: GITHUB_TOKEN, WEBHOOK_SECRET, NATS_*, GIT_*).
+    #[arg(
+        long = "task-env-pass",
+        env = "TASK_ENV_PASS",
+        value_name = "TASK_ENV_PASS",
+        value_delimiter = ',',
+        value_parser = parse_pass_name
+    )]
+    pub task_env_pass: Vec<String>,
 }
 
 // Never fails: clap would quote the raw value, credentials included, in its error. The URL is
@@ -159,6 +180,14 @@ impl Config {
     /// Deliveries allowed by the consumer: the attempts plus the one that reports giving up.
     pub fn max_deliver(&self) -> i64 {
         self.max_attempts + 1
+    }
+
+    /// How each sync builds its tasks' environment.
+    pub fn task_env(&self) -> TaskEnvSettings {
+        TaskEnvSettings {
+            file: self.task_env_file.clone(),
+            pass: self.task_env_pass.clone(),
+        }
     }
 
     /// How often a running sync tells NATS it is still working.
@@ -198,5 +227,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("SYNC_COMMAND"), "{err}");
+    }
+
+    #[test]
+    fn passing_a_worker_secret_to_tasks_is_a_start_up_error() {
+        let parse = |pass: &str| {
+            Config::try_parse_from([
+                "iac-worker",
+                "--git-repo-url",
+                "https://x/acme/infra.git",
+                "--task-env-pass",
+                pass,
+            ])
+        };
+        let err = parse("DOKPLOY_URL,GITHUB_TOKEN").unwrap_err().to_string();
+        assert!(
+            err.contains("TASK_ENV_PASS") && err.contains("GITHUB_TOKEN"),
+            "{err}"
+        );
+        let ok = parse("DOKPLOY_URL, VAULT_ADDR").unwrap();
+        assert_eq!(ok.task_env().pass, ["DOKPLOY_URL", "VAULT_ADDR"]);
     }
 }

@@ -233,11 +233,14 @@ async fn run_git(url: &RepoUrl, cwd: Option<&Path>, args: &[&str]) -> Result<Str
     // The URL is an argument of `clone`; name the command by its first word only.
     let command = args.first().copied().unwrap_or_default().to_string();
     let mut cmd = tokio::process::Command::new("git");
+    // Hooks are off: a task runs in this checkout and could plant one in `.git/hooks`.
     cmd.args([
         "-c",
         "advice.detachedHead=false",
         "-c",
         "core.quotePath=false",
+        "-c",
+        "core.hooksPath=/dev/null",
     ])
     .args(args)
     .env("GIT_TERMINAL_PROMPT", "0")

@@ -8,6 +8,7 @@
 //! - [`decide`]: pure decisions: event ids, parsing, the commit, the services, every result.
 //! - [`git`]: the checkout and what changed, with credentials kept out of every message.
 //! - [`task`]: running one task in its own process group, with a timeout and an output tail.
+//! - [`task_env`]: the environment a task gets, built not inherited, and the masking of secrets.
 //! - [`workspace`]: the workspace lock and the record of the running task.
 //! - [`metrics`]: the Prometheus metrics served on `METRICS_PORT`.
 //!
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod repo_url;
 pub mod sync;
 pub mod task;
+pub mod task_env;
 pub mod workspace;
 
 use std::net::SocketAddr;
@@ -68,6 +70,7 @@ impl Worker {
     /// in the background (connecting to NATS as soon as it is reachable).
     pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
+        task::forbid_inspection().context("cannot make the worker process undumpable")?;
         let rules = Rules::load_or_default(config.rules.as_deref()).context("IAC_RULES")?;
         std::fs::create_dir_all(&config.workspace)
             .with_context(|| format!("WORKSPACE: cannot create {}", config.workspace.display()))?;
@@ -132,8 +135,8 @@ async fn serve_events(
             timeout: config.sync_timeout,
             tail_lines: config.output_tail_lines.into(),
             pgid_file: workspace.pgid_file(),
-            repo_url: config.repo_url.clone(),
         },
+        task_env: config.task_env(),
         repository: config.repo_url.owner_and_name(),
         workspace,
         rules,

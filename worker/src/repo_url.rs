@@ -24,9 +24,8 @@ impl RepoUrl {
         redact_url(self.expose())
     }
 
-    /// `text` without this URL's credentials: its user information, and the password or token
-    /// alone, wherever they appear.
-    pub fn scrub(&self, text: &str) -> String {
+    /// The secrets this URL carries: its user information, and the password or token alone.
+    pub fn secrets(&self) -> Vec<&str> {
         let mut secrets = Vec::new();
         if let Some(userinfo) = userinfo(self.expose()) {
             secrets.push(userinfo);
@@ -36,7 +35,12 @@ impl RepoUrl {
                 secrets.push(password);
             }
         }
-        redact_text(text, &secrets)
+        secrets
+    }
+
+    /// `text` without this URL's credentials, wherever they appear.
+    pub fn scrub(&self, text: &str) -> String {
+        redact_text(text, &self.secrets())
     }
 
     /// Refuses what is not a usable repository URL; messages show it redacted. The checkout's

@@ -18,6 +18,7 @@ use crate::decide::{self, Delivery, Event, ResultHeader};
 use crate::git::{self, Checkout};
 use crate::metrics::Metrics;
 use crate::task::{self, TaskEnd, TaskRunner};
+use crate::task_env::{TaskEnv, TaskEnvSettings};
 use crate::workspace::Workspace;
 
 /// How many of the newest results a given-up event's `started` is looked for among.
@@ -38,6 +39,7 @@ pub(crate) struct Context {
     pub workspace: Workspace,
     pub checkout: Checkout,
     pub runner: TaskRunner,
+    pub task_env: TaskEnvSettings,
     pub repository: Option<String>,
     pub shutdown: Shutdown,
 }
@@ -141,6 +143,18 @@ async fn sync(
         }
     };
     task::kill_orphaned_task(&ctx.workspace.pgid_file()).await;
+    // Read before anything runs, so a missing secrets file stops the whole sync.
+    let env = match ctx.task_env.build(
+        |name| std::env::var(name).ok(),
+        &ctx.config.repo_url.secrets(),
+    ) {
+        Ok(env) => env,
+        Err(e) => {
+            let reason = format!("Cannot build the task environment: {e}");
+            tracing::error!("{reason}");
+            return Some(header.error(None, reason, elapsed_ms(started)));
+        }
+    };
 
     let commit = match ctx.checkout.update(&event.target()).await {
         Ok(commit) => commit,
@@ -169,7 +183,7 @@ async fn sync(
         if ctx.shutdown.is_triggered() {
             return None;
         }
-        results.push(run_task(ctx, service, &commit, force).await?);
+        results.push(run_task(ctx, service, &commit, force, &env).await?);
     }
     for key in &unknown {
         tracing::warn!(service = %key, "no such service at this commit");
@@ -222,6 +236,7 @@ async fn run_task(
     service: &Service,
     commit: &str,
     force: bool,
+    env: &TaskEnv,
 ) -> Option<ServiceResult> {
     let began = Instant::now();
     let shutdown = ctx.shutdown.clone();
@@ -236,7 +251,7 @@ async fn run_task(
     };
     let end = ctx
         .runner
-        .run(service, ctx.checkout.dir(), commit, force, grace_over)
+        .run(service, ctx.checkout.dir(), commit, force, env, grace_over)
         .await;
     if end == TaskEnd::Interrupted {
         tracing::warn!(service = %service.key, "task killed: the shutdown grace period ran out");

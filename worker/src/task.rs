@@ -12,11 +12,9 @@ use iac_shared::rules::Service;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tracing::Instrument;
 
-use crate::repo_url::RepoUrl;
+use crate::task_env::{Masker, TaskEnv};
 
 const TASK_PLACEHOLDER: &str = "{task}";
-/// Environment variables of the worker that a task has no business seeing.
-const WITHHELD_ENV: &[&str] = &["GIT_REPO_URL", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS"];
 
 /// `SYNC_COMMAND`, split into arguments once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +55,6 @@ pub struct TaskRunner {
     pub tail_lines: usize,
     /// Where the running task's process group id is kept for a successor to find.
     pub pgid_file: PathBuf,
-    /// Scrubs credentials from output lines.
-    pub repo_url: RepoUrl,
 }
 
 /// How a task run ended, before it becomes a [`ServiceResult`].
@@ -79,19 +75,23 @@ pub enum TaskEnd {
 type Tail = Arc<Mutex<VecDeque<String>>>;
 
 impl TaskRunner {
-    /// Runs `service`'s task at `commit` in `checkout`; `interrupt` resolving kills it.
+    /// Runs `service`'s task at `commit` in `checkout` with only the variables of `env`
+    /// (and the `IAC_*` ones); `interrupt` resolving kills it.
     pub async fn run(
         &self,
         service: &Service,
         checkout: &Path,
         commit: &str,
         force: bool,
+        env: &TaskEnv,
         interrupt: impl Future<Output = ()>,
     ) -> TaskEnd {
         let argv = self.command.for_task(&service.task);
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(checkout)
+            .env_clear()
+            .envs(&env.vars)
             .env("PYTHONPATH", checkout)
             .env("PYTHONUNBUFFERED", "1")
             .env("IAC_SERVICE", &service.key)
@@ -103,9 +103,6 @@ impl TaskRunner {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        for name in WITHHELD_ENV {
-            cmd.env_remove(name);
-        }
         if force {
             cmd.env("IAC_FORCE", "1");
         }
@@ -125,11 +122,11 @@ impl TaskRunner {
             child
                 .stdout
                 .take()
-                .map(|out| self.stream(out, service, &tail)),
+                .map(|out| self.stream(out, service, &env.masker, &tail)),
             child
                 .stderr
                 .take()
-                .map(|err| self.stream(err, service, &tail)),
+                .map(|err| self.stream(err, service, &env.masker, &tail)),
         ];
         tracing::info!(service = %service.key, task = %service.task, pgid, "task started");
 
@@ -166,12 +163,13 @@ impl TaskRunner {
         &self,
         output: impl AsyncRead + Unpin + Send + 'static,
         service: &Service,
+        masker: &Masker,
         tail: &Tail,
     ) -> tokio::task::JoinHandle<()> {
         let tail = tail.clone();
         let key = service.key.clone();
         let keep = self.tail_lines;
-        let url = self.repo_url.clone();
+        let masker = masker.clone();
         let span = tracing::Span::current();
         let read = async move {
             let mut reader = BufReader::new(output);
@@ -182,7 +180,7 @@ impl TaskRunner {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
-                let line = url.scrub(String::from_utf8_lossy(&buf).trim_end());
+                let line = masker.mask(String::from_utf8_lossy(&buf).trim_end());
                 tracing::info!(service = %key, "| {line}");
                 if let Ok(mut tail) = tail.lock() {
                     if tail.len() == keep {
@@ -194,6 +192,17 @@ impl TaskRunner {
         };
         tokio::spawn(read.instrument(span))
     }
+}
+
+/// Makes the worker process not dumpable: a task running as the same user can then neither
+/// read `/proc/<worker>/environ` (the worker's secrets) nor attach to it. Linux only.
+pub fn forbid_inspection() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers and touches no memory.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Makes the kernel kill the task when the worker dies, so a redelivered sync never overlaps
@@ -322,5 +331,13 @@ mod tests {
         assert_eq!(live_group_of("42 (sleep) Z 1 42 42 0"), None);
         assert_eq!(live_group_of("garbage"), None);
         assert!(!group_alive(0) && !group_alive(1));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_worker_process_becomes_undumpable() {
+        forbid_inspection().unwrap();
+        // SAFETY: PR_GET_DUMPABLE reads a flag of this process.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
     }
 }

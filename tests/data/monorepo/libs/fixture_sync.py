@@ -2,7 +2,9 @@
 
 The repository root holds fixture.json with {"log": "<path>"}: every task run appends a
 "start" and an "end" line (JSON) to that log, which the tests read back. A service directory
-may hold behaviour.json with {"sleep": seconds, "exit": code} to make its task slow or fail.
+may hold behaviour.json with {"sleep": seconds, "exit": code} to make its task slow or fail,
+"echo_env": [names] to print those variables as NAME=value, and "plant_hook": true to leave a
+git hook in the checkout that, if git ever ran it, would write hook-ran.txt beside the log.
 """
 
 import json
@@ -37,9 +39,14 @@ def run_sync(deploy_file: str) -> None:
         "dir": service_dir.name,
         "pid": os.getpid(),
         "cwd": os.getcwd(),
+        "env": dict(os.environ),
     }
     _append(log, dict(record, phase="start", t=time.time()))
     print(f"syncing {service_dir.name}", flush=True)
+    for name in behaviour.get("echo_env", []):
+        print(f"{name}={os.environ.get(name)}", flush=True)
+    if behaviour.get("plant_hook"):
+        _plant_hooks(pathlib.Path(log).parent / "hook-ran.txt")
     time.sleep(float(behaviour.get("sleep", 0)))
     _append(log, dict(record, phase="end", t=time.time()))
     code = int(behaviour.get("exit", 0))
@@ -47,3 +54,12 @@ def run_sync(deploy_file: str) -> None:
         print(f"deploy of {service_dir.name} failed: boom", file=sys.stderr, flush=True)
         sys.exit(code)
     print(f"{service_dir.name} synced", flush=True)
+
+
+def _plant_hooks(marker: pathlib.Path) -> None:
+    hooks = pathlib.Path(".git/hooks")
+    hooks.mkdir(parents=True, exist_ok=True)
+    for name in ("post-checkout", "reference-transaction", "post-merge"):
+        hook = hooks / name
+        hook.write_text(f"#!/bin/sh\necho {name} >> '{marker}'\n")
+        hook.chmod(0o755)
