@@ -9,7 +9,6 @@ use iac_shared::events::{PushEvent, SyncFinished, SyncStarted};
 use iac_shared::names::*;
 use iac_shared::nats::{REPORTER_DEFAULT_ACK_WAIT, REPORTER_MAX_DELIVER};
 use iac_shared::runtime::{Envelope, with_progress};
-use rand::Rng;
 use tracing::Instrument;
 
 use crate::github::{Gate, GithubClient, PostError, backoff};
@@ -137,7 +136,7 @@ impl Reporter {
         delivered: i64,
     ) -> Disposition {
         let context = planned.status.context.as_str();
-        let jitter = rand::rng().random::<f64>();
+        let jitter: f64 = rand::random();
         let (reason, delay) = match result {
             Ok(()) => return Disposition::Ack,
             Err(DeliverError::Github(PostError::Permanent { code, message })) => {
