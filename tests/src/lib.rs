@@ -1,17 +1,22 @@
 //! Support for the cross-service tests: real `nats-server` processes, real git fixture
-//! repositories laid out like an infrastructure monorepo, request signing, and waiting.
+//! repositories laid out like an infrastructure monorepo, a fake GitHub, request signing, and
+//! waiting.
 //!
-//! - [`nats`]: a `nats-server` with JetStream on a free port and a temporary store, killed on drop.
+//! - [`nats`]: a `nats-server` with JetStream on a port it picks itself and a temporary store,
+//!   its log shown when the test fails, killed on drop; and a three-node cluster.
 //! - [`fixture`]: a git monorepo (`platform/`, `finance_report/`, `bootstrap/`, `libs/`, a root
 //!   `tasks.py`) whose invoke tasks record every run in a log the test reads back.
-//! - [`github`]: sample GitHub payloads, signed requests, and a raw HTTP/1.1 client.
+//! - [`pipeline`]: the three binaries on one NATS, one fixture and one fake GitHub.
+//! - [`fake_github`]: the commit status API over HTTP, recording what it received, with faults,
+//!   and waits for what GitHub shows.
+//! - [`gateway_client`]: sample GitHub payloads, signed requests, and a raw HTTP/1.1 client.
 //! - [`load`]: a lean keep-alive HTTP/1.1 load generator for the throughput benchmarks.
 //! - [`measure`]: CPU time, peak RSS and quantiles for the whole-process benchmarks.
 //! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are.
 
 pub mod fake_github;
 pub mod fixture;
-pub mod github;
+pub mod gateway_client;
 pub mod load;
 pub mod measure;
 pub mod nats;

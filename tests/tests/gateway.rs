@@ -11,7 +11,7 @@ use iac_shared::names::*;
 use iac_shared::shutdown::{self, ShutdownTrigger};
 use iac_shared::signature::{SIGNATURE_HEADER, sign};
 use iac_tests::fixture::push_payload;
-use iac_tests::github::{self, Response, get, request, sample, send_raw};
+use iac_tests::gateway_client::{self, Response, get, request, sample, send_raw};
 use iac_tests::nats::NatsServer;
 use iac_tests::tools::project_binary;
 use iac_tests::{free_port, wait_for};
@@ -73,7 +73,7 @@ impl Gateway {
     }
 
     async fn push(&self, delivery: &str, body: &Value) -> Response {
-        github::webhook(
+        gateway_client::webhook(
             self.addr,
             SECRET,
             "push",
@@ -84,7 +84,7 @@ impl Gateway {
     }
 
     async fn sync(&self, body: &str) -> Response {
-        github::sync(self.addr, SECRET, body.as_bytes()).await
+        gateway_client::sync(self.addr, SECRET, body.as_bytes()).await
     }
 
     async fn metrics(&self) -> String {
@@ -137,7 +137,7 @@ async fn a_push_to_the_branch_is_stored_then_answered_with_its_services() {
     let server = NatsServer::start();
     let gateway = Gateway::start(&server, &[]).await;
 
-    let answer = github::webhook(
+    let answer = gateway_client::webhook(
         gateway.addr,
         SECRET,
         "push",
@@ -222,7 +222,7 @@ async fn ping_is_answered_with_the_hook_id_and_not_stored() {
     let server = NatsServer::start();
     let gateway = Gateway::start(&server, &[]).await;
     let answer =
-        github::webhook(gateway.addr, SECRET, "ping", "d-ping", &sample("ping.json")).await;
+        gateway_client::webhook(gateway.addr, SECRET, "ping", "d-ping", &sample("ping.json")).await;
     assert_eq!(answer.status, 200);
     assert_eq!(
         answer.json(),
@@ -236,7 +236,7 @@ async fn other_events_branches_tags_and_deletions_are_ignored_and_not_stored() {
     let server = NatsServer::start();
     let gateway = Gateway::start(&server, &[]).await;
 
-    let issue = github::webhook(
+    let issue = gateway_client::webhook(
         gateway.addr,
         SECRET,
         "issues",
@@ -528,7 +528,7 @@ async fn bad_bodies_are_refused_with_400_saying_what_is_wrong() {
         (br#"{"ref": ["refs/heads/main"]}"#, "not valid JSON"),
     ];
     for (body, words) in cases {
-        let answer = github::webhook(gateway.addr, SECRET, "push", "d-bad", body).await;
+        let answer = gateway_client::webhook(gateway.addr, SECRET, "push", "d-bad", body).await;
         assert_eq!(answer.status, 400, "{}", String::from_utf8_lossy(body));
         let error = answer.json()["error"].as_str().unwrap().to_string();
         assert!(error.contains(words), "{error:?} should say {words:?}");
@@ -785,15 +785,15 @@ async fn the_stream_holds_exactly_the_events_that_should_be_there() {
         raw.as_bytes(),
     )
     .await;
-    github::webhook(gateway.addr, "wrong", "push", "forged", raw.as_bytes()).await;
-    github::webhook(gateway.addr, SECRET, "push", "broken", b"{").await;
+    gateway_client::webhook(gateway.addr, "wrong", "push", "forged", raw.as_bytes()).await;
+    gateway_client::webhook(gateway.addr, SECRET, "push", "broken", b"{").await;
     gateway
         .push(
             "other-branch",
             &push_payload("refs/heads/dev", BEFORE, HEAD, &["libs/x"]),
         )
         .await;
-    github::webhook(gateway.addr, SECRET, "ping", "ping", &sample("ping.json")).await;
+    gateway_client::webhook(gateway.addr, SECRET, "ping", "ping", &sample("ping.json")).await;
     gateway.sync(r#"{"services": []}"#).await;
     let sync = gateway
         .sync(r#"{"services": ["platform/redis"]}"#)
@@ -936,7 +936,7 @@ async fn the_secret_never_appears_in_the_logs() {
     let good = sign(SECRET.as_bytes(), body.as_bytes());
     let wrong = sign(b"guess", body.as_bytes());
     assert_eq!(
-        github::webhook(addr, SECRET, "push", "logged-delivery", body.as_bytes())
+        gateway_client::webhook(addr, SECRET, "push", "logged-delivery", body.as_bytes())
             .await
             .status,
         200
@@ -951,7 +951,7 @@ async fn the_secret_never_appears_in_the_logs() {
         )
         .await;
     }
-    github::sync(addr, SECRET, b"{}").await;
+    gateway_client::sync(addr, SECRET, b"{}").await;
 
     // SAFETY: kill(2) on the pid of the child this test spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
