@@ -1,11 +1,15 @@
 //! Support for the cross-service tests: real `nats-server` processes, real git fixture
-//! repositories laid out like an infrastructure monorepo, a fake GitHub, request signing, and
-//! waiting.
+//! repositories laid out like an infrastructure monorepo, the services in this process or as
+//! their binaries, a fake GitHub, request signing, and waiting.
 //!
 //! - [`nats`]: a `nats-server` with JetStream on a port it picks itself and a temporary store,
 //!   its log shown when the test fails, killed on drop; and a three-node cluster.
 //! - [`fixture`]: a git monorepo (`platform/`, `finance_report/`, `bootstrap/`, `libs/`, a root
 //!   `tasks.py`) whose invoke tasks record every run in a log the test reads back.
+//! - [`services`]: the gateway, worker and reporter running in the test's own process, with
+//!   waits that fail as soon as the service's task has ended.
+//! - [`process`]: one of the project's binaries running, its output in a file, shown when the
+//!   test fails and checked for secrets.
 //! - [`pipeline`]: the three binaries on one NATS, one fixture and one fake GitHub.
 //! - [`fake_github`]: the commit status API over HTTP, recording what it received, with faults,
 //!   and waits for what GitHub shows.
@@ -21,6 +25,8 @@ pub mod load;
 pub mod measure;
 pub mod nats;
 pub mod pipeline;
+pub mod process;
+pub mod services;
 pub mod tools;
 
 use std::future::Future;

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::fixture::Fixture;
 use crate::nats::NatsServer;
+use crate::process::ServiceProcess;
 use crate::tools::{invoke, project_binary};
 use crate::{free_port, wait_for};
 
@@ -17,109 +18,6 @@ use crate::{free_port, wait_for};
 pub const SECRET: &str = "pipeline-test-secret-7f3a9c";
 /// The GitHub token the pipeline's reporter is started with.
 pub const TOKEN: &str = "ghp_pipelineTestToken0123456789abcdef";
-
-/// One of the project's binaries, running, with its output captured in a file.
-pub struct ServiceProcess {
-    pub name: String,
-    child: Option<Child>,
-    pub log: PathBuf,
-    /// Strings that must never appear in the output (checked when the process is dropped).
-    secrets: Vec<String>,
-}
-
-impl ServiceProcess {
-    /// Starts `binary` with exactly `env` (plus PATH and HOME), output to `log`.
-    pub fn spawn(binary: &str, env: &HashMap<String, String>, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).expect("a log file");
-        let child = Command::new(project_binary(binary))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-        ServiceProcess {
-            name: binary.to_string(),
-            child: Some(child),
-            log,
-            secrets: Vec::new(),
-        }
-    }
-
-    /// Fails the test (when the process is dropped) if its output ever contains one of these.
-    pub fn forbid_in_output(mut self, secrets: &[&str]) -> Self {
-        self.secrets.extend(
-            secrets
-                .iter()
-                .filter(|s| !s.is_empty())
-                .map(|s| s.to_string()),
-        );
-        self
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL, as a crash.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then wait for the exit (up to `timeout`, then SIGKILL).
-    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// Everything it printed so far.
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            return;
-        }
-        let output = self.output();
-        for secret in &self.secrets {
-            assert!(
-                !output.contains(secret.as_str()),
-                "{} printed a secret it must never log ({} in {})",
-                self.name,
-                secret.chars().take(4).collect::<String>() + "…",
-                self.log.display()
-            );
-        }
-    }
-}
 
 /// The three services of a pipeline, stopped (and checked for secrets in their output) when
 /// dropped, the reporter first.

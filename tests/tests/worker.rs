@@ -2,10 +2,9 @@
 //! pinned `invoke`. Events are published as the gateway (or an operator with `nats pub`)
 //! would, and the tests read back what the tasks recorded and what the worker published.
 
-use std::collections::HashMap;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -15,9 +14,10 @@ use iac_shared::events::{
 };
 use iac_shared::names::*;
 use iac_shared::nats::{StreamSettings, provision};
-use iac_shared::shutdown::{self, ShutdownTrigger};
 use iac_tests::fixture::{Fixture, TaskRun};
 use iac_tests::nats::NatsServer;
+use iac_tests::process::ServiceProcess;
+use iac_tests::services::InProcessWorker;
 use iac_tests::tools::{invoke, project_binary};
 use iac_tests::{free_port, wait_for};
 use iac_worker::Config;
@@ -32,23 +32,6 @@ struct Harness {
     nats: NatsServer,
     fixture: Fixture,
     js: jetstream::Context,
-}
-
-/// A worker running in this process; stopped when dropped.
-struct InProcessWorker {
-    trigger: ShutdownTrigger,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl InProcessWorker {
-    async fn stop(self) {
-        self.trigger.trigger();
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("the worker stops after shutdown")
-            .expect("the worker did not panic")
-            .expect("the worker ended without error");
-    }
 }
 
 impl Harness {
@@ -90,9 +73,15 @@ impl Harness {
 
     fn start(&self, workspace: &Path, extra: &[&str]) -> InProcessWorker {
         let config = Config::from_args(self.args(workspace, extra)).unwrap();
-        let (trigger, shutdown) = shutdown::channel();
-        let handle = tokio::spawn(iac_worker::run(config, shutdown));
-        InProcessWorker { trigger, handle }
+        InProcessWorker::start(config)
+    }
+
+    /// The worker binary with the settings of `args` (as [`Harness::args`] makes them) and
+    /// `env`, its output in `log`.
+    fn spawn_process(&self, args: &[String], env: &[(&str, &str)], log: PathBuf) -> ServiceProcess {
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "info"));
+        ServiceProcess::spawn_with_args("iac-worker", &args[1..], env, log)
     }
 
     /// A verified push as the gateway stores it; returns its stream sequence.
@@ -501,59 +490,6 @@ async fn two_workers_never_run_syncs_at_the_same_time() {
     second.stop().await;
 }
 
-/// The worker binary, output captured in a file.
-struct WorkerProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl WorkerProcess {
-    fn spawn(args: &[String], env: &HashMap<&str, &str>, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(project_binary("iac-worker"))
-            .args(&args[1..])
-            .envs(env)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("starting iac-worker");
-        WorkerProcess { child, log }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then waits for the exit.
-    async fn terminate(&mut self) {
-        // SAFETY: signalling a child this test started.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + WAIT;
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the worker did not exit after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn a_sync_cut_short_by_a_crashed_worker_runs_again_without_overlap() {
     let h = Harness::new().await;
@@ -561,8 +497,7 @@ async fn a_sync_cut_short_by_a_crashed_worker_runs_again_without_overlap() {
     h.fixture.commit("slow redis");
     let workspace = h.workspace("ws");
     let args = h.args(&workspace, &["--worker-ack-wait", "2s"]);
-    let mut crashing =
-        WorkerProcess::spawn(&args, &HashMap::new(), h.workspace("logs").join("a.log"));
+    let mut crashing = h.spawn_process(&args, &[], h.workspace("logs").join("a.log"));
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
 
     let killed = wait_for("the first run of redis.sync", WAIT, || async {
@@ -751,19 +686,24 @@ async fn repository_credentials_never_reach_the_logs_or_the_results() {
     let mut args = h.args(&workspace, &[]);
     let at = args.iter().position(|a| a == "--git-repo-url").unwrap();
     args.drain(at..=at + 1);
-    let env = HashMap::from([("GIT_REPO_URL", url.as_str())]);
+    let env = [("GIT_REPO_URL", url.as_str())];
 
     let help = Command::new(project_binary("iac-worker"))
         .arg("--help")
-        .envs(&env)
+        .envs(env)
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&help.stdout).contains(secret));
 
-    let mut worker = WorkerProcess::spawn(&args, &env, h.workspace("logs").join("w.log"));
+    let mut worker = h.spawn_process(&args, &env, h.workspace("logs").join("w.log"));
     let seq = h.publish_bare(SYNC_SUBJECT, r#"{"all": true}"#).await;
     let finished = h.finished_for(seq).await;
-    worker.terminate().await;
+    let status = worker.terminate(WAIT).expect("the worker was running");
+    assert_ne!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the worker did not exit after SIGTERM"
+    );
 
     assert_eq!(finished.state, FinishedState::Error);
     let error = finished.error.clone().unwrap();
@@ -926,8 +866,7 @@ async fn an_event_whose_attempts_ran_out_is_reported_as_an_error_and_not_run_aga
         &workspace,
         &["--worker-ack-wait", "1s", "--sync-max-attempts", "1"],
     );
-    let mut crashing =
-        WorkerProcess::spawn(&args, &HashMap::new(), h.workspace("logs").join("a.log"));
+    let mut crashing = h.spawn_process(&args, &[], h.workspace("logs").join("a.log"));
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
     wait_for("the only attempt to start", WAIT, || async {
         task_runs(&h.fixture).into_iter().next()
@@ -970,7 +909,6 @@ async fn a_task_left_running_in_the_workspace_is_killed_before_the_next_sync_sta
 
     assert_eq!(h.finished_for(seq).await.state, FinishedState::Success);
     let status = orphan.try_wait().unwrap().expect("the orphan was killed");
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     assert!(!workspace.join(".sync.pgid").exists());
     worker.stop().await;
