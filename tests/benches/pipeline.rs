@@ -22,6 +22,7 @@ use iac_shared::events::{FinishedState, SyncFinished};
 use iac_shared::names::{FINISHED_SUBJECT, STARTED_SUBJECT};
 use iac_tests::fake_github::FakeGithub;
 use iac_tests::fixture::{git, push_payload};
+use iac_tests::free_port;
 use iac_tests::measure::{ms, peak_rss_mb, quantile};
 use iac_tests::pipeline::Pipeline;
 use iac_tests::process::ServiceProcess;
@@ -40,6 +41,8 @@ async fn start(pipeline: &mut Pipeline) -> Services {
     for service in ["gateway", "worker", "reporter"] {
         pipeline.set_env(service, "RUST_LOG", "warn");
     }
+    // Logging only warnings, the gateway does not say which port it bound: it gets one.
+    pipeline.set_env("gateway", "WEBHOOK_PORT", &free_port().to_string());
     Services {
         gateway: pipeline.start_gateway().await,
         worker: pipeline.start_worker(),

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,7 +13,7 @@ use crate::fixture::Fixture;
 use crate::nats::NatsServer;
 use crate::process::ServiceProcess;
 use crate::tools::{invoke, project_binary};
-use crate::{free_port, wait_for};
+use crate::wait_for;
 
 /// The webhook secret the pipeline's gateway is started with.
 pub const SECRET: &str = "pipeline-test-secret-7f3a9c";
@@ -32,7 +33,10 @@ pub struct Pipeline {
     /// The single server, unless the pipeline runs on a cluster.
     pub nats: Option<NatsServer>,
     pub fixture: Fixture,
-    pub gateway_port: u16,
+    /// Chosen by the gateway at its first start (it binds port 0), then kept.
+    gateway_port: AtomicU16,
+    /// Numbers the services' log files.
+    started: AtomicUsize,
     pub github_url: String,
     gateway_env: HashMap<String, String>,
     worker_env: HashMap<String, String>,
@@ -57,7 +61,6 @@ impl Pipeline {
     /// `replicas` stream replicas.
     pub fn with_nats(github_url: &str, nats_urls: &str, replicas: u8) -> Self {
         let fixture = Fixture::new();
-        let gateway_port = free_port();
         let logs = fixture.scratch("logs");
         let workspace = fixture.scratch("workspace");
         let common = |extra: &[(&str, String)]| -> HashMap<String, String> {
@@ -76,7 +79,6 @@ impl Pipeline {
         Pipeline {
             gateway_env: common(&[
                 ("WEBHOOK_SECRET", SECRET.to_string()),
-                ("WEBHOOK_PORT", gateway_port.to_string()),
                 ("WEBHOOK_BIND", "127.0.0.1".to_string()),
             ]),
             worker_env: common(&[
@@ -91,7 +93,8 @@ impl Pipeline {
             ]),
             nats: None,
             fixture,
-            gateway_port,
+            gateway_port: AtomicU16::new(0),
+            started: AtomicUsize::new(0),
             github_url: github_url.to_string(),
             logs,
             client: crate::http(),
@@ -138,32 +141,59 @@ impl Pipeline {
         }
     }
 
-    /// Starts the gateway and waits until it is ready.
+    /// The port the gateway listens on (known once it has started).
+    pub fn gateway_port(&self) -> u16 {
+        match self.gateway_port.load(Ordering::SeqCst) {
+            0 => panic!("the gateway's port is known once it has started"),
+            port => port,
+        }
+    }
+
+    /// Starts the gateway and waits until it is ready: the first one on a port it binds itself,
+    /// later ones on that same port, where senders expect it.
     pub async fn start_gateway(&self) -> ServiceProcess {
-        let process = ServiceProcess::spawn(
-            "iac-gateway",
-            &self.gateway_env,
-            self.logs.join(format!("gateway-{}.log", free_port())),
-        )
-        .forbid_in_output(&self.secrets());
-        let url = format!("http://127.0.0.1:{}/ready", self.gateway_port);
+        let mut env = self.gateway_env.clone();
+        // A port set with `set_env` wins (a gateway logging only warnings never says which
+        // port it bound).
+        let known = match env.get("WEBHOOK_PORT") {
+            Some(port) => port.parse().expect("WEBHOOK_PORT is a port number"),
+            None => self.gateway_port.load(Ordering::SeqCst),
+        };
+        env.insert("WEBHOOK_PORT".to_string(), known.to_string());
+        let mut process = ServiceProcess::spawn("iac-gateway", &env, self.log_path("gateway"))
+            .forbid_in_output(&self.secrets());
         let client = crate::http();
-        wait_for("the gateway to be ready", Duration::from_secs(20), || {
-            let request = client.get(&url).send();
-            async move { request.await.ok().filter(|r| r.status().is_success()) }
+        let port = wait_for("the gateway to be ready", Duration::from_secs(20), || {
+            assert!(
+                process.is_running(),
+                "the gateway exited:\n{}",
+                process.output()
+            );
+            let port = Some(known)
+                .filter(|p| *p != 0)
+                .or_else(|| process.logged_port("gateway listening"));
+            let client = client.clone();
+            async move {
+                let url = format!("http://127.0.0.1:{}/ready", port?);
+                let ready = client.get(&url).send().await.ok()?;
+                ready.status().is_success().then_some(port?)
+            }
         })
         .await;
+        self.gateway_port.store(port, Ordering::SeqCst);
         process
+    }
+
+    /// A log file of its own for the next service started.
+    fn log_path(&self, service: &str) -> PathBuf {
+        let n = self.started.fetch_add(1, Ordering::SeqCst);
+        self.logs.join(format!("{service}-{n}.log"))
     }
 
     /// Starts a worker (several may run: they share the consumer and the workspace).
     pub fn start_worker(&self) -> ServiceProcess {
-        ServiceProcess::spawn(
-            "iac-worker",
-            &self.worker_env,
-            self.logs.join(format!("worker-{}.log", free_port())),
-        )
-        .forbid_in_output(&self.secrets())
+        ServiceProcess::spawn("iac-worker", &self.worker_env, self.log_path("worker"))
+            .forbid_in_output(&self.secrets())
     }
 
     /// Starts a reporter (several may run).
@@ -171,7 +201,7 @@ impl Pipeline {
         ServiceProcess::spawn(
             "iac-reporter",
             &self.reporter_env,
-            self.logs.join(format!("reporter-{}.log", free_port())),
+            self.log_path("reporter"),
         )
         .forbid_in_output(&self.secrets())
     }
@@ -198,7 +228,7 @@ impl Pipeline {
         let body = serde_json::to_vec(payload).unwrap();
         let response = self
             .client
-            .post(format!("http://127.0.0.1:{}/webhook", self.gateway_port))
+            .post(format!("http://127.0.0.1:{}/webhook", self.gateway_port()))
             .header("Content-Type", "application/json")
             .header("X-GitHub-Event", event)
             .header("X-GitHub-Delivery", delivery)

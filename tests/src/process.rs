@@ -113,6 +113,16 @@ impl ServiceProcess {
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The port in the first line of output containing `message`: a service started on port 0
+    /// logs the address it bound (`… gateway listening address=127.0.0.1:PORT …`).
+    pub fn logged_port(&self, message: &str) -> Option<u16> {
+        let output = self.output();
+        let line = output.lines().find(|l| l.contains(message))?;
+        let (_, after) = line.split_once("127.0.0.1:")?;
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
 }
 
 impl Drop for ServiceProcess {

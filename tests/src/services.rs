@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,11 +21,32 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A service's `run` as a task of the test's runtime, with how it ended once it has.
 pub struct ServiceTask {
-    name: &'static str,
     trigger: ShutdownTrigger,
     task: JoinHandle<anyhow::Result<()>>,
+    watch: ServiceWatch,
+}
+
+/// Whether a service stopped without being asked to; kept by harnesses whose waits do not own
+/// the service (a test may stop one worker and wait on another).
+#[derive(Clone)]
+pub struct ServiceWatch {
+    name: &'static str,
     /// How the service ended (its error or panic), once it has.
     ended: Arc<Mutex<Option<String>>>,
+    /// Set before its shutdown is triggered: ending is then expected.
+    stopping: Arc<AtomicBool>,
+}
+
+impl ServiceWatch {
+    /// Panics, with the service's error, if it stopped without being asked to.
+    pub fn assert_running(&self) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(how) = self.ended.lock().unwrap().as_ref() {
+            panic!("the {} stopped on its own, {how}", self.name);
+        }
+    }
 }
 
 impl ServiceTask {
@@ -51,18 +73,24 @@ impl ServiceTask {
             result
         });
         ServiceTask {
-            name,
             trigger,
             task,
-            ended,
+            watch: ServiceWatch {
+                name,
+                ended,
+                stopping: Arc::new(AtomicBool::new(false)),
+            },
         }
     }
 
-    /// Panics, with the service's error, if it has stopped.
+    /// Panics, with the service's error, if it stopped without being asked to.
     pub fn assert_running(&self) {
-        if let Some(how) = self.ended.lock().unwrap().as_ref() {
-            panic!("the {} stopped on its own, {how}", self.name);
-        }
+        self.watch.assert_running();
+    }
+
+    /// A handle that tells whether the service stopped on its own, for waits elsewhere.
+    pub fn watch(&self) -> ServiceWatch {
+        self.watch.clone()
     }
 
     /// Like [`crate::wait_for`], failing at once if the service stops meanwhile.
@@ -80,12 +108,14 @@ impl ServiceTask {
 
     /// Triggers its shutdown and waits until it has stopped without an error.
     pub async fn stop(self) {
+        let name = self.watch.name;
+        self.watch.stopping.store(true, Ordering::SeqCst);
         self.trigger.trigger();
         tokio::time::timeout(STOP_TIMEOUT, self.task)
             .await
-            .unwrap_or_else(|_| panic!("the {} stops after shutdown", self.name))
-            .unwrap_or_else(|e| panic!("the {} task was cancelled: {e}", self.name))
-            .unwrap_or_else(|e| panic!("the {} ended with an error: {e:#}", self.name));
+            .unwrap_or_else(|_| panic!("the {name} stops after shutdown"))
+            .unwrap_or_else(|e| panic!("the {name} task was cancelled: {e}"))
+            .unwrap_or_else(|e| panic!("the {name} ended with an error: {e:#}"));
     }
 }
 

@@ -862,16 +862,6 @@ async fn the_signature_printed_by_sign_is_accepted() {
     assert_eq!(answer.status, 200, "{}", answer.text());
 }
 
-/// The port a gateway binary started with `WEBHOOK_PORT=0` listens on, read from its
-/// "gateway listening" log line.
-fn listening_port(gateway: &ServiceProcess) -> Option<u16> {
-    let output = gateway.output();
-    let line = output.lines().find(|l| l.contains("gateway listening"))?;
-    let (_, after) = line.split_once("127.0.0.1:")?;
-    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
 #[tokio::test]
 async fn the_secret_never_appears_in_the_logs() {
     let server = NatsServer::start();
@@ -897,7 +887,7 @@ async fn the_secret_never_appears_in_the_logs() {
                 "the gateway exited:\n{}",
                 gateway.output()
             );
-            let port = listening_port(&gateway);
+            let port = gateway.logged_port("gateway listening");
             async move {
                 let addr: SocketAddr = ([127, 0, 0, 1], port?).into();
                 (get(addr, "/ready").await.status == 200).then_some(addr)

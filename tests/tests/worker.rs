@@ -2,9 +2,11 @@
 //! pinned `invoke`. Events are published as the gateway (or an operator with `nats pub`)
 //! would, and the tests read back what the tasks recorded and what the worker published.
 
+use std::future::Future;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -17,7 +19,7 @@ use iac_shared::nats::{StreamSettings, provision};
 use iac_tests::fixture::{Fixture, TaskRun};
 use iac_tests::nats::NatsServer;
 use iac_tests::process::ServiceProcess;
-use iac_tests::services::InProcessWorker;
+use iac_tests::services::{InProcessWorker, ServiceWatch};
 use iac_tests::tools::{invoke, project_binary};
 use iac_tests::{free_port, wait_for};
 use iac_worker::Config;
@@ -32,6 +34,8 @@ struct Harness {
     nats: NatsServer,
     fixture: Fixture,
     js: jetstream::Context,
+    /// Every worker started in this process: a wait fails as soon as one stops on its own.
+    workers: Mutex<Vec<ServiceWatch>>,
 }
 
 impl Harness {
@@ -44,6 +48,7 @@ impl Harness {
             nats,
             fixture: Fixture::new(),
             js,
+            workers: Mutex::new(Vec::new()),
         }
     }
 
@@ -73,7 +78,24 @@ impl Harness {
 
     fn start(&self, workspace: &Path, extra: &[&str]) -> InProcessWorker {
         let config = Config::from_args(self.args(workspace, extra)).unwrap();
-        InProcessWorker::start(config)
+        let worker = InProcessWorker::start(config);
+        self.workers.lock().unwrap().push(worker.task.watch());
+        worker
+    }
+
+    /// Like [`wait_for`], failing at once if a worker of this process stops on its own.
+    async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        wait_for(what, timeout, || {
+            for worker in self.workers.lock().unwrap().iter() {
+                worker.assert_running();
+            }
+            check()
+        })
+        .await
     }
 
     /// The worker binary with the settings of `args` (as [`Harness::args`] makes them) and
@@ -171,7 +193,7 @@ impl Harness {
 
     /// Waits for the finished result of the event stored at `seq`.
     async fn finished_for(&self, seq: u64) -> SyncFinished {
-        wait_for(
+        self.wait_for(
             &format!("the finished result of event {seq}"),
             WAIT,
             || async {
@@ -185,7 +207,7 @@ impl Harness {
     }
 
     async fn started_for(&self, seq: u64) -> SyncStarted {
-        wait_for(
+        self.wait_for(
             &format!("the started result of event {seq}"),
             WAIT,
             || async {
@@ -500,10 +522,11 @@ async fn a_sync_cut_short_by_a_crashed_worker_runs_again_without_overlap() {
     let mut crashing = h.spawn_process(&args, &[], h.workspace("logs").join("a.log"));
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
 
-    let killed = wait_for("the first run of redis.sync", WAIT, || async {
-        task_runs(&h.fixture).into_iter().next()
-    })
-    .await;
+    let killed = h
+        .wait_for("the first run of redis.sync", WAIT, || async {
+            task_runs(&h.fixture).into_iter().next()
+        })
+        .await;
     crashing.kill();
     // A standby on another machine (its own workspace) takes the event over once the ack
     // wait runs out; only the kernel's parent-death signal stopped the first run.
@@ -731,12 +754,13 @@ async fn the_metrics_count_syncs_and_tasks() {
     let (_, seq) = h.push_change(&format!("{POSTGRES}/compose.yaml")).await;
     h.finished_for(seq).await;
 
-    let body = wait_for("metrics with the sync", WAIT, || async {
-        let body = http_get(port, "/metrics").await?;
-        body.contains(r#"iac_worker_syncs_total{state="success"} 1"#)
-            .then_some(body)
-    })
-    .await;
+    let body = h
+        .wait_for("metrics with the sync", WAIT, || async {
+            let body = http_get(port, "/metrics").await?;
+            body.contains(r#"iac_worker_syncs_total{state="success"} 1"#)
+                .then_some(body)
+        })
+        .await;
     assert!(
         body.contains(r#"iac_worker_tasks_total{outcome="synced"} 1"#),
         "{body}"
@@ -788,7 +812,7 @@ async fn a_replayed_event_names_its_original_and_forces_the_tasks() {
         .map(|r| r.force)
         .collect();
     assert_eq!(forced, [false, true]);
-    wait_for("the replay counted", WAIT, || async {
+    h.wait_for("the replay counted", WAIT, || async {
         http_get(port, "/metrics")
             .await
             .filter(|b| b.contains("iac_worker_replays_total 1"))
@@ -804,7 +828,7 @@ async fn on_shutdown_a_short_task_finishes_and_its_event_is_acknowledged() {
     h.fixture.commit("redis takes a second");
     let worker = h.start(&h.workspace("ws"), &["--shutdown-grace", "20s"]);
     let (_, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
-    wait_for("redis.sync to start", WAIT, || async {
+    h.wait_for("redis.sync to start", WAIT, || async {
         task_runs(&h.fixture).into_iter().next()
     })
     .await;
@@ -833,20 +857,22 @@ async fn on_shutdown_a_long_task_is_killed_after_the_grace_and_its_event_handed_
     let workspace = h.workspace("ws");
     let worker = h.start(&workspace, &["--shutdown-grace", "200ms"]);
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
-    let first = wait_for("redis.sync to start", WAIT, || async {
-        task_runs(&h.fixture).into_iter().next()
-    })
-    .await;
+    let first = h
+        .wait_for("redis.sync to start", WAIT, || async {
+            task_runs(&h.fixture).into_iter().next()
+        })
+        .await;
     worker.stop().await;
     assert!(!process_alive(first.pid), "the task was killed");
     assert!(h.finished().await.is_empty(), "nothing finished");
 
     // The default ack wait is 30 s: finishing well before it shows the event was handed back.
     let standby = h.start(&workspace, &[]);
-    let finished = wait_for("the standby's result", Duration::from_secs(20), || async {
-        h.finished().await.into_iter().find(|f| f.event_seq == seq)
-    })
-    .await;
+    let finished = h
+        .wait_for("the standby's result", Duration::from_secs(20), || async {
+            h.finished().await.into_iter().find(|f| f.event_seq == seq)
+        })
+        .await;
     assert_eq!(finished.state, FinishedState::Success);
     assert_eq!(finished.commit.as_deref(), Some(commit.as_str()));
     let runs = task_runs(&h.fixture);
@@ -868,7 +894,7 @@ async fn an_event_whose_attempts_ran_out_is_reported_as_an_error_and_not_run_aga
     );
     let mut crashing = h.spawn_process(&args, &[], h.workspace("logs").join("a.log"));
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
-    wait_for("the only attempt to start", WAIT, || async {
+    h.wait_for("the only attempt to start", WAIT, || async {
         task_runs(&h.fixture).into_iter().next()
     })
     .await;
