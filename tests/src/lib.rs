@@ -10,13 +10,15 @@
 //!   waits that fail as soon as the service's task has ended.
 //! - [`process`]: one of the project's binaries running, its output in a file, shown when the
 //!   test fails and checked for secrets.
-//! - [`pipeline`]: the three binaries on one NATS, one fixture and one fake GitHub.
+//! - [`pipeline`]: the three binaries on one nats-server or a cluster, one fixture repository,
+//!   and a fake GitHub.
 //! - [`fake_github`]: the commit status API over HTTP, recording what it received, with faults,
 //!   and waits for what GitHub shows.
 //! - [`gateway_client`]: sample GitHub payloads, signed requests, and a raw HTTP/1.1 client.
 //! - [`load`]: a lean keep-alive HTTP/1.1 load generator for the throughput benchmarks.
 //! - [`measure`]: CPU time, peak RSS and quantiles for the whole-process benchmarks.
-//! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are.
+//! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are; a
+//!   binary older than its sources is refused.
 
 pub mod fake_github;
 pub mod fixture;
@@ -50,7 +52,9 @@ where
     }
 }
 
-/// A free TCP port on loopback (bound then released).
+/// A free TCP port on loopback (bound then released). Another process may take it before it is
+/// used: only for ports that must be known before anything starts (cluster routes, ports given
+/// to scripts, metrics ports where 0 means off); services bind port 0 instead.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
