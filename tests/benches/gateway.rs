@@ -30,7 +30,7 @@ use iac_tests::fixture::push_payload;
 use iac_tests::load::{KeepAlive, Load};
 use iac_tests::measure::{cpu_seconds, peak_rss_mb, quantile};
 use iac_tests::nats::NatsServer;
-use iac_tests::pipeline::ServiceProcess;
+use iac_tests::process::ServiceProcess;
 use iac_tests::{free_port, http, wait_for};
 
 const SECRET: &str = "bench-secret";

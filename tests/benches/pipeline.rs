@@ -22,9 +22,10 @@ use iac_shared::events::{FinishedState, SyncFinished};
 use iac_shared::names::{FINISHED_SUBJECT, STARTED_SUBJECT};
 use iac_tests::fake_github::FakeGithub;
 use iac_tests::fixture::{git, push_payload};
+use iac_tests::free_port;
 use iac_tests::measure::{ms, peak_rss_mb, quantile};
-use iac_tests::pipeline::{Pipeline, ServiceProcess};
-use iac_tests::wait_for;
+use iac_tests::pipeline::Pipeline;
+use iac_tests::process::ServiceProcess;
 
 const CONTEXT: &str = "IaC Runner / Sync";
 const SERVICE_FILE: &str = "platform/01.postgres/compose.yaml";
@@ -40,6 +41,8 @@ async fn start(pipeline: &mut Pipeline) -> Services {
     for service in ["gateway", "worker", "reporter"] {
         pipeline.set_env(service, "RUST_LOG", "warn");
     }
+    // Logging only warnings, the gateway does not say which port it bound: it gets one.
+    pipeline.set_env("gateway", "WEBHOOK_PORT", &free_port().to_string());
     Services {
         gateway: pipeline.start_gateway().await,
         worker: pipeline.start_worker(),
@@ -49,14 +52,10 @@ async fn start(pipeline: &mut Pipeline) -> Services {
 
 /// Waits until GitHub shows `state` for `commit` and returns when it was answered.
 async fn shown(github: &FakeGithub, commit: &str, state: &str) -> Instant {
-    wait_for("the final status", Duration::from_secs(60), || {
-        let status = github
-            .shown(commit, CONTEXT)
-            .filter(|s| s.state() == state)
-            .map(|s| s.landed);
-        async move { status }
-    })
-    .await
+    github
+        .wait_for_shown(commit, CONTEXT, state, Duration::from_secs(60))
+        .await
+        .landed
 }
 
 async fn end_to_end(pushes: usize) {

@@ -223,4 +223,50 @@ impl FakeGithub {
             .filter(|r| r.commit == commit && r.context() == context && r.landed <= now)
             .max_by_key(|r| (r.landed, r.number))
     }
+
+    /// Waits until GitHub shows `state` for (commit, context); returns that status.
+    pub async fn wait_for_shown(
+        &self,
+        commit: &str,
+        context: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> StatusRequest {
+        crate::wait_for(
+            &format!("GitHub to show {state} for {context} on {commit}"),
+            timeout,
+            || {
+                let shown = self
+                    .shown(commit, context)
+                    .filter(|shown| shown.state() == state);
+                async move { shown }
+            },
+        )
+        .await
+    }
+
+    /// Waits until a status `state` for (commit, context) was accepted; returns every status
+    /// accepted for them, in arrival order.
+    pub async fn wait_for_accepted(
+        &self,
+        commit: &str,
+        context: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> Vec<StatusRequest> {
+        crate::wait_for(
+            &format!("a {state} status for {context} on {commit}"),
+            timeout,
+            || {
+                let seen: Vec<StatusRequest> = self
+                    .accepted()
+                    .into_iter()
+                    .filter(|r| r.commit == commit && r.context() == context)
+                    .collect();
+                let found = seen.iter().any(|r| r.state() == state).then_some(seen);
+                async move { found }
+            },
+        )
+        .await
+    }
 }

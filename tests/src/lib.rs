@@ -1,21 +1,34 @@
 //! Support for the cross-service tests: real `nats-server` processes, real git fixture
-//! repositories laid out like an infrastructure monorepo, request signing, and waiting.
+//! repositories laid out like an infrastructure monorepo, the services in this process or as
+//! their binaries, a fake GitHub, request signing, and waiting.
 //!
-//! - [`nats`]: a `nats-server` with JetStream on a free port and a temporary store, killed on drop.
+//! - [`nats`]: a `nats-server` with JetStream on a port it picks itself and a temporary store,
+//!   its log shown when the test fails, killed on drop; and a three-node cluster.
 //! - [`fixture`]: a git monorepo (`platform/`, `finance_report/`, `bootstrap/`, `libs/`, a root
 //!   `tasks.py`) whose invoke tasks record every run in a log the test reads back.
-//! - [`github`]: sample GitHub payloads, signed requests, and a raw HTTP/1.1 client.
+//! - [`services`]: the gateway, worker and reporter running in the test's own process, with
+//!   waits that fail as soon as the service's task has ended.
+//! - [`process`]: one of the project's binaries running, its output in a file, shown when the
+//!   test fails and checked for secrets.
+//! - [`pipeline`]: the three binaries on one nats-server or a cluster, one fixture repository,
+//!   and a fake GitHub.
+//! - [`fake_github`]: the commit status API over HTTP, recording what it received, with faults,
+//!   and waits for what GitHub shows.
+//! - [`gateway_client`]: sample GitHub payloads, signed requests, and a raw HTTP/1.1 client.
 //! - [`load`]: a lean keep-alive HTTP/1.1 load generator for the throughput benchmarks.
 //! - [`measure`]: CPU time, peak RSS and quantiles for the whole-process benchmarks.
-//! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are.
+//! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are; a
+//!   binary older than its sources is refused.
 
 pub mod fake_github;
 pub mod fixture;
-pub mod github;
+pub mod gateway_client;
 pub mod load;
 pub mod measure;
 pub mod nats;
 pub mod pipeline;
+pub mod process;
+pub mod services;
 pub mod tools;
 
 use std::future::Future;
@@ -39,7 +52,9 @@ where
     }
 }
 
-/// A free TCP port on loopback (bound then released).
+/// A free TCP port on loopback (bound then released). Another process may take it before it is
+/// used: only for ports that must be known before anything starts (cluster routes, ports given
+/// to scripts, metrics ports where 0 means off); services bind port 0 instead.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -3,123 +3,22 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::fixture::Fixture;
 use crate::nats::NatsServer;
+use crate::process::ServiceProcess;
 use crate::tools::{invoke, project_binary};
-use crate::{free_port, wait_for};
+use crate::wait_for;
 
 /// The webhook secret the pipeline's gateway is started with.
 pub const SECRET: &str = "pipeline-test-secret-7f3a9c";
 /// The GitHub token the pipeline's reporter is started with.
 pub const TOKEN: &str = "ghp_pipelineTestToken0123456789abcdef";
-
-/// One of the project's binaries, running, with its output captured in a file.
-pub struct ServiceProcess {
-    pub name: String,
-    child: Option<Child>,
-    pub log: PathBuf,
-    /// Strings that must never appear in the output (checked when the process is dropped).
-    secrets: Vec<String>,
-}
-
-impl ServiceProcess {
-    /// Starts `binary` with exactly `env` (plus PATH and HOME), output to `log`.
-    pub fn spawn(binary: &str, env: &HashMap<String, String>, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).expect("a log file");
-        let child = Command::new(project_binary(binary))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-        ServiceProcess {
-            name: binary.to_string(),
-            child: Some(child),
-            log,
-            secrets: Vec::new(),
-        }
-    }
-
-    /// Fails the test (when the process is dropped) if its output ever contains one of these.
-    pub fn forbid_in_output(mut self, secrets: &[&str]) -> Self {
-        self.secrets.extend(
-            secrets
-                .iter()
-                .filter(|s| !s.is_empty())
-                .map(|s| s.to_string()),
-        );
-        self
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL, as a crash.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then wait for the exit (up to `timeout`, then SIGKILL).
-    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// Everything it printed so far.
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            return;
-        }
-        let output = self.output();
-        for secret in &self.secrets {
-            assert!(
-                !output.contains(secret.as_str()),
-                "{} printed a secret it must never log ({} in {})",
-                self.name,
-                secret.chars().take(4).collect::<String>() + "…",
-                self.log.display()
-            );
-        }
-    }
-}
 
 /// The three services of a pipeline, stopped (and checked for secrets in their output) when
 /// dropped, the reporter first.
@@ -134,7 +33,10 @@ pub struct Pipeline {
     /// The single server, unless the pipeline runs on a cluster.
     pub nats: Option<NatsServer>,
     pub fixture: Fixture,
-    pub gateway_port: u16,
+    /// Chosen by the gateway at its first start (it binds port 0), then kept.
+    gateway_port: AtomicU16,
+    /// Numbers the services' log files.
+    started: AtomicUsize,
     pub github_url: String,
     gateway_env: HashMap<String, String>,
     worker_env: HashMap<String, String>,
@@ -159,7 +61,6 @@ impl Pipeline {
     /// `replicas` stream replicas.
     pub fn with_nats(github_url: &str, nats_urls: &str, replicas: u8) -> Self {
         let fixture = Fixture::new();
-        let gateway_port = free_port();
         let logs = fixture.scratch("logs");
         let workspace = fixture.scratch("workspace");
         let common = |extra: &[(&str, String)]| -> HashMap<String, String> {
@@ -178,7 +79,6 @@ impl Pipeline {
         Pipeline {
             gateway_env: common(&[
                 ("WEBHOOK_SECRET", SECRET.to_string()),
-                ("WEBHOOK_PORT", gateway_port.to_string()),
                 ("WEBHOOK_BIND", "127.0.0.1".to_string()),
             ]),
             worker_env: common(&[
@@ -193,7 +93,8 @@ impl Pipeline {
             ]),
             nats: None,
             fixture,
-            gateway_port,
+            gateway_port: AtomicU16::new(0),
+            started: AtomicUsize::new(0),
             github_url: github_url.to_string(),
             logs,
             client: crate::http(),
@@ -240,32 +141,59 @@ impl Pipeline {
         }
     }
 
-    /// Starts the gateway and waits until it is ready.
+    /// The port the gateway listens on (known once it has started).
+    pub fn gateway_port(&self) -> u16 {
+        match self.gateway_port.load(Ordering::SeqCst) {
+            0 => panic!("the gateway's port is known once it has started"),
+            port => port,
+        }
+    }
+
+    /// Starts the gateway and waits until it is ready: the first one on a port it binds itself,
+    /// later ones on that same port, where senders expect it.
     pub async fn start_gateway(&self) -> ServiceProcess {
-        let process = ServiceProcess::spawn(
-            "iac-gateway",
-            &self.gateway_env,
-            self.logs.join(format!("gateway-{}.log", free_port())),
-        )
-        .forbid_in_output(&self.secrets());
-        let url = format!("http://127.0.0.1:{}/ready", self.gateway_port);
+        let mut env = self.gateway_env.clone();
+        // A port set with `set_env` wins (a gateway logging only warnings never says which
+        // port it bound).
+        let known = match env.get("WEBHOOK_PORT") {
+            Some(port) => port.parse().expect("WEBHOOK_PORT is a port number"),
+            None => self.gateway_port.load(Ordering::SeqCst),
+        };
+        env.insert("WEBHOOK_PORT".to_string(), known.to_string());
+        let mut process = ServiceProcess::spawn("iac-gateway", &env, self.log_path("gateway"))
+            .forbid_in_output(&self.secrets());
         let client = crate::http();
-        wait_for("the gateway to be ready", Duration::from_secs(20), || {
-            let request = client.get(&url).send();
-            async move { request.await.ok().filter(|r| r.status().is_success()) }
+        let port = wait_for("the gateway to be ready", Duration::from_secs(20), || {
+            assert!(
+                process.is_running(),
+                "the gateway exited:\n{}",
+                process.output()
+            );
+            let port = Some(known)
+                .filter(|p| *p != 0)
+                .or_else(|| process.logged_port("gateway listening"));
+            let client = client.clone();
+            async move {
+                let url = format!("http://127.0.0.1:{}/ready", port?);
+                let ready = client.get(&url).send().await.ok()?;
+                ready.status().is_success().then_some(port?)
+            }
         })
         .await;
+        self.gateway_port.store(port, Ordering::SeqCst);
         process
+    }
+
+    /// A log file of its own for the next service started.
+    fn log_path(&self, service: &str) -> PathBuf {
+        let n = self.started.fetch_add(1, Ordering::SeqCst);
+        self.logs.join(format!("{service}-{n}.log"))
     }
 
     /// Starts a worker (several may run: they share the consumer and the workspace).
     pub fn start_worker(&self) -> ServiceProcess {
-        ServiceProcess::spawn(
-            "iac-worker",
-            &self.worker_env,
-            self.logs.join(format!("worker-{}.log", free_port())),
-        )
-        .forbid_in_output(&self.secrets())
+        ServiceProcess::spawn("iac-worker", &self.worker_env, self.log_path("worker"))
+            .forbid_in_output(&self.secrets())
     }
 
     /// Starts a reporter (several may run).
@@ -273,7 +201,7 @@ impl Pipeline {
         ServiceProcess::spawn(
             "iac-reporter",
             &self.reporter_env,
-            self.logs.join(format!("reporter-{}.log", free_port())),
+            self.log_path("reporter"),
         )
         .forbid_in_output(&self.secrets())
     }
@@ -300,7 +228,7 @@ impl Pipeline {
         let body = serde_json::to_vec(payload).unwrap();
         let response = self
             .client
-            .post(format!("http://127.0.0.1:{}/webhook", self.gateway_port))
+            .post(format!("http://127.0.0.1:{}/webhook", self.gateway_port()))
             .header("Content-Type", "application/json")
             .header("X-GitHub-Event", event)
             .header("X-GitHub-Delivery", delivery)

@@ -1,79 +1,58 @@
 //! The gateway against a real nats-server: what GitHub and operators see, and what is stored.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::StreamMessage};
-use iac_gateway::{Config, run};
+use iac_gateway::Config;
 use iac_shared::events::{PushEvent, SyncRequest};
 use iac_shared::names::*;
-use iac_shared::shutdown::{self, ShutdownTrigger};
 use iac_shared::signature::{SIGNATURE_HEADER, sign};
 use iac_tests::fixture::push_payload;
-use iac_tests::github::{self, Response, get, request, sample, send_raw};
+use iac_tests::gateway_client::{self, Response, get, request, sample, send_raw};
 use iac_tests::nats::NatsServer;
+use iac_tests::process::ServiceProcess;
+use iac_tests::services::InProcessGateway;
 use iac_tests::tools::project_binary;
-use iac_tests::{free_port, wait_for};
+use iac_tests::wait_for;
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 const SECRET: &str = "gateway-test-secret-5e1f0c";
 const HEAD: &str = "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c";
 const BEFORE: &str = "9049f1265b7d61be4a8904a9a27120d2064dab3b";
 
-/// A gateway running in this process on a free port.
-struct Gateway {
-    addr: SocketAddr,
-    trigger: ShutdownTrigger,
-    task: JoinHandle<anyhow::Result<()>>,
+/// Starts a gateway on `nats_url` without waiting for it to be ready.
+async fn start_gateway_on(nats_url: &str, extra: &[&str]) -> InProcessGateway {
+    let mut args = vec![
+        "--webhook-secret",
+        SECRET,
+        "--nats-url",
+        nats_url,
+        "--publish-timeout",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    let config = Config::try_from_args(args).expect("a valid configuration");
+    InProcessGateway::start(config).await
 }
 
-impl Gateway {
-    /// Starts a gateway on `nats_url` without waiting for it to be ready.
-    async fn start_on(nats_url: &str, extra: &[&str]) -> Self {
-        let mut args = vec![
-            "--webhook-secret",
-            SECRET,
-            "--nats-url",
-            nats_url,
-            "--publish-timeout",
-            "2s",
-        ];
-        args.extend_from_slice(extra);
-        let config = Config::try_from_args(args).expect("a valid configuration");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (trigger, shutdown) = shutdown::channel();
-        let task = tokio::spawn(run(config, listener, shutdown));
-        Gateway {
-            addr,
-            trigger,
-            task,
-        }
-    }
+/// Starts a gateway on `server` and waits until it is ready.
+async fn start_gateway(server: &NatsServer, extra: &[&str]) -> InProcessGateway {
+    let gateway = start_gateway_on(&server.url(), extra).await;
+    gateway.wait_ready().await;
+    gateway
+}
 
-    /// Starts a gateway on `server` and waits until it is ready.
-    async fn start(server: &NatsServer, extra: &[&str]) -> Self {
-        let gateway = Self::start_on(&server.url(), extra).await;
-        gateway.wait_ready().await;
-        gateway
-    }
+/// Requests signed with the secret the test gateways are started with.
+trait Signed {
+    async fn push(&self, delivery: &str, body: &Value) -> Response;
+    async fn sync(&self, body: &str) -> Response;
+}
 
-    async fn wait_ready(&self) {
-        wait_for(
-            "the gateway to be ready",
-            Duration::from_secs(15),
-            || async {
-                assert!(!self.task.is_finished(), "the gateway stopped");
-                (get(self.addr, "/ready").await.status == 200).then_some(())
-            },
-        )
-        .await;
-    }
-
+impl Signed for InProcessGateway {
     async fn push(&self, delivery: &str, body: &Value) -> Response {
-        github::webhook(
+        gateway_client::webhook(
             self.addr,
             SECRET,
             "push",
@@ -84,20 +63,7 @@ impl Gateway {
     }
 
     async fn sync(&self, body: &str) -> Response {
-        github::sync(self.addr, SECRET, body.as_bytes()).await
-    }
-
-    async fn metrics(&self) -> String {
-        get(self.addr, "/metrics").await.text()
-    }
-
-    async fn stop(self) {
-        self.trigger.trigger();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the gateway stops on shutdown")
-            .unwrap()
-            .unwrap();
+        gateway_client::sync(self.addr, SECRET, body.as_bytes()).await
     }
 }
 
@@ -135,9 +101,9 @@ fn invalid_signature() -> Value {
 #[tokio::test]
 async fn a_push_to_the_branch_is_stored_then_answered_with_its_services() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
 
-    let answer = github::webhook(
+    let answer = gateway_client::webhook(
         gateway.addr,
         SECRET,
         "push",
@@ -191,7 +157,7 @@ async fn a_push_to_the_branch_is_stored_then_answered_with_its_services() {
 #[tokio::test]
 async fn pushes_that_change_no_service_are_stored_as_no_changes_and_libs_as_all() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
 
     let docs = gateway
         .push(
@@ -220,9 +186,9 @@ async fn pushes_that_change_no_service_are_stored_as_no_changes_and_libs_as_all(
 #[tokio::test]
 async fn ping_is_answered_with_the_hook_id_and_not_stored() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let answer =
-        github::webhook(gateway.addr, SECRET, "ping", "d-ping", &sample("ping.json")).await;
+        gateway_client::webhook(gateway.addr, SECRET, "ping", "d-ping", &sample("ping.json")).await;
     assert_eq!(answer.status, 200);
     assert_eq!(
         answer.json(),
@@ -234,9 +200,9 @@ async fn ping_is_answered_with_the_hook_id_and_not_stored() {
 #[tokio::test]
 async fn other_events_branches_tags_and_deletions_are_ignored_and_not_stored() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
 
-    let issue = github::webhook(
+    let issue = gateway_client::webhook(
         gateway.addr,
         SECRET,
         "issues",
@@ -286,7 +252,7 @@ async fn other_events_branches_tags_and_deletions_are_ignored_and_not_stored() {
 #[tokio::test]
 async fn redelivered_push_is_stored_once_and_answered_200_each_time() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let body = push_to_main(&["platform/02.redis/compose.yaml"]);
     let mut duplicates = 0;
     for _ in 0..5 {
@@ -327,7 +293,7 @@ async fn redelivered_push_is_stored_once_and_answered_200_each_time() {
 async fn concurrent_pushes_are_each_stored_once_and_each_answer_is_its_own() {
     // Events that arrive together are published together: the answers must not mix.
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let pushes = 40;
     let requests = (0..pushes).flat_map(|n| {
         // Every delivery twice at once, as a redelivery racing the original.
@@ -376,7 +342,7 @@ async fn concurrent_pushes_are_each_stored_once_and_each_answer_is_its_own() {
 #[tokio::test]
 async fn a_push_without_delivery_id_gets_a_generated_event_id() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let body = push_to_main(&["platform/01.postgres/x"]).to_string();
     let signature = sign(SECRET.as_bytes(), body.as_bytes());
     let answer = request(
@@ -397,7 +363,7 @@ async fn a_push_without_delivery_id_gets_a_generated_event_id() {
 #[tokio::test]
 async fn unsigned_and_wrongly_signed_requests_are_refused_before_the_body_is_read() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let body = push_to_main(&["platform/01.postgres/x"]).to_string();
     let good = sign(SECRET.as_bytes(), body.as_bytes());
     let other_secret = sign(b"not the secret", body.as_bytes());
@@ -431,13 +397,8 @@ async fn githubs_documented_test_vector_is_accepted_over_http() {
         "It's a Secret to Everybody".into(),
     ]);
     let config = Config::try_from_args(args).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(run(
-        config,
-        listener,
-        iac_shared::shutdown::Shutdown::never(),
-    ));
+    let gateway = InProcessGateway::start(config).await;
+    let addr = gateway.addr;
 
     let documented = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
     let send = |signature: &'static str| async move {
@@ -461,6 +422,7 @@ async fn githubs_documented_test_vector_is_accepted_over_http() {
     );
     let tampered = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e18";
     assert_eq!(send(tampered).await.status, 401);
+    gateway.stop().await;
 }
 
 /// `application/x-www-form-urlencoded` encoding of a form value.
@@ -480,7 +442,7 @@ fn form_encode(value: &str) -> String {
 #[tokio::test]
 async fn form_encoded_deliveries_are_read_from_the_payload_field() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let push = String::from_utf8(sample("push.json")).unwrap();
     let send = |body: String| async move {
         let signature = sign(SECRET.as_bytes(), body.as_bytes());
@@ -517,7 +479,7 @@ async fn form_encoded_deliveries_are_read_from_the_payload_field() {
 #[tokio::test]
 async fn bad_bodies_are_refused_with_400_saying_what_is_wrong() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let cases: [(&[u8], &str); 4] = [
         (b"{\"ref\": ", "not valid JSON"),
         (b"\xff\xfe{}", "not UTF-8"),
@@ -528,7 +490,7 @@ async fn bad_bodies_are_refused_with_400_saying_what_is_wrong() {
         (br#"{"ref": ["refs/heads/main"]}"#, "not valid JSON"),
     ];
     for (body, words) in cases {
-        let answer = github::webhook(gateway.addr, SECRET, "push", "d-bad", body).await;
+        let answer = gateway_client::webhook(gateway.addr, SECRET, "push", "d-bad", body).await;
         assert_eq!(answer.status, 400, "{}", String::from_utf8_lossy(body));
         let error = answer.json()["error"].as_str().unwrap().to_string();
         assert!(error.contains(words), "{error:?} should say {words:?}");
@@ -550,7 +512,7 @@ async fn bad_bodies_are_refused_with_400_saying_what_is_wrong() {
 #[tokio::test]
 async fn bodies_over_the_limit_are_refused_with_413_without_being_read() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &["--max-body-bytes", "1024"]).await;
+    let gateway = start_gateway(&server, &["--max-body-bytes", "1024"]).await;
 
     // Announced too large: answered before a byte of the body is sent.
     let announced = send_raw(
@@ -584,7 +546,7 @@ async fn bodies_over_the_limit_are_refused_with_413_without_being_read() {
 #[tokio::test]
 async fn a_body_that_stops_arriving_is_answered_408() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &["--body-read-timeout", "300ms"]).await;
+    let gateway = start_gateway(&server, &["--body-read-timeout", "300ms"]).await;
     let started = Instant::now();
     let answer = send_raw(
         gateway.addr,
@@ -599,7 +561,7 @@ async fn a_body_that_stops_arriving_is_answered_408() {
 #[tokio::test]
 async fn manual_sync_requests_are_validated_and_stored() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
 
     let one = gateway
         .sync(r#"{"services": ["platform/postgres"], "ref": "main", "force": true}"#)
@@ -647,7 +609,7 @@ async fn manual_sync_requests_are_validated_and_stored() {
 #[tokio::test]
 async fn nats_outage_is_answered_503_quickly_and_the_gateway_recovers_by_itself() {
     let mut server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let body = push_to_main(&["platform/01.postgres/x"]);
     assert_eq!(gateway.push("before-outage", &body).await.status, 200);
 
@@ -696,7 +658,7 @@ async fn nats_outage_is_answered_503_quickly_and_the_gateway_recovers_by_itself(
 #[tokio::test]
 async fn a_store_without_the_events_stream_is_answered_503_never_200() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let js = jetstream::new(server.client().await);
     js.delete_stream(EVENTS_STREAM).await.unwrap();
 
@@ -716,7 +678,7 @@ async fn a_store_without_the_events_stream_is_answered_503_never_200() {
 async fn the_gateway_answers_health_before_nats_exists_and_becomes_ready_when_it_does() {
     let mut server = NatsServer::start();
     server.stop();
-    let gateway = Gateway::start_on(&server.url(), &[]).await;
+    let gateway = start_gateway_on(&server.url(), &[]).await;
     wait_for("/health", Duration::from_secs(5), || async {
         let health = get(gateway.addr, "/health").await;
         (health.status == 200).then_some(())
@@ -751,7 +713,7 @@ async fn the_gateway_answers_health_before_nats_exists_and_becomes_ready_when_it
 #[tokio::test]
 async fn unknown_routes_are_404_and_wrong_methods_405_in_json() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let missing = get(gateway.addr, "/nope").await;
     assert_eq!(missing.status, 404);
     assert!(missing.json()["error"].is_string());
@@ -772,7 +734,7 @@ async fn unknown_routes_are_404_and_wrong_methods_405_in_json() {
 #[tokio::test]
 async fn the_stream_holds_exactly_the_events_that_should_be_there() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let body = push_to_main(&["platform/01.postgres/x"]);
     let raw = body.to_string();
 
@@ -785,15 +747,15 @@ async fn the_stream_holds_exactly_the_events_that_should_be_there() {
         raw.as_bytes(),
     )
     .await;
-    github::webhook(gateway.addr, "wrong", "push", "forged", raw.as_bytes()).await;
-    github::webhook(gateway.addr, SECRET, "push", "broken", b"{").await;
+    gateway_client::webhook(gateway.addr, "wrong", "push", "forged", raw.as_bytes()).await;
+    gateway_client::webhook(gateway.addr, SECRET, "push", "broken", b"{").await;
     gateway
         .push(
             "other-branch",
             &push_payload("refs/heads/dev", BEFORE, HEAD, &["libs/x"]),
         )
         .await;
-    github::webhook(gateway.addr, SECRET, "ping", "ping", &sample("ping.json")).await;
+    gateway_client::webhook(gateway.addr, SECRET, "ping", "ping", &sample("ping.json")).await;
     gateway.sync(r#"{"services": []}"#).await;
     let sync = gateway
         .sync(r#"{"services": ["platform/redis"]}"#)
@@ -823,7 +785,7 @@ async fn the_stream_holds_exactly_the_events_that_should_be_there() {
 #[tokio::test]
 async fn a_push_too_large_for_one_message_is_stored_with_its_paths_cut() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     // About 3 MB of paths: three times the server's max_payload.
     let paths: Vec<String> = (0..40_000)
         .map(|i| {
@@ -850,7 +812,7 @@ async fn a_push_too_large_for_one_message_is_stored_with_its_paths_cut() {
 fn the_gateway_refuses_to_start_without_a_secret() {
     let output = Command::new(project_binary("iac-gateway"))
         .env_clear()
-        .env("WEBHOOK_PORT", free_port().to_string())
+        .env("WEBHOOK_PORT", "0")
         .output()
         .unwrap();
     assert!(!output.status.success());
@@ -874,7 +836,7 @@ fn help_never_shows_the_secret() {
 #[tokio::test]
 async fn the_signature_printed_by_sign_is_accepted() {
     let server = NatsServer::start();
-    let gateway = Gateway::start(&server, &[]).await;
+    let gateway = start_gateway(&server, &[]).await;
     let body = r#"{"services": ["platform/postgres"]}"#;
     let output = Command::new(project_binary("iac-gateway"))
         .args(["sign", body])
@@ -903,31 +865,33 @@ async fn the_signature_printed_by_sign_is_accepted() {
 #[tokio::test]
 async fn the_secret_never_appears_in_the_logs() {
     let server = NatsServer::start();
-    let port = free_port();
     let logs = tempfile::tempdir().unwrap();
-    let stdout = std::fs::File::create(logs.path().join("stdout")).unwrap();
-    let stderr = std::fs::File::create(logs.path().join("stderr")).unwrap();
-    let mut child = Command::new(project_binary("iac-gateway"))
-        .env_clear()
-        .env("WEBHOOK_SECRET", SECRET)
-        .env("WEBHOOK_PORT", port.to_string())
-        .env("WEBHOOK_BIND", "127.0.0.1")
-        .env("NATS_URL", server.url())
-        .env("RUST_LOG", "trace")
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_for(
+    let nats_url = server.url();
+    let mut gateway = ServiceProcess::spawn(
+        "iac-gateway",
+        [
+            ("WEBHOOK_SECRET", SECRET),
+            ("WEBHOOK_PORT", "0"),
+            ("WEBHOOK_BIND", "127.0.0.1"),
+            ("NATS_URL", nats_url.as_str()),
+            ("RUST_LOG", "trace"),
+        ],
+        logs.path().join("gateway.log"),
+    );
+    let addr = wait_for(
         "the gateway binary to be ready",
         Duration::from_secs(15),
-        || async {
-            if tokio::net::TcpStream::connect(addr).await.is_err() {
-                return None;
+        || {
+            assert!(
+                gateway.is_running(),
+                "the gateway exited:\n{}",
+                gateway.output()
+            );
+            let port = gateway.logged_port("gateway listening");
+            async move {
+                let addr: SocketAddr = ([127, 0, 0, 1], port?).into();
+                (get(addr, "/ready").await.status == 200).then_some(addr)
             }
-            (get(addr, "/ready").await.status == 200).then_some(())
         },
     )
     .await;
@@ -936,7 +900,7 @@ async fn the_secret_never_appears_in_the_logs() {
     let good = sign(SECRET.as_bytes(), body.as_bytes());
     let wrong = sign(b"guess", body.as_bytes());
     assert_eq!(
-        github::webhook(addr, SECRET, "push", "logged-delivery", body.as_bytes())
+        gateway_client::webhook(addr, SECRET, "push", "logged-delivery", body.as_bytes())
             .await
             .status,
         200
@@ -951,14 +915,13 @@ async fn the_secret_never_appears_in_the_logs() {
         )
         .await;
     }
-    github::sync(addr, SECRET, b"{}").await;
+    gateway_client::sync(addr, SECRET, b"{}").await;
 
-    // SAFETY: kill(2) on the pid of the child this test spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let status = gateway
+        .terminate(Duration::from_secs(10))
+        .expect("the gateway was running");
     assert!(status.success(), "graceful stop on SIGTERM: {status}");
-    let logs = std::fs::read_to_string(logs.path().join("stdout")).unwrap()
-        + &std::fs::read_to_string(logs.path().join("stderr")).unwrap();
+    let logs = gateway.output();
     assert!(
         logs.contains("logged-delivery"),
         "the logs were captured: {logs}"

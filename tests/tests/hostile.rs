@@ -402,7 +402,7 @@ async fn hostile_requests_get_clear_answers_and_only_valid_events_are_stored() {
     let mut pipeline = Pipeline::new("http://127.0.0.1:9");
     pipeline.set_env("gateway", "BODY_READ_TIMEOUT", "1s");
     let gateway = pipeline.start_gateway().await;
-    let base = format!("http://127.0.0.1:{}", pipeline.gateway_port);
+    let base = format!("http://127.0.0.1:{}", pipeline.gateway_port());
     let client = http();
     let cases = cases();
     assert!(cases.len() >= 30);
@@ -459,7 +459,7 @@ async fn hostile_requests_get_clear_answers_and_only_valid_events_are_stored() {
 
     // Bodies over MAX_BODY_BYTES (GitHub's 25 MiB), announced or streamed.
     // Announced: answered from the headers alone, before any of the body is sent.
-    let port = pipeline.gateway_port;
+    let port = pipeline.gateway_port();
     let head = format!(
         "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nContent-Length: {}\r\n\r\n",
         26 * 1024 * 1024

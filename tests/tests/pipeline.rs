@@ -4,28 +4,14 @@
 
 use std::time::Duration;
 
-use iac_tests::fake_github::{FakeGithub, StatusRequest};
+use iac_tests::fake_github::FakeGithub;
 use iac_tests::pipeline::{Pipeline, TOKEN};
 use iac_tests::wait_for;
 
 const CONTEXT: &str = "IaC Runner / Sync";
 
-/// Every status GitHub accepted for `commit`, in arrival order, once one is `state`.
-async fn wait_for_final(github: &FakeGithub, commit: &str, state: &str) -> Vec<StatusRequest> {
-    wait_for(
-        &format!("a {state} status on {commit}"),
-        Duration::from_secs(60),
-        || async {
-            let seen: Vec<StatusRequest> = github
-                .accepted()
-                .into_iter()
-                .filter(|r| r.commit == commit && r.context() == CONTEXT)
-                .collect();
-            seen.iter().any(|r| r.state() == state).then_some(seen)
-        },
-    )
-    .await
-}
+/// How long a push may take to reach its final status.
+const FINAL: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn a_signed_push_syncs_the_changed_service_and_github_sees_pending_then_success() {
@@ -41,7 +27,9 @@ async fn a_signed_push_syncs_the_changed_service_and_github_sees_pending_then_su
     assert_eq!(answer["services"], serde_json::json!(["platform/postgres"]));
     assert_eq!(answer["commit"], &commit[..8]);
 
-    let seen = wait_for_final(&github, &commit, "success").await;
+    let seen = github
+        .wait_for_accepted(&commit, CONTEXT, "success", FINAL)
+        .await;
     let first_success = seen.iter().position(|r| r.state() == "success").unwrap();
     assert!(
         seen[..first_success].iter().any(|r| r.state() == "pending"),
@@ -79,7 +67,9 @@ async fn a_failing_task_turns_the_commit_status_to_failure() {
     let (commit, status, answer) = pipeline.push_change("platform/02.redis/compose.yaml").await;
     assert_eq!(status, 200, "{answer}");
 
-    let seen = wait_for_final(&github, &commit, "failure").await;
+    let seen = github
+        .wait_for_accepted(&commit, CONTEXT, "failure", FINAL)
+        .await;
     let failure = seen.iter().find(|r| r.state() == "failure").unwrap();
     assert_eq!(failure.description(), "1/1 service(s) failed to sync");
     assert_eq!(pipeline.fixture.finished_tasks(), ["redis.sync"]);
@@ -101,7 +91,9 @@ async fn a_push_whose_commit_cannot_be_checked_out_turns_its_queued_status_to_er
     let (status, answer) = pipeline.webhook("push", "delivery-missing", &payload).await;
     assert_eq!(status, 200, "{answer}");
 
-    let seen = wait_for_final(&github, &missing, "error").await;
+    let seen = github
+        .wait_for_accepted(&missing, CONTEXT, "error", FINAL)
+        .await;
     assert_eq!(seen[0].state(), "pending", "queued first: {seen:?}");
     let error = github.shown(&missing, CONTEXT).unwrap();
     assert_eq!(error.state(), "error");
@@ -147,7 +139,9 @@ async fn a_sync_given_up_after_its_last_attempt_leaves_no_status_pending() {
     crashing.kill();
     let _standby = pipeline.start_worker();
 
-    wait_for_final(&github, &commit, "error").await;
+    github
+        .wait_for_accepted(&commit, CONTEXT, "error", FINAL)
+        .await;
     let sync = github.shown(&commit, CONTEXT).unwrap();
     assert_eq!(
         (sync.state(), sync.description()),

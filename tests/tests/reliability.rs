@@ -11,19 +11,8 @@ use iac_tests::wait_for;
 const CONTEXT: &str = "IaC Runner / Sync";
 const POSTGRES: &str = "platform/01.postgres/compose.yaml";
 
-async fn wait_for_shown(github: &FakeGithub, commit: &str, state: &str) {
-    wait_for(
-        &format!("GitHub to show {state} on {commit}"),
-        Duration::from_secs(90),
-        || async {
-            github
-                .shown(commit, CONTEXT)
-                .filter(|s| s.state() == state)
-                .map(|_| ())
-        },
-    )
-    .await;
-}
+/// How long a push may take to be shown as synced, through the faults each test makes.
+const SHOWN: Duration = Duration::from_secs(90);
 
 fn synced_commits(pipeline: &Pipeline) -> BTreeSet<String> {
     pipeline
@@ -43,7 +32,9 @@ async fn a_nats_restart_under_all_three_services_loses_no_accepted_push() {
 
     let (first, status, _) = pipeline.push_change(POSTGRES).await;
     assert_eq!(status, 200);
-    wait_for_shown(&github, &first, "success").await;
+    github
+        .wait_for_shown(&first, CONTEXT, "success", SHOWN)
+        .await;
 
     pipeline.nats.as_mut().unwrap().stop();
     let (second, delivery, payload) = pipeline.commit_change(POSTGRES);
@@ -69,8 +60,12 @@ async fn a_nats_restart_under_all_three_services_loses_no_accepted_push() {
     let (third, status, _) = pipeline.push_change(POSTGRES).await;
     assert_eq!(status, 200);
 
-    wait_for_shown(&github, &second, "success").await;
-    wait_for_shown(&github, &third, "success").await;
+    github
+        .wait_for_shown(&second, CONTEXT, "success", SHOWN)
+        .await;
+    github
+        .wait_for_shown(&third, CONTEXT, "success", SHOWN)
+        .await;
     let synced = synced_commits(&pipeline);
     for commit in [&first, &second, &third] {
         assert!(synced.contains(commit), "{commit} never synced: {synced:?}");
@@ -88,10 +83,14 @@ async fn a_delivery_sent_five_times_is_synced_once() {
         let (status, answer) = pipeline.webhook("push", &delivery, &payload).await;
         assert_eq!(status, 200, "{answer}");
     }
-    wait_for_shown(&github, &commit, "success").await;
+    github
+        .wait_for_shown(&commit, CONTEXT, "success", SHOWN)
+        .await;
     // A later push proves the worker has moved past anything that could still be queued.
     let (next, _, _) = pipeline.push_change(POSTGRES).await;
-    wait_for_shown(&github, &next, "success").await;
+    github
+        .wait_for_shown(&next, CONTEXT, "success", SHOWN)
+        .await;
     let runs_of_commit = pipeline
         .fixture
         .runs()
@@ -123,7 +122,9 @@ async fn three_workers_sharing_a_workspace_never_sync_at_the_same_time() {
         commits.push(commit);
     }
     for commit in &commits {
-        wait_for_shown(&github, commit, "success").await;
+        github
+            .wait_for_shown(commit, CONTEXT, "success", SHOWN)
+            .await;
     }
     let runs = pipeline.fixture.runs();
     let mut intervals: Vec<(f64, f64)> = Vec::new();
@@ -188,7 +189,9 @@ async fn killing_the_reporter_mid_post_loses_no_status() {
             .then_some(())
     })
     .await;
-    wait_for_shown(&github, &commit, "success").await;
+    github
+        .wait_for_shown(&commit, CONTEXT, "success", SHOWN)
+        .await;
 }
 
 #[tokio::test]
@@ -215,7 +218,9 @@ async fn the_pipeline_runs_under_the_least_privilege_nats_users() {
 
     let (commit, status, answer) = pipeline.push_change(POSTGRES).await;
     assert_eq!(status, 200, "{answer}");
-    wait_for_shown(&github, &commit, "success").await;
+    github
+        .wait_for_shown(&commit, CONTEXT, "success", SHOWN)
+        .await;
     let states: Vec<String> = github
         .accepted()
         .iter()
@@ -247,7 +252,9 @@ async fn hand_published_garbage_results_are_dropped_and_statuses_keep_flowing() 
     }
     let (commit, status, _) = pipeline.push_change(POSTGRES).await;
     assert_eq!(status, 200);
-    wait_for_shown(&github, &commit, "success").await;
+    github
+        .wait_for_shown(&commit, CONTEXT, "success", SHOWN)
+        .await;
     let log = reporter.output();
     assert!(
         log.matches("cannot be read").count() >= 3,

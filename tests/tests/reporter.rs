@@ -2,8 +2,7 @@
 //! through failures, with several reporters sharing the work.
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
@@ -11,11 +10,12 @@ use iac_reporter::Config;
 use iac_shared::events::*;
 use iac_shared::names::*;
 use iac_shared::nats::{StreamSettings, provision};
-use iac_shared::shutdown::{self, ShutdownTrigger};
 use iac_tests::fake_github::{FakeGithub, Faults, StatusRequest};
 use iac_tests::nats::NatsServer;
+use iac_tests::process::ServiceProcess;
+use iac_tests::services::InProcessReporter;
 use iac_tests::wait_for;
-use tokio::task::JoinHandle;
+use tempfile::TempDir;
 
 const TOKEN: &str = "ghp_test0123456789abcdefTOKEN";
 const REPO: &str = "acme/infra";
@@ -27,7 +27,9 @@ struct TestApp {
     nats: NatsServer,
     github: FakeGithub,
     js: jetstream::Context,
-    reporters: Vec<(ShutdownTrigger, JoinHandle<anyhow::Result<()>>)>,
+    reporters: Vec<InProcessReporter>,
+    /// The output of reporter binaries.
+    logs: TempDir,
 }
 
 impl TestApp {
@@ -41,6 +43,7 @@ impl TestApp {
             github: FakeGithub::start().await,
             js,
             reporters: Vec::new(),
+            logs: tempfile::tempdir().unwrap(),
         }
     }
 
@@ -63,14 +66,12 @@ impl TestApp {
 
     fn spawn_reporter(&mut self, extra: &[&str]) {
         let config = self.config(extra);
-        let (trigger, shutdown) = shutdown::channel();
-        let handle = tokio::spawn(iac_reporter::run(config, shutdown));
-        self.reporters.push((trigger, handle));
+        self.reporters.push(InProcessReporter::start(config));
     }
 
     fn assert_reporters_alive(&self) {
-        for (_, handle) in &self.reporters {
-            assert!(!handle.is_finished(), "a reporter stopped on its own");
+        for reporter in &self.reporters {
+            reporter.task.assert_running();
         }
     }
 
@@ -149,13 +150,8 @@ impl TestApp {
     }
 
     async fn stop(self) {
-        for (trigger, handle) in self.reporters {
-            trigger.trigger();
-            tokio::time::timeout(TIMEOUT, handle)
-                .await
-                .expect("the reporter stops on shutdown")
-                .unwrap()
-                .unwrap();
+        for reporter in self.reporters {
+            reporter.stop().await;
         }
     }
 }
@@ -699,65 +695,36 @@ async fn three_reporters_racing_over_scrambled_results_leave_every_commit_final(
     app.stop().await;
 }
 
-/// The reporter binary with `env`, its output (stdout and stderr) going to a file.
-struct ReporterProcess {
-    child: Child,
-    output: tempfile::NamedTempFile,
+/// The reporter binary on the app's NATS and fake GitHub, with `env` added.
+fn reporter_process(app: &TestApp, env: &[(&str, &str)]) -> ServiceProcess {
+    let nats_url = app.nats.url();
+    let api_url = app.github.url();
+    let mut all = vec![
+        ("NATS_URL", nats_url.as_str()),
+        ("GITHUB_API_URL", api_url.as_str()),
+        ("RUST_LOG", "debug"),
+    ];
+    all.extend_from_slice(env);
+    let log = app
+        .logs
+        .path()
+        .join(format!("reporter-{}.log", app.reporters.len()));
+    ServiceProcess::spawn("iac-reporter", all, log)
 }
 
-impl ReporterProcess {
-    fn start(app: &TestApp, env: &[(&str, &str)]) -> Self {
-        let output = tempfile::NamedTempFile::new().unwrap();
-        let mut command = Command::new(iac_tests::tools::project_binary("iac-reporter"));
-        command
-            .env_remove("GITHUB_TOKEN")
-            .env("NATS_URL", app.nats.url())
-            .env("GITHUB_API_URL", app.github.url())
-            .env("RUST_LOG", "debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(output.reopen().unwrap())
-            .stderr(output.reopen().unwrap());
-        ReporterProcess {
-            child: command.spawn().unwrap(),
-            output,
-        }
-    }
-
-    fn output(&self) -> String {
-        let mut text = String::new();
-        self.output
-            .reopen()
-            .unwrap()
-            .read_to_string(&mut text)
-            .unwrap();
-        text
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    async fn stop(mut self) -> String {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = wait_for("the reporter to exit", TIMEOUT, || {
-            let status = self.child.try_wait().unwrap();
-            async move { status }
-        })
-        .await;
-        assert!(status.success(), "{status:?}\n{}", self.output());
-        self.output()
-    }
-}
-
-impl Drop for ReporterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// SIGTERM, then waits for a clean exit; returns everything it printed.
+fn stop_process(mut reporter: ServiceProcess) -> String {
+    let status = reporter
+        .terminate(TIMEOUT)
+        .expect("the reporter was running");
+    assert!(status.success(), "{status:?}\n{}", reporter.output());
+    reporter.output()
 }
 
 #[tokio::test]
 async fn without_a_token_statuses_are_only_logged() {
     let app = TestApp::start().await;
-    let reporter = ReporterProcess::start(&app, &[]);
+    let reporter = reporter_process(&app, &[]);
     let commit = sha(1);
     app.finished(&finished(1, &commit, synced(&["platform/postgres"])))
         .await;
@@ -767,7 +734,7 @@ async fn without_a_token_statuses_are_only_logged() {
         async move { logged.then_some(()) }
     })
     .await;
-    let output = reporter.stop().await;
+    let output = stop_process(reporter);
     assert!(
         output.contains("GITHUB_TOKEN is not set: log-only mode"),
         "{output}"
@@ -789,7 +756,7 @@ async fn the_token_never_appears_in_the_output() {
         refused_commits: HashMap::from([(refused.clone(), (401, "Bad credentials".to_string()))]),
         ..Faults::default()
     });
-    let reporter = ReporterProcess::start(&app, &[("GITHUB_TOKEN", TOKEN)]);
+    let reporter = reporter_process(&app, &[("GITHUB_TOKEN", TOKEN)]);
     let commit = sha(1);
     app.finished(&refused_finished(&refused)).await;
     app.finished(&finished(2, &commit, synced(&["platform/postgres"])))
@@ -798,7 +765,7 @@ async fn the_token_never_appears_in_the_output() {
     assert_eq!(shown.headers["authorization"], format!("Bearer {TOKEN}"));
     app.wait_until_drained().await;
 
-    let output = reporter.stop().await;
+    let output = stop_process(reporter);
     assert!(output.contains("Bad credentials"), "{output}");
     assert!(output.contains("posted status"), "{output}");
     assert!(!output.contains(TOKEN), "{output}");

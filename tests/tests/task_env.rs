@@ -9,7 +9,8 @@ use async_nats::jetstream;
 use iac_shared::events::{FinishedState, SyncFinished, SyncOutcome};
 use iac_shared::names::{FINISHED_SUBJECT, RESULTS_STREAM};
 use iac_tests::fake_github::FakeGithub;
-use iac_tests::pipeline::{Pipeline, ServiceProcess};
+use iac_tests::pipeline::Pipeline;
+use iac_tests::process::ServiceProcess;
 use iac_tests::wait_for;
 use serde_json::json;
 

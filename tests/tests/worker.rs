@@ -2,10 +2,11 @@
 //! pinned `invoke`. Events are published as the gateway (or an operator with `nats pub`)
 //! would, and the tests read back what the tasks recorded and what the worker published.
 
-use std::collections::HashMap;
-use std::os::unix::process::CommandExt;
+use std::future::Future;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -15,9 +16,10 @@ use iac_shared::events::{
 };
 use iac_shared::names::*;
 use iac_shared::nats::{StreamSettings, provision};
-use iac_shared::shutdown::{self, ShutdownTrigger};
 use iac_tests::fixture::{Fixture, TaskRun};
 use iac_tests::nats::NatsServer;
+use iac_tests::process::ServiceProcess;
+use iac_tests::services::{InProcessWorker, ServiceWatch};
 use iac_tests::tools::{invoke, project_binary};
 use iac_tests::{free_port, wait_for};
 use iac_worker::Config;
@@ -32,23 +34,8 @@ struct Harness {
     nats: NatsServer,
     fixture: Fixture,
     js: jetstream::Context,
-}
-
-/// A worker running in this process; stopped when dropped.
-struct InProcessWorker {
-    trigger: ShutdownTrigger,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl InProcessWorker {
-    async fn stop(self) {
-        self.trigger.trigger();
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("the worker stops after shutdown")
-            .expect("the worker did not panic")
-            .expect("the worker ended without error");
-    }
+    /// Every worker started in this process: a wait fails as soon as one stops on its own.
+    workers: Mutex<Vec<ServiceWatch>>,
 }
 
 impl Harness {
@@ -61,6 +48,7 @@ impl Harness {
             nats,
             fixture: Fixture::new(),
             js,
+            workers: Mutex::new(Vec::new()),
         }
     }
 
@@ -90,9 +78,32 @@ impl Harness {
 
     fn start(&self, workspace: &Path, extra: &[&str]) -> InProcessWorker {
         let config = Config::from_args(self.args(workspace, extra)).unwrap();
-        let (trigger, shutdown) = shutdown::channel();
-        let handle = tokio::spawn(iac_worker::run(config, shutdown));
-        InProcessWorker { trigger, handle }
+        let worker = InProcessWorker::start(config);
+        self.workers.lock().unwrap().push(worker.task.watch());
+        worker
+    }
+
+    /// Like [`wait_for`], failing at once if a worker of this process stops on its own.
+    async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        wait_for(what, timeout, || {
+            for worker in self.workers.lock().unwrap().iter() {
+                worker.assert_running();
+            }
+            check()
+        })
+        .await
+    }
+
+    /// The worker binary with the settings of `args` (as [`Harness::args`] makes them) and
+    /// `env`, its output in `log`.
+    fn spawn_process(&self, args: &[String], env: &[(&str, &str)], log: PathBuf) -> ServiceProcess {
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "info"));
+        ServiceProcess::spawn_with_args("iac-worker", &args[1..], env, log)
     }
 
     /// A verified push as the gateway stores it; returns its stream sequence.
@@ -182,7 +193,7 @@ impl Harness {
 
     /// Waits for the finished result of the event stored at `seq`.
     async fn finished_for(&self, seq: u64) -> SyncFinished {
-        wait_for(
+        self.wait_for(
             &format!("the finished result of event {seq}"),
             WAIT,
             || async {
@@ -196,7 +207,7 @@ impl Harness {
     }
 
     async fn started_for(&self, seq: u64) -> SyncStarted {
-        wait_for(
+        self.wait_for(
             &format!("the started result of event {seq}"),
             WAIT,
             || async {
@@ -501,59 +512,6 @@ async fn two_workers_never_run_syncs_at_the_same_time() {
     second.stop().await;
 }
 
-/// The worker binary, output captured in a file.
-struct WorkerProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl WorkerProcess {
-    fn spawn(args: &[String], env: &HashMap<&str, &str>, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(project_binary("iac-worker"))
-            .args(&args[1..])
-            .envs(env)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("starting iac-worker");
-        WorkerProcess { child, log }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then waits for the exit.
-    async fn terminate(&mut self) {
-        // SAFETY: signalling a child this test started.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + WAIT;
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the worker did not exit after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn a_sync_cut_short_by_a_crashed_worker_runs_again_without_overlap() {
     let h = Harness::new().await;
@@ -561,14 +519,14 @@ async fn a_sync_cut_short_by_a_crashed_worker_runs_again_without_overlap() {
     h.fixture.commit("slow redis");
     let workspace = h.workspace("ws");
     let args = h.args(&workspace, &["--worker-ack-wait", "2s"]);
-    let mut crashing =
-        WorkerProcess::spawn(&args, &HashMap::new(), h.workspace("logs").join("a.log"));
+    let mut crashing = h.spawn_process(&args, &[], h.workspace("logs").join("a.log"));
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
 
-    let killed = wait_for("the first run of redis.sync", WAIT, || async {
-        task_runs(&h.fixture).into_iter().next()
-    })
-    .await;
+    let killed = h
+        .wait_for("the first run of redis.sync", WAIT, || async {
+            task_runs(&h.fixture).into_iter().next()
+        })
+        .await;
     crashing.kill();
     // A standby on another machine (its own workspace) takes the event over once the ack
     // wait runs out; only the kernel's parent-death signal stopped the first run.
@@ -751,19 +709,24 @@ async fn repository_credentials_never_reach_the_logs_or_the_results() {
     let mut args = h.args(&workspace, &[]);
     let at = args.iter().position(|a| a == "--git-repo-url").unwrap();
     args.drain(at..=at + 1);
-    let env = HashMap::from([("GIT_REPO_URL", url.as_str())]);
+    let env = [("GIT_REPO_URL", url.as_str())];
 
     let help = Command::new(project_binary("iac-worker"))
         .arg("--help")
-        .envs(&env)
+        .envs(env)
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&help.stdout).contains(secret));
 
-    let mut worker = WorkerProcess::spawn(&args, &env, h.workspace("logs").join("w.log"));
+    let mut worker = h.spawn_process(&args, &env, h.workspace("logs").join("w.log"));
     let seq = h.publish_bare(SYNC_SUBJECT, r#"{"all": true}"#).await;
     let finished = h.finished_for(seq).await;
-    worker.terminate().await;
+    let status = worker.terminate(WAIT).expect("the worker was running");
+    assert_ne!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the worker did not exit after SIGTERM"
+    );
 
     assert_eq!(finished.state, FinishedState::Error);
     let error = finished.error.clone().unwrap();
@@ -791,12 +754,13 @@ async fn the_metrics_count_syncs_and_tasks() {
     let (_, seq) = h.push_change(&format!("{POSTGRES}/compose.yaml")).await;
     h.finished_for(seq).await;
 
-    let body = wait_for("metrics with the sync", WAIT, || async {
-        let body = http_get(port, "/metrics").await?;
-        body.contains(r#"iac_worker_syncs_total{state="success"} 1"#)
-            .then_some(body)
-    })
-    .await;
+    let body = h
+        .wait_for("metrics with the sync", WAIT, || async {
+            let body = http_get(port, "/metrics").await?;
+            body.contains(r#"iac_worker_syncs_total{state="success"} 1"#)
+                .then_some(body)
+        })
+        .await;
     assert!(
         body.contains(r#"iac_worker_tasks_total{outcome="synced"} 1"#),
         "{body}"
@@ -848,7 +812,7 @@ async fn a_replayed_event_names_its_original_and_forces_the_tasks() {
         .map(|r| r.force)
         .collect();
     assert_eq!(forced, [false, true]);
-    wait_for("the replay counted", WAIT, || async {
+    h.wait_for("the replay counted", WAIT, || async {
         http_get(port, "/metrics")
             .await
             .filter(|b| b.contains("iac_worker_replays_total 1"))
@@ -864,7 +828,7 @@ async fn on_shutdown_a_short_task_finishes_and_its_event_is_acknowledged() {
     h.fixture.commit("redis takes a second");
     let worker = h.start(&h.workspace("ws"), &["--shutdown-grace", "20s"]);
     let (_, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
-    wait_for("redis.sync to start", WAIT, || async {
+    h.wait_for("redis.sync to start", WAIT, || async {
         task_runs(&h.fixture).into_iter().next()
     })
     .await;
@@ -893,20 +857,22 @@ async fn on_shutdown_a_long_task_is_killed_after_the_grace_and_its_event_handed_
     let workspace = h.workspace("ws");
     let worker = h.start(&workspace, &["--shutdown-grace", "200ms"]);
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
-    let first = wait_for("redis.sync to start", WAIT, || async {
-        task_runs(&h.fixture).into_iter().next()
-    })
-    .await;
+    let first = h
+        .wait_for("redis.sync to start", WAIT, || async {
+            task_runs(&h.fixture).into_iter().next()
+        })
+        .await;
     worker.stop().await;
     assert!(!process_alive(first.pid), "the task was killed");
     assert!(h.finished().await.is_empty(), "nothing finished");
 
     // The default ack wait is 30 s: finishing well before it shows the event was handed back.
     let standby = h.start(&workspace, &[]);
-    let finished = wait_for("the standby's result", Duration::from_secs(20), || async {
-        h.finished().await.into_iter().find(|f| f.event_seq == seq)
-    })
-    .await;
+    let finished = h
+        .wait_for("the standby's result", Duration::from_secs(20), || async {
+            h.finished().await.into_iter().find(|f| f.event_seq == seq)
+        })
+        .await;
     assert_eq!(finished.state, FinishedState::Success);
     assert_eq!(finished.commit.as_deref(), Some(commit.as_str()));
     let runs = task_runs(&h.fixture);
@@ -926,10 +892,9 @@ async fn an_event_whose_attempts_ran_out_is_reported_as_an_error_and_not_run_aga
         &workspace,
         &["--worker-ack-wait", "1s", "--sync-max-attempts", "1"],
     );
-    let mut crashing =
-        WorkerProcess::spawn(&args, &HashMap::new(), h.workspace("logs").join("a.log"));
+    let mut crashing = h.spawn_process(&args, &[], h.workspace("logs").join("a.log"));
     let (commit, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
-    wait_for("the only attempt to start", WAIT, || async {
+    h.wait_for("the only attempt to start", WAIT, || async {
         task_runs(&h.fixture).into_iter().next()
     })
     .await;
@@ -970,7 +935,6 @@ async fn a_task_left_running_in_the_workspace_is_killed_before_the_next_sync_sta
 
     assert_eq!(h.finished_for(seq).await.state, FinishedState::Success);
     let status = orphan.try_wait().unwrap().expect("the orphan was killed");
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     assert!(!workspace.join(".sync.pgid").exists());
     worker.stop().await;
