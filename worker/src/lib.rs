@@ -518,6 +518,7 @@ async fn publish_finished(
     delivery: &Delivery,
     finished: &SyncFinished,
 ) -> Option<()> {
+    let finished = &decide::fit_to_message(finished.clone(), ctx.js.client().max_payload());
     publish(ctx, FINISHED_SUBJECT, delivery, "finished", finished).await?;
     ctx.metrics
         .sync_finished(finished.state, finished.replay_of.is_some());
