@@ -2,7 +2,12 @@
 
 The repository root holds fixture.json with {"log": "<path>"}: every task run appends a
 "start" and an "end" line (JSON) to that log, which the tests read back. A service directory
-may hold behaviour.json with {"sleep": seconds, "exit": code} to make its task slow or fail.
+may hold behaviour.json with {"sleep": seconds, "exit": code} to make its task slow or fail,
+and with {"output_lines": n, "line_bytes": m, "unterminated_bytes": k} to make it print n
+lines of m bytes, then k bytes without a newline.
+
+Every run imports `uuid` (each record carries a run id), which fails if the task sees the
+repository's `platform/` package ahead of the standard library's `platform` module.
 """
 
 import json
@@ -10,6 +15,7 @@ import os
 import pathlib
 import sys
 import time
+import uuid
 
 
 def _append(log: str, record: dict) -> None:
@@ -19,6 +25,18 @@ def _append(log: str, record: dict) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def _print_as_told(behaviour: dict) -> None:
+    line = "x" * int(behaviour.get("line_bytes", 0))
+    for i in range(int(behaviour.get("output_lines", 0))):
+        print(f"{i:06d}{line}", flush=True)
+    unterminated = int(behaviour.get("unterminated_bytes", 0))
+    while unterminated > 0:
+        chunk = min(unterminated, 1 << 20)
+        sys.stdout.write("y" * chunk)
+        sys.stdout.flush()
+        unterminated -= chunk
 
 
 def run_sync(deploy_file: str) -> None:
@@ -37,9 +55,11 @@ def run_sync(deploy_file: str) -> None:
         "dir": service_dir.name,
         "pid": os.getpid(),
         "cwd": os.getcwd(),
+        "run_id": uuid.uuid4().hex,
     }
     _append(log, dict(record, phase="start", t=time.time()))
     print(f"syncing {service_dir.name}", flush=True)
+    _print_as_told(behaviour)
     time.sleep(float(behaviour.get("sleep", 0)))
     _append(log, dict(record, phase="end", t=time.time()))
     code = int(behaviour.get("exit", 0))
