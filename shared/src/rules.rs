@@ -33,6 +33,10 @@ pub struct Service {
     pub task: String,
     /// `platform/01.postgres`
     pub dir: String,
+    /// Why the service must not run, when it must not: its task is also the task of a
+    /// directory that is never synced automatically, or its directory starts with `-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// The effect of one changed path.
@@ -374,6 +378,8 @@ impl Rules {
     /// Services among repository files: each `<dir>/deploy.py` whose `<dir>` is a service.
     ///
     /// Sorted by key; when two directories give the same key the first in path order wins.
+    /// A service that must not run is still found, with [`Service::refused`] saying why, so
+    /// that its result tells the user.
     pub fn discover<'a>(&self, files: impl IntoIterator<Item = &'a str>) -> Vec<Service> {
         let mut by_key: BTreeMap<String, Service> = BTreeMap::new();
         let mut dirs: Vec<&str> = files
@@ -381,13 +387,55 @@ impl Rules {
             .filter_map(|f| f.strip_suffix("/deploy.py"))
             .collect();
         dirs.sort_unstable();
+        let never_tasks = self.never_tasks(&dirs);
         for dir in dirs {
-            if let Some(service) = self.service_for_dir(dir) {
+            if let Some(mut service) = self.service_for_dir(dir) {
+                service.refused = refusal(&service, &never_tasks);
                 by_key.entry(service.key.clone()).or_insert(service);
             }
         }
         by_key.into_values().collect()
     }
+
+    /// The task names each directory under a `never` path could answer to, with the first
+    /// such directory: what a service rule of the same depth would call its task.
+    ///
+    /// The rules do not say how the repository names the tasks of those directories (the
+    /// example's `tasks.py` gives `bootstrap/01.vault` the task `vault.sync`, as if it were
+    /// under `platform/`), so every name a rule could give is taken to be theirs: a service
+    /// with one of them could run a directory that must only ever run by hand.
+    fn never_tasks<'a>(&self, dirs: &[&'a str]) -> BTreeMap<String, &'a str> {
+        let mut tasks = BTreeMap::new();
+        for &dir in dirs.iter().filter(|dir| self.never.is_match(dir)) {
+            let Some((name, last)) = names(dir) else {
+                continue;
+            };
+            let depth = dir.split('/').count();
+            for rule in self.services.iter().filter(|rule| rule.depth == depth) {
+                tasks.entry(fill(&rule.task, name, last)).or_insert(dir);
+            }
+        }
+        tasks
+    }
+}
+
+/// Why `service` must not run, if it must not. `never_tasks` comes from
+/// [`Rules::never_tasks`].
+fn refusal(service: &Service, never_tasks: &BTreeMap<String, &str>) -> Option<String> {
+    let (name, last) = names(&service.dir)?;
+    if last.starts_with('-') || name.starts_with('-') || service.task.starts_with('-') {
+        return Some(format!(
+            "refused: the service directory {} starts with '-', which a command would read \
+             as an option; rename the directory",
+            service.dir
+        ));
+    }
+    let never = never_tasks.get(&service.task)?;
+    Some(format!(
+        "refused: the task {} of {} is also the task of {never}, which is never synced \
+         automatically; rename one of the two directories",
+        service.task, service.dir
+    ))
 }
 
 impl ServiceRule {
@@ -408,6 +456,7 @@ impl ServiceRule {
             key,
             task: fill(&self.task, name, last),
             dir: dir.to_string(),
+            refused: None,
         })
     }
 }
@@ -586,6 +635,58 @@ mod tests {
             ]
         );
         assert_eq!(found[1].dir, "platform/01.postgres");
+    }
+
+    #[test]
+    fn a_service_sharing_its_task_with_a_bootstrap_directory_is_refused_naming_both() {
+        let found = Rules::default().discover([
+            "platform/50.vault/deploy.py",
+            "platform/01.postgres/deploy.py",
+            "finance_report/finance_report/10.vault/deploy.py",
+            "bootstrap/01.vault/deploy.py",
+            "bootstrap/01.vault/sub/postgres/deploy.py",
+        ]);
+        let refused: Vec<(&str, Option<&str>)> = found
+            .iter()
+            .map(|s| (s.key.as_str(), s.refused.as_deref()))
+            .collect();
+        assert_eq!(refused[0], ("finance_report/vault", None));
+        assert_eq!(refused[1], ("platform/postgres", None));
+        let (key, reason) = refused[2];
+        assert_eq!(key, "platform/vault");
+        let reason = reason.expect("platform/vault is refused");
+        assert!(
+            reason.contains("vault.sync")
+                && reason.contains("platform/50.vault")
+                && reason.contains("bootstrap/01.vault"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_service_directory_starting_with_a_dash_is_refused() {
+        let found =
+            Rules::default().discover(["platform/-rf/deploy.py", "platform/01.--list/deploy.py"]);
+        assert_eq!(found.len(), 2);
+        for service in &found {
+            let reason = service.refused.as_deref().unwrap_or_default();
+            assert!(
+                reason.contains(&service.dir) && reason.contains("'-'"),
+                "{service:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_package_file_at_a_layer_root_is_not_a_service() {
+        let rules = Rules::default();
+        assert_eq!(rules.classify("platform/__init__.py"), Effect::Nothing);
+        assert!(rules.map_paths(["platform/__init__.py"]).is_empty());
+        assert!(
+            rules
+                .discover(["platform/__init__.py", "platform/deploy.py"])
+                .is_empty()
+        );
     }
 
     #[test]

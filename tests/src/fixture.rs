@@ -3,6 +3,11 @@
 //! The files come from `tests/data/monorepo/` (the root `tasks.py` from the example monorepo in
 //! `deploy/example-infra/`); every service's `sync` task appends a start and
 //! an end record to a log the test reads back with [`Fixture::runs`].
+//!
+//! `platform/__init__.py` makes `platform/` a package named like Python's standard `platform`
+//! module (it is no service: services are `platform/{nn}.{name}/` directories), and every task
+//! imports `uuid`, which needs the standard one: a task that sees the repository ahead of the
+//! standard library fails.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -206,7 +206,9 @@ pub fn service_result(service: &Service, end: TaskEnd, duration: Duration) -> Se
         TaskEnd::Exited { code: Some(0), .. } => (SyncOutcome::Synced, Some(0), Vec::new()),
         TaskEnd::Exited { code, tail } => (SyncOutcome::Failed, code, tail),
         TaskEnd::TimedOut { tail } => (SyncOutcome::TimedOut, None, tail),
-        TaskEnd::CannotStart(reason) => (SyncOutcome::Failed, None, vec![reason]),
+        TaskEnd::CannotStart(reason) | TaskEnd::Refused(reason) => {
+            (SyncOutcome::Failed, None, vec![reason])
+        }
         TaskEnd::Interrupted => (SyncOutcome::Failed, None, vec!["interrupted".into()]),
     };
     ServiceResult {
@@ -360,6 +362,155 @@ impl ResultHeader {
 /// The `error` text of an event given up after its last attempt.
 pub fn gave_up_reason(max_attempts: i64) -> String {
     format!("gave up after {max_attempts} attempts")
+}
+
+/// Room left in a result message for its headers when a result is fitted to `max_payload`.
+pub const RESULT_HEADER_ROOM: usize = 4096;
+/// The payload limit assumed when the server has not told one (the NATS default).
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// Room kept in a cut tail for the line that says how many lines were cut.
+const CUT_MARK_ROOM: usize = 96;
+/// Room a non-empty `output_tail` field takes besides its lines (`,"output_tail":[]`).
+const TAIL_FIELD_ROOM: usize = 24;
+
+/// `finished`, cut to fit one NATS message of `max_payload` bytes (as the server announced,
+/// `0` when unknown): a result that cannot be stored would be retried for ever and stall
+/// every later event.
+///
+/// Output tails are cut first, from their oldest lines: each service gets an equal share of
+/// the room, and a service whose tail is smaller than its share leaves the rest to the others.
+/// A cut tail starts with a line saying how many lines were cut. A result that does not fit
+/// even without its tails (thousands of services) becomes an error result without services.
+pub fn fit_to_message(mut finished: SyncFinished, max_payload: usize) -> SyncFinished {
+    let max_payload = if max_payload == 0 {
+        DEFAULT_MAX_PAYLOAD
+    } else {
+        max_payload
+    };
+    let limit = max_payload.saturating_sub(RESULT_HEADER_ROOM);
+    let size = json_len(&finished);
+    if size <= limit {
+        return finished;
+    }
+    let tails: Vec<Vec<String>> = finished
+        .services
+        .iter_mut()
+        .map(|s| std::mem::take(&mut s.output_tail))
+        .collect();
+    let with_tails = tails.iter().filter(|t| !t.is_empty()).count();
+    let room =
+        limit.checked_sub(json_len(&finished) + with_tails * (TAIL_FIELD_ROOM + CUT_MARK_ROOM));
+    if let Some(room) = room {
+        let shares = fair_shares(&tails.iter().map(|t| tail_len(t)).collect::<Vec<_>>(), room);
+        for ((service, tail), share) in finished.services.iter_mut().zip(tails).zip(shares) {
+            service.output_tail = last_lines_within(tail, share);
+        }
+        if json_len(&finished) <= limit {
+            return finished;
+        }
+    }
+    too_large(finished, size, limit)
+}
+
+/// The result stored in place of one too large for a message even without output tails.
+fn too_large(finished: SyncFinished, size: usize, limit: usize) -> SyncFinished {
+    let reason = format!(
+        "the result of this sync ({} services, {size} bytes) does not fit in one message of \
+         {limit} bytes even without the tasks' output; the services' results are not stored",
+        finished.services.len()
+    );
+    SyncFinished {
+        state: FinishedState::Error,
+        services: Vec::new(),
+        totals: Totals::default(),
+        error: Some(reason),
+        ..finished
+    }
+}
+
+/// How much of `room` each of `wants` gets: an equal share, where what a small want leaves
+/// over goes to the larger ones.
+fn fair_shares(wants: &[usize], room: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..wants.len()).collect();
+    order.sort_by_key(|&i| wants[i]);
+    let mut shares = vec![0; wants.len()];
+    let mut left = room;
+    for (given, &i) in order.iter().enumerate() {
+        let share = wants[i].min(left / (wants.len() - given));
+        shares[i] = share;
+        left -= share;
+    }
+    shares
+}
+
+/// The newest lines of `tail` whose JSON takes at most `room` bytes; when some are dropped,
+/// a first line says how many. A last line larger than the room on its own is cut too.
+fn last_lines_within(mut tail: Vec<String>, room: usize) -> Vec<String> {
+    if tail_len(&tail) <= room {
+        return tail;
+    }
+    if room < 64 {
+        return vec![format!(
+            "… [{} lines cut to fit the result in one message]",
+            tail.len()
+        )];
+    }
+    let mut used = 0;
+    let mut first_kept = tail.len();
+    while first_kept > 0 && used + line_len(&tail[first_kept - 1]) <= room {
+        first_kept -= 1;
+        used += line_len(&tail[first_kept]);
+    }
+    if first_kept == tail.len() {
+        // Not even the newest line fits whole: keep its beginning.
+        first_kept -= 1;
+        let line = &mut tail[first_kept];
+        let mark_room = 40;
+        let mut kept = 0;
+        let mut escaped = 0;
+        for (i, c) in line.char_indices() {
+            escaped += escaped_len(c);
+            if escaped + mark_room + 3 > room {
+                break;
+            }
+            kept = i + c.len_utf8();
+        }
+        let cut = line.len() - kept;
+        line.truncate(kept);
+        line.push_str(&format!("… [cut: {cut} bytes]"));
+    }
+    let dropped = first_kept;
+    let mut kept = tail.split_off(first_kept);
+    if dropped > 0 {
+        kept.insert(
+            0,
+            format!("… [{dropped} earlier lines cut to fit the result in one message]"),
+        );
+    }
+    kept
+}
+
+/// Bytes `tail` takes as a JSON array's elements (without the brackets).
+fn tail_len(tail: &[String]) -> usize {
+    tail.iter().map(|line| line_len(line)).sum()
+}
+
+/// Bytes `line` takes as a JSON string and the comma after it.
+fn line_len(line: &str) -> usize {
+    line.chars().map(escaped_len).sum::<usize>() + 3
+}
+
+/// Bytes `c` takes inside a JSON string, at most (control characters as `\u00XX`).
+fn escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+fn json_len(finished: &SyncFinished) -> usize {
+    serde_json::to_vec(finished).map_or(usize::MAX, |json| json.len())
 }
 
 #[cfg(test)]
@@ -654,6 +805,7 @@ mod tests {
             key: "platform/postgres".into(),
             task: "postgres.sync".into(),
             dir: "platform/01.postgres".into(),
+            refused: None,
         };
         let d = Duration::from_millis(1500);
         let ok = service_result(
@@ -686,5 +838,111 @@ mod tests {
         assert_eq!(timed_out.outcome, SyncOutcome::TimedOut);
         let missing = service_result(&service, TaskEnd::CannotStart("cannot start".into()), d);
         assert_eq!(missing.outcome, SyncOutcome::Failed);
+        let refused = service_result(&service, TaskEnd::Refused("refused: x".into()), d);
+        assert_eq!(
+            (refused.outcome, refused.exit_code, refused.output_tail),
+            (SyncOutcome::Failed, None, vec!["refused: x".to_string()])
+        );
+    }
+
+    fn result_with_tails(tails: &[Vec<String>]) -> SyncFinished {
+        let header = ResultHeader::new(&Delivery::new(PUSH_SUBJECT, 9, 1, |_| None), None, None);
+        let services = tails
+            .iter()
+            .enumerate()
+            .map(|(i, tail)| ServiceResult {
+                service: format!("platform/s{i}"),
+                task: Some(format!("s{i}.sync")),
+                outcome: SyncOutcome::Failed,
+                exit_code: Some(1),
+                output_tail: tail.clone(),
+                duration_ms: 5,
+            })
+            .collect();
+        header.finished(&"c".repeat(40), services, 10)
+    }
+
+    fn lines(n: usize, bytes: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("{i:06}{}", "x".repeat(bytes)))
+            .collect()
+    }
+
+    const MB: usize = 1024 * 1024;
+
+    #[test]
+    fn a_result_that_fits_is_stored_as_it_is() {
+        let finished = result_with_tails(&[lines(20, 100)]);
+        assert_eq!(fit_to_message(finished.clone(), MB), finished);
+    }
+
+    #[test]
+    fn big_tails_keep_their_newest_lines_and_say_how_many_were_cut() {
+        let finished = result_with_tails(&[lines(100, 16 * 1024), lines(3, 10)]);
+        let fitted = fit_to_message(finished.clone(), MB);
+        assert!(serde_json::to_vec(&fitted).unwrap().len() <= MB - RESULT_HEADER_ROOM);
+        assert_eq!(
+            (fitted.state, fitted.totals),
+            (finished.state, finished.totals)
+        );
+        let big = &fitted.services[0].output_tail;
+        assert!(big.len() > 40, "most of the room is used: {}", big.len());
+        let cut = 100 - (big.len() - 1);
+        assert_eq!(
+            big[0],
+            format!("… [{cut} earlier lines cut to fit the result in one message]")
+        );
+        assert_eq!(big.last(), finished.services[0].output_tail.last());
+        assert_eq!(
+            fitted.services[1].output_tail,
+            finished.services[1].output_tail
+        );
+    }
+
+    #[test]
+    fn one_line_larger_than_its_share_keeps_its_beginning() {
+        let finished = result_with_tails(&[vec!["a".repeat(3 * MB)], vec!["b".repeat(MB)]]);
+        let fitted = fit_to_message(finished, MB);
+        assert!(serde_json::to_vec(&fitted).unwrap().len() <= MB - RESULT_HEADER_ROOM);
+        for service in &fitted.services {
+            let line = service.output_tail.last().unwrap();
+            assert!(
+                line.len() > 100_000 && line.contains("… [cut: "),
+                "{}",
+                &line[line.len() - 40..]
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_output_is_counted_as_it_is_written() {
+        let quotes = vec!["\"\u{1}\\".repeat(10_000); 200];
+        let fitted = fit_to_message(result_with_tails(&[quotes]), 256 * 1024);
+        assert!(serde_json::to_vec(&fitted).unwrap().len() <= 256 * 1024 - RESULT_HEADER_ROOM);
+        assert!(fitted.services[0].output_tail.len() > 2);
+    }
+
+    #[test]
+    fn a_result_too_large_without_output_becomes_a_small_error() {
+        let tails: Vec<Vec<String>> = (0..5000).map(|_| lines(1, 100)).collect();
+        let fitted = fit_to_message(result_with_tails(&tails), 64 * 1024);
+        assert!(serde_json::to_vec(&fitted).unwrap().len() <= 64 * 1024);
+        assert_eq!(fitted.state, FinishedState::Error);
+        assert!(fitted.services.is_empty());
+        assert!(fitted.error.unwrap().contains("5000 services"));
+    }
+
+    #[test]
+    fn an_unknown_payload_limit_is_taken_as_the_nats_default() {
+        let fitted = fit_to_message(result_with_tails(&[lines(200, 16 * 1024)]), 0);
+        let size = serde_json::to_vec(&fitted).unwrap().len();
+        assert!(size <= MB - RESULT_HEADER_ROOM && size > MB / 2, "{size}");
+    }
+
+    #[test]
+    fn shares_are_equal_and_what_small_wants_leave_goes_to_the_large() {
+        assert_eq!(fair_shares(&[10, 1000, 1000], 610), [10, 300, 300]);
+        assert_eq!(fair_shares(&[5, 5], 100), [5, 5]);
+        assert_eq!(fair_shares(&[], 100), Vec::<usize>::new());
     }
 }

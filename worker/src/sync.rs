@@ -4,7 +4,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, SyncStarted};
 use iac_shared::history::newest_results;
 use iac_shared::names::{EVENT_ID_HEADER, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT};
@@ -281,6 +281,7 @@ async fn publish_finished(
     delivery: &Delivery,
     finished: &SyncFinished,
 ) -> Option<()> {
+    let finished = &decide::fit_to_message(finished.clone(), ctx.js.client().max_payload());
     publish(ctx, FINISHED_SUBJECT, delivery, "finished", finished).await?;
     ctx.metrics
         .sync_finished(finished.state, finished.replay_of.is_some());
@@ -295,7 +296,9 @@ async fn publish_finished(
 }
 
 /// Publishes a result and waits until the stream stored it, retrying while NATS is away;
-/// `None` when shutdown came first.
+/// `None` when shutdown came first, or when the result is too large for one message: waiting
+/// cannot mend that, so the event is handed back and, after its last attempt, given up with a
+/// small result.
 async fn publish<T: Serialize>(
     ctx: &Context,
     subject: &'static str,
@@ -318,11 +321,15 @@ async fn publish<T: Serialize>(
                 .header(EVENT_ID_HEADER, delivery.event_id.as_str())
                 .header(MSG_ID_HEADER, msg_id.as_str());
             match ctx.js.send_publish(subject, message).await {
-                Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(drop),
+                Err(e) => Err(e),
             }
         },
         |e, _| {
+            if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+                tracing::error!(error = %e, %subject, bytes = payload.len(), "the result is too large to store");
+                return false;
+            }
             tracing::warn!(error = %e, %subject, "cannot store the result yet; retrying");
             true
         },

@@ -1,5 +1,11 @@
 //! Running one service's task: the configured command without a shell, in the checkout, in its
 //! own process group, its output streamed to the log, killed on timeout or with the worker.
+//!
+//! When the command's program is invoke's script, the worker starts invoke itself through the
+//! script's Python with [`INVOKE_BOOTSTRAP`], so that the checkout's modules are importable
+//! but never ahead of the standard library (a repository's `platform/` package must not hide
+//! Python's `platform`). Any other command runs as written, with nothing added to its
+//! `PYTHONPATH`.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -9,12 +15,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iac_shared::rules::Service;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::Instrument;
 
 use crate::task_env::{Masker, TaskEnv};
 
 const TASK_PLACEHOLDER: &str = "{task}";
+
+/// Longest output line kept: the rest of a longer line is dropped, and counted in a mark.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+/// How much task output is read at a time.
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+
+/// Names of the scripts invoke installs.
+const INVOKE_SCRIPTS: &[&str] = &["invoke", "inv"];
+
+/// Python run as `<python> -P -c INVOKE_BOOTSTRAP <args>` in place of invoke's script. `-P`
+/// keeps the current directory off the front of `sys.path`; the checkout (the current
+/// directory) is appended to the end instead, behind the standard library and the installed
+/// packages. Invoke's loader then finds it already on `sys.path` and does not insert it first.
+pub const INVOKE_BOOTSTRAP: &str = "import os, sys; sys.path.append(os.getcwd()); \
+sys.argv[0] = 'invoke'; from invoke.main import program; sys.exit(program.run())";
 
 /// `SYNC_COMMAND`, split into arguments once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +68,72 @@ impl SyncCommand {
     }
 }
 
+/// The program and arguments that start `argv` (a command with its task filled in).
+///
+/// When the program is invoke's script (named `invoke` or `inv`) and `script_head`, the
+/// script's first line, names its interpreter (`#!/opt/venv/bin/python` or
+/// `#!/usr/bin/env python3`), invoke is started through that interpreter with
+/// [`INVOKE_BOOTSTRAP`]. Anything else (another program, an invoke that is not a Python
+/// script) is started as it is.
+pub fn launch_argv(argv: &[String], script_head: Option<&str>) -> Vec<String> {
+    let program = argv.first().map(|p| Path::new(p.as_str()));
+    let is_invoke = program
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| INVOKE_SCRIPTS.contains(&name));
+    // The words up to the Python interpreter: `/usr/bin/env python3` or `/opt/venv/bin/python`.
+    let words: Vec<&str> = script_head
+        .and_then(|head| head.strip_prefix("#!"))
+        .map(|rest| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let python = words.iter().position(|word| {
+        Path::new(word)
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("python"))
+    });
+    let (true, Some(python)) = (is_invoke, python) else {
+        return argv.to_vec();
+    };
+    let interpreter = &words[..=python];
+    interpreter
+        .iter()
+        .map(|word| word.to_string())
+        .chain(["-P".into(), "-c".into(), INVOKE_BOOTSTRAP.into()])
+        .chain(argv[1..].iter().cloned())
+        .collect()
+}
+
+/// The file `program` starts: a path with a `/` taken from `dir` (where the command runs),
+/// else the first executable of that name on `PATH`.
+fn resolve_program(program: &str, dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return Some(dir.join(program));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|entry| dir.join(entry).join(program))
+        .find(|candidate| executable(candidate))
+}
+
+/// The first line of a script, if it starts with `#!`.
+fn script_head(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .ok()?;
+    let head = &head[..read];
+    let line = head.split(|&b| b == b'\n').next()?;
+    line.starts_with(b"#!")
+        .then(|| String::from_utf8_lossy(line).trim_end().to_string())
+}
+
 /// Everything a task run needs besides the service.
 #[derive(Debug, Clone)]
 pub struct TaskRunner {
@@ -70,6 +157,8 @@ pub enum TaskEnd {
     /// The worker is shutting down and the grace period ran out.
     Interrupted,
     CannotStart(String),
+    /// The service must not run (see [`Service::refused`]); nothing was started.
+    Refused(String),
 }
 
 type Tail = Arc<Mutex<VecDeque<String>>>;
@@ -86,13 +175,18 @@ impl TaskRunner {
         env: &TaskEnv,
         interrupt: impl Future<Output = ()>,
     ) -> TaskEnd {
+        if let Some(reason) = refusal(service) {
+            tracing::warn!(service = %service.key, dir = %service.dir, "{reason}");
+            return TaskEnd::Refused(reason);
+        }
         let argv = self.command.for_task(&service.task);
+        let head = resolve_program(&argv[0], checkout).and_then(|p| script_head(&p));
+        let argv = launch_argv(&argv, head.as_deref());
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(checkout)
             .env_clear()
             .envs(&env.vars)
-            .env("PYTHONPATH", checkout)
             .env("PYTHONUNBUFFERED", "1")
             .env("IAC_SERVICE", &service.key)
             .env("IAC_TASK", &service.task)
@@ -172,15 +266,9 @@ impl TaskRunner {
         let masker = masker.clone();
         let span = tracing::Span::current();
         let read = async move {
-            let mut reader = BufReader::new(output);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line = masker.mask(String::from_utf8_lossy(&buf).trim_end());
+            let mut output = output;
+            let keep_line = |line: String| {
+                let line = masker.mask(&line);
                 tracing::info!(service = %key, "| {line}");
                 if let Ok(mut tail) = tail.lock() {
                     if tail.len() == keep {
@@ -188,6 +276,19 @@ impl TaskRunner {
                     }
                     tail.push_back(line);
                 }
+            };
+            // Fixed-size reads: a task printing endlessly without a newline costs at most
+            // one chunk and one cut line.
+            let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+            let mut lines = LineCutter::default();
+            loop {
+                match output.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => lines.feed(&chunk[..n], keep_line),
+                }
+            }
+            if let Some(last) = lines.finish() {
+                keep_line(last);
             }
         };
         tokio::spawn(read.instrument(span))
@@ -203,6 +304,61 @@ pub fn forbid_inspection() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Why a service must not run, if it must not: the reason discovery found, or a task that a
+/// command would read as an option.
+fn refusal(service: &Service) -> Option<String> {
+    service.refused.clone().or_else(|| {
+        service.task.starts_with('-').then(|| {
+            format!(
+                "refused: the task {:?} of {} starts with '-', which a command would read as an option",
+                service.task, service.dir
+            )
+        })
+    })
+}
+
+/// Splits output into lines as it arrives, keeping at most [`MAX_LINE_BYTES`] of each line
+/// and counting what it drops, so that a line without end costs bounded memory.
+#[derive(Debug, Default)]
+struct LineCutter {
+    kept: Vec<u8>,
+    cut: usize,
+}
+
+impl LineCutter {
+    /// Takes the next piece of output, handing each line it completes to `emit`.
+    fn feed(&mut self, mut piece: &[u8], mut emit: impl FnMut(String)) {
+        while let Some(end) = piece.iter().position(|&b| b == b'\n') {
+            self.take(&piece[..end]);
+            emit(self.line());
+            piece = &piece[end + 1..];
+        }
+        self.take(piece);
+    }
+
+    /// The unfinished last line, when the output ended without a newline.
+    fn finish(&mut self) -> Option<String> {
+        (!self.kept.is_empty() || self.cut > 0).then(|| self.line())
+    }
+
+    fn take(&mut self, part: &[u8]) {
+        let room = MAX_LINE_BYTES - self.kept.len();
+        let kept = part.len().min(room);
+        self.kept.extend_from_slice(&part[..kept]);
+        self.cut += part.len() - kept;
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::from_utf8_lossy(&self.kept).trim_end().to_string();
+        if self.cut > 0 {
+            line.push_str(&format!("… [cut: {} bytes]", self.cut));
+        }
+        self.kept.clear();
+        self.cut = 0;
+        line
+    }
 }
 
 /// Makes the kernel kill the task when the worker dies, so a redelivered sync never overlaps
@@ -323,6 +479,121 @@ mod tests {
                 .unwrap_err()
                 .contains("split")
         );
+    }
+
+    fn args(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn invoke_runs_through_its_python_with_the_checkout_behind_the_standard_library() {
+        let argv = args(&["/opt/venv/bin/invoke", "--echo", "postgres.sync"]);
+        assert_eq!(
+            launch_argv(&argv, Some("#!/opt/venv/bin/python")),
+            [
+                "/opt/venv/bin/python",
+                "-P",
+                "-c",
+                INVOKE_BOOTSTRAP,
+                "--echo",
+                "postgres.sync"
+            ]
+        );
+        let env = launch_argv(&args(&["inv", "x.sync"]), Some("#!/usr/bin/env python3 -u"));
+        assert_eq!(env[..4], ["/usr/bin/env", "python3", "-P", "-c"]);
+        assert_eq!(env.last().map(String::as_str), Some("x.sync"));
+        assert!(INVOKE_BOOTSTRAP.contains("sys.path.append"));
+        assert!(!INVOKE_BOOTSTRAP.contains("insert"));
+    }
+
+    #[test]
+    fn other_commands_and_an_invoke_that_is_not_a_python_script_run_as_written() {
+        for (argv, head) in [
+            (args(&["make", "postgres.sync"]), Some("#!/usr/bin/python3")),
+            (args(&["/usr/bin/python3", "-m", "invoke", "x"]), None),
+            (args(&["invoke", "x"]), Some("#!/bin/sh")),
+            (args(&["invoke", "x"]), None),
+            (args(&["./invoke-wrapper", "x"]), Some("#!/usr/bin/python3")),
+        ] {
+            assert_eq!(launch_argv(&argv, head), argv, "{argv:?} {head:?}");
+        }
+    }
+
+    #[test]
+    fn the_pinned_invoke_script_is_found_on_path_with_its_interpreter() {
+        let dir = std::env::temp_dir().join(format!("iac-worker-task-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("invoke");
+        std::fs::write(&script, "#!/some/python3\nimport sys\n").unwrap();
+        assert_eq!(script_head(&script).as_deref(), Some("#!/some/python3"));
+        std::fs::write(&script, "not a script").unwrap();
+        assert_eq!(script_head(&script), None);
+        assert_eq!(
+            resolve_program("bin/invoke", &dir),
+            Some(dir.join("bin/invoke"))
+        );
+        assert!(resolve_program("sh", &dir).is_some_and(|p| p.is_absolute()));
+        assert_eq!(resolve_program("no-such-program-here", &dir), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn cut_lines(pieces: &[&[u8]]) -> Vec<String> {
+        let mut cutter = LineCutter::default();
+        let mut lines = Vec::new();
+        for piece in pieces {
+            cutter.feed(piece, |line| lines.push(line));
+        }
+        lines.extend(cutter.finish());
+        lines
+    }
+
+    #[test]
+    fn output_is_split_into_lines_across_reads() {
+        assert_eq!(
+            cut_lines(&[b"one\ntw", b"o\r\n", b"\nthree"]),
+            ["one", "two", "", "three"]
+        );
+        assert!(cut_lines(&[b""]).is_empty());
+    }
+
+    #[test]
+    fn a_line_over_16_kib_is_cut_and_marked_however_it_arrives() {
+        let long = vec![b'x'; 61440];
+        let whole = cut_lines(&[&long, b"\nnext\n"]);
+        let expected = format!("{}… [cut: 45056 bytes]", "x".repeat(MAX_LINE_BYTES));
+        assert_eq!(whole, [expected.as_str(), "next"]);
+        let in_pieces: Vec<&[u8]> = long.chunks(1000).chain([&b"\nnext\n"[..]]).collect();
+        assert_eq!(cut_lines(&in_pieces), whole);
+    }
+
+    #[test]
+    fn endless_output_without_a_newline_keeps_one_bounded_line() {
+        let mut cutter = LineCutter::default();
+        let chunk = vec![b'y'; READ_CHUNK_BYTES];
+        for _ in 0..1000 {
+            cutter.feed(&chunk, |_| panic!("no newline, no line"));
+            assert!(cutter.kept.len() <= MAX_LINE_BYTES);
+        }
+        let last = cutter.finish().unwrap();
+        assert!(last.ends_with(&format!(
+            "… [cut: {} bytes]",
+            1000 * READ_CHUNK_BYTES - MAX_LINE_BYTES
+        )));
+    }
+
+    #[test]
+    fn a_refused_service_or_a_task_like_an_option_is_never_started() {
+        let service = |task: &str, refused: Option<&str>| Service {
+            key: "platform/x".into(),
+            task: task.into(),
+            dir: "platform/01.x".into(),
+            refused: refused.map(str::to_string),
+        };
+        assert_eq!(refusal(&service("x.sync", None)), None);
+        let told = refusal(&service("x.sync", Some("refused: because"))).unwrap();
+        assert_eq!(told, "refused: because");
+        let option = refusal(&service("--list", None)).unwrap();
+        assert!(option.contains("'-'") && option.contains("platform/01.x"));
     }
 
     #[test]

@@ -2,12 +2,15 @@
 
 The hash covers compose.yaml and the service's environment file (if any). A real monorepo
 stores it as IAC_CONFIG_HASH in Dokploy; this example keeps it in $IAC_EXAMPLE_STATE (a
-directory outside the checkout) and "deploys" by printing what it would send to Dokploy.
+directory outside the checkout) and "deploys" by printing what it would send to Dokploy,
+under a deployment id from `uuid` (which needs the standard library's `platform`, not the
+repository's `platform/` package).
 """
 
 import hashlib
 import os
 import pathlib
+import uuid
 
 
 def config_hash(service_dir: pathlib.Path) -> str:
@@ -30,6 +33,7 @@ def sync(deploy_file: str) -> None:
     if old_hash == new_hash and os.environ.get("IAC_FORCE") != "1":
         print(f"{service}: config hash unchanged ({new_hash[:12]}), skipping deploy")
         return
-    print(f"{service}: deploying compose.yaml to Dokploy (hash {new_hash[:12]})")
+    deployment = uuid.uuid4()
+    print(f"{service}: deploying compose.yaml to Dokploy (hash {new_hash[:12]}, deployment {deployment})")
     state.write_text(new_hash)
     print(f"{service}: deployed")

@@ -3,8 +3,13 @@
 The repository root holds fixture.json with {"log": "<path>"}: every task run appends a
 "start" and an "end" line (JSON) to that log, which the tests read back. A service directory
 may hold behaviour.json with {"sleep": seconds, "exit": code} to make its task slow or fail,
-"echo_env": [names] to print those variables as NAME=value, and "plant_hook": true to leave a
-git hook in the checkout that, if git ever ran it, would write hook-ran.txt beside the log.
+with {"output_lines": n, "line_bytes": m, "unterminated_bytes": k} to make it print n
+lines of m bytes, then k bytes without a newline, with "echo_env": [names] to print those
+variables as NAME=value, and with "plant_hook": true to leave a git hook in the checkout that,
+if git ever ran it, would write hook-ran.txt beside the log.
+
+Every run imports `uuid` (each record carries a run id), which fails if the task sees the
+repository's `platform/` package ahead of the standard library's `platform` module.
 """
 
 import json
@@ -12,6 +17,7 @@ import os
 import pathlib
 import sys
 import time
+import uuid
 
 
 def _append(log: str, record: dict) -> None:
@@ -21,6 +27,18 @@ def _append(log: str, record: dict) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def _print_as_told(behaviour: dict) -> None:
+    line = "x" * int(behaviour.get("line_bytes", 0))
+    for i in range(int(behaviour.get("output_lines", 0))):
+        print(f"{i:06d}{line}", flush=True)
+    unterminated = int(behaviour.get("unterminated_bytes", 0))
+    while unterminated > 0:
+        chunk = min(unterminated, 1 << 20)
+        sys.stdout.write("y" * chunk)
+        sys.stdout.flush()
+        unterminated -= chunk
 
 
 def run_sync(deploy_file: str) -> None:
@@ -39,10 +57,12 @@ def run_sync(deploy_file: str) -> None:
         "dir": service_dir.name,
         "pid": os.getpid(),
         "cwd": os.getcwd(),
+        "run_id": uuid.uuid4().hex,
         "env": dict(os.environ),
     }
     _append(log, dict(record, phase="start", t=time.time()))
     print(f"syncing {service_dir.name}", flush=True)
+    _print_as_told(behaviour)
     for name in behaviour.get("echo_env", []):
         print(f"{name}={os.environ.get(name)}", flush=True)
     if behaviour.get("plant_hook"):
