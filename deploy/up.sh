@@ -102,7 +102,7 @@ echo "==> starting"
 start nats-server nats-server -c "$run_dir/nats.conf"
 start iac-gateway env WEBHOOK_PORT="$webhook_port" WEBHOOK_BIND=127.0.0.1 "$bin/iac-gateway"
 start iac-worker env -u WEBHOOK_SECRET -u GITHUB_TOKEN GIT_REPO_URL="$remote" WORKSPACE="$run_dir/workspace" \
-  SYNC_COMMAND="$root/.venv/bin/invoke {task}" IAC_EXAMPLE_STATE="$run_dir/state" "$bin/iac-worker"
+  SYNC_COMMAND="$root/.venv/bin/invoke {task}" IAC_EXAMPLE_STATE="$run_dir/state" TASK_ENV_PASS=IAC_EXAMPLE_STATE "$bin/iac-worker"
 start iac-reporter env -u WEBHOOK_SECRET GITHUB_REPO=example/infra "$bin/iac-reporter"
 
 for _ in $(seq 100); do

@@ -14,6 +14,7 @@ const DOCUMENTS: &[(&str, bool)] = &[
     ("RELIABILITY.md", true),
     ("README.md", false),
     ("BENCHMARKS.md", false),
+    ("docs/development.md", false),
 ];
 
 #[derive(Debug, PartialEq)]

@@ -6,12 +6,16 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use iac_shared::events::is_valid_git_ref;
+use secrecy::ExposeSecret;
 
 use crate::decide::Target;
 use crate::repo_url::RepoUrl;
 
 /// Longest any single git command may take (a hung remote must not hold the queue forever).
 const GIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A credential helper answering git's `get` with the credentials of `GIT_REPO_URL`.
+const CREDENTIAL_HELPER: &str = "credential.helper=!f() { test \"$1\" = get && printf 'username=%s\\npassword=%s\\n' \"$IAC_GIT_USERNAME\" \"$IAC_GIT_PASSWORD\"; }; f";
 
 /// Why the checkout could not be brought to the wanted commit. Texts are already redacted.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +147,7 @@ impl Checkout {
 
     async fn clone_if_missing(&self) -> Result<(), GitError> {
         if self.dir.join(".git").is_dir() {
-            return Ok(());
+            return self.forget_stored_credentials().await;
         }
         if self.dir.exists() {
             tokio::fs::remove_dir_all(&self.dir)
@@ -165,7 +169,7 @@ impl Checkout {
                 "--quiet",
                 "--no-checkout",
                 "--",
-                self.url.expose(),
+                &self.url.for_git(),
                 &dir,
             ],
         )
@@ -174,6 +178,23 @@ impl Checkout {
             let _ = tokio::fs::remove_dir_all(&self.dir).await;
         }
         result.map(drop)
+    }
+
+    /// Takes the credentials out of a checkout an earlier version cloned with them in the URL.
+    async fn forget_stored_credentials(&self) -> Result<(), GitError> {
+        let secrets = self.url.secrets();
+        if secrets.is_empty() {
+            return Ok(());
+        }
+        let config = tokio::fs::read_to_string(self.dir.join(".git/config"))
+            .await
+            .unwrap_or_default();
+        if secrets.iter().any(|secret| config.contains(secret)) {
+            tracing::info!("removing the credentials stored in the checkout's git config");
+            self.git(&["remote", "set-url", "origin", &self.url.for_git()])
+                .await?;
+        }
+        Ok(())
     }
 
     /// True when `commit` names a commit present in the working copy.
@@ -241,14 +262,21 @@ async fn run_git(url: &RepoUrl, cwd: Option<&Path>, args: &[&str]) -> Result<Str
         "core.quotePath=false",
         "-c",
         "core.hooksPath=/dev/null",
-    ])
-    .args(args)
-    .env("GIT_TERMINAL_PROMPT", "0")
-    .env("LC_ALL", "C")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
+    ]);
+    if let Some((user, password)) = url.http_credentials() {
+        // The helper reads the credentials from git's environment (never its command line,
+        // which any process can read), and only git and its helper ever see them.
+        cmd.args(["-c", "credential.helper=", "-c", CREDENTIAL_HELPER])
+            .env("IAC_GIT_USERNAME", user)
+            .env("IAC_GIT_PASSWORD", password.expose_secret());
+    }
+    cmd.args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }

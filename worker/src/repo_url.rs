@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use percent_encoding::percent_decode_str;
 use secrecy::{ExposeSecret, SecretString};
 
 /// `GIT_REPO_URL`: printed and logged only with its credentials replaced by `***`.
@@ -36,6 +37,36 @@ impl RepoUrl {
             }
         }
         secrets
+    }
+
+    /// The URL git is given. An http(s) URL loses its user information: git gets the
+    /// credentials from [`RepoUrl::http_credentials`] through a helper, so they are never
+    /// written into the checkout's `.git/config`, where a task could read them. Any other URL
+    /// (ssh, scp-like, a path) is given as it is: its user name is not a secret.
+    pub fn for_git(&self) -> String {
+        match self.http_parts() {
+            Some((scheme, _, rest)) => format!("{scheme}://{rest}"),
+            None => self.expose().to_string(),
+        }
+    }
+
+    /// The user name and password of an http(s) URL, percent-decoded as git would.
+    pub fn http_credentials(&self) -> Option<(String, SecretString)> {
+        let (_, userinfo, _) = self.http_parts()?;
+        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+        Some((decode(user), SecretString::from(decode(password))))
+    }
+
+    /// (scheme, userinfo, the rest after `@`) of an http(s) URL with user information.
+    fn http_parts(&self) -> Option<(&str, &str, &str)> {
+        let url = self.expose();
+        let (scheme, rest) = url.split_once("://")?;
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return None;
+        }
+        let userinfo = userinfo(url)?;
+        Some((scheme, userinfo, &rest[userinfo.len() + 1..]))
     }
 
     /// `text` without this URL's credentials, wherever they appear.
@@ -235,5 +266,27 @@ mod tests {
         }
         assert!(RepoUrl::new("https://x/acme/infra.git").check().is_ok());
         assert!(RepoUrl::new("https://x/acme/.infra").check().is_ok());
+    }
+
+    #[test]
+    fn http_credentials_leave_the_url_git_is_given() {
+        let url = RepoUrl::new("https://x-access-token:p%40ss%3Aword@github.com/acme/infra.git");
+        assert_eq!(url.for_git(), "https://github.com/acme/infra.git");
+        let (user, password) = url.http_credentials().unwrap();
+        assert_eq!(user, "x-access-token");
+        assert_eq!(password.expose_secret(), "p@ss:word");
+        let token_only = RepoUrl::new("https://ghp_token@github.com/acme/infra.git");
+        let (user, password) = token_only.http_credentials().unwrap();
+        assert_eq!((user.as_str(), password.expose_secret()), ("ghp_token", ""));
+        for kept in [
+            "ssh://git@github.com/acme/infra.git",
+            "git@github.com:acme/infra.git",
+            "https://github.com/acme/infra.git",
+            "/srv/git/infra.git",
+        ] {
+            let url = RepoUrl::new(kept);
+            assert_eq!(url.for_git(), kept);
+            assert!(url.http_credentials().is_none(), "{kept}");
+        }
     }
 }
