@@ -208,3 +208,37 @@ async fn replaying_results_posts_the_statuses_again() {
     let log = reporter.output();
     assert!(log.contains("a replayed message"), "{log}");
 }
+
+#[tokio::test]
+async fn operator_commands_take_the_global_flags_on_either_side_and_help_lists_them() {
+    let pipeline = Pipeline::new("http://127.0.0.1:9");
+    // The gateway provisions the streams; the operator's environment has no GIT_REPO_URL.
+    let _gateway = pipeline.start_gateway().await;
+    for args in [
+        &["--log-format", "json", "status", "-n", "1"][..],
+        &["status", "-n", "1", "--log-format", "json"],
+    ] {
+        let (ok, out, err) = pipeline.operator("iac-worker", args);
+        assert!(ok, "{args:?}: {err}");
+        assert!(out.contains("queue: 0 waiting"), "{args:?}: {out}");
+    }
+    // A flag before the command's name is the command's: this NATS URL is unreachable.
+    let (ok, _, err) = pipeline.operator(
+        "iac-worker",
+        &["--nats-url", "nats://127.0.0.1:9", "status"],
+    );
+    assert!(!ok, "status used the environment's NATS_URL instead of the flag: {err}");
+    for (binary, commands) in [
+        ("iac-worker", &["replay", "status"][..]),
+        ("iac-reporter", &["replay"]),
+    ] {
+        let (ok, out, _) = pipeline.operator(binary, &["--help"]);
+        assert!(ok, "{binary} --help");
+        for command in commands {
+            assert!(
+                out.lines().any(|l| l.trim_start().starts_with(command)),
+                "{binary} --help does not list {command}:\n{out}"
+            );
+        }
+    }
+}
