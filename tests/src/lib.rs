@@ -10,6 +10,8 @@
 //!   waits that fail as soon as the service's task has ended.
 //! - [`process`]: one of the project's binaries running, its output in a file, shown when the
 //!   test fails and checked for secrets.
+//! - [`worker_harness`]: the worker in this process against one nats-server and the fixture,
+//!   events published as the gateway would, results read back.
 //! - [`pipeline`]: the three binaries on one nats-server or a cluster, one fixture repository,
 //!   and a fake GitHub.
 //! - [`fake_github`]: the commit status API over HTTP, recording what it received, with faults,
@@ -30,6 +32,7 @@ pub mod pipeline;
 pub mod process;
 pub mod services;
 pub mod tools;
+pub mod worker_harness;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -7,6 +7,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use iac_shared::events::SyncFinished;
+use iac_shared::names::FINISHED_SUBJECT;
 use serde_json::Value;
 
 use crate::fixture::Fixture;
@@ -14,6 +16,7 @@ use crate::nats::NatsServer;
 use crate::process::ServiceProcess;
 use crate::tools::{invoke, project_binary};
 use crate::wait_for;
+use crate::worker_harness::results;
 
 /// The webhook secret the pipeline's gateway is started with.
 pub const SECRET: &str = "pipeline-test-secret-7f3a9c";
@@ -260,5 +263,23 @@ impl Pipeline {
         let (commit, delivery, payload) = self.commit_change(path);
         let (status, answer) = self.webhook("push", &delivery, &payload).await;
         (commit, status, answer)
+    }
+
+    /// Waits for the newest finished result at `commit` in `IAC_RESULTS` (single server only).
+    pub async fn finished_at(&self, commit: &str) -> SyncFinished {
+        let nats = self.nats.as_ref().expect("a pipeline on one nats-server");
+        let js = async_nats::jetstream::new(nats.client().await);
+        wait_for(
+            &format!("the finished result at {commit}"),
+            Duration::from_secs(60),
+            || async {
+                results::<SyncFinished>(&js, FINISHED_SUBJECT)
+                    .await
+                    .into_iter()
+                    .map(|(_, finished)| finished)
+                    .rfind(|finished| finished.commit.as_deref() == Some(commit))
+            },
+        )
+        .await
     }
 }

@@ -7,21 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-use async_nats::jetstream;
 use bytes::Bytes;
-use iac_shared::events::{FinishedState, SyncFinished};
-use iac_shared::names::{FINISHED_SUBJECT, RESULTS_STREAM};
+use iac_shared::events::FinishedState;
 use iac_tests::fake_github::FakeGithub;
 use iac_tests::fixture::git;
 use iac_tests::pipeline::Pipeline;
-use iac_tests::wait_for;
 use tokio::io::AsyncWriteExt;
 use warp::Filter;
 use warp::http::{HeaderMap, Method, Response, StatusCode};
 
-const WAIT: Duration = Duration::from_secs(60);
 const USER: &str = "deploy";
 const TOKEN: &str = "s3cret-token-42";
 /// `Basic` credentials for `deploy:s3cret-token-42`.
@@ -131,30 +126,6 @@ async fn http_backend(
         .unwrap()
 }
 
-async fn finished_at(pipeline: &Pipeline, commit: &str) -> SyncFinished {
-    let js = jetstream::new(pipeline.nats.as_ref().expect("one server").client().await);
-    wait_for(&format!("the finished result at {commit}"), WAIT, || {
-        let js = js.clone();
-        async move {
-            let stream = js.get_stream(RESULTS_STREAM).await.ok()?;
-            let mut next = 1;
-            let mut found = None;
-            while let Ok(message) = stream
-                .direct_get_next_for_subject(FINISHED_SUBJECT, Some(next))
-                .await
-            {
-                next = message.sequence + 1;
-                let finished: SyncFinished = serde_json::from_slice(&message.payload).ok()?;
-                if finished.commit.as_deref() == Some(commit) {
-                    found = Some(finished);
-                }
-            }
-            found
-        }
-    })
-    .await
-}
-
 /// A pipeline whose worker clones the fixture over HTTP with credentials in the URL.
 async fn pipeline_over_http(github: &FakeGithub) -> (Pipeline, GitHttp, PathBuf) {
     let mut pipeline = Pipeline::new(&github.url());
@@ -182,7 +153,7 @@ async fn https_credentials_reach_git_through_a_helper_and_never_the_checkouts_co
             .push_change("platform/01.postgres/compose.yaml")
             .await;
         assert_eq!(status, 200);
-        let finished = finished_at(&pipeline, &commit).await;
+        let finished = pipeline.finished_at(&commit).await;
         assert_eq!(finished.state, FinishedState::Success, "{finished:?}");
     }
     assert!(
@@ -230,7 +201,7 @@ async fn credentials_an_earlier_version_left_in_the_checkout_are_removed() {
         .push_change("platform/01.postgres/compose.yaml")
         .await;
     assert_eq!(
-        finished_at(&pipeline, &commit).await.state,
+        pipeline.finished_at(&commit).await.state,
         FinishedState::Success
     );
     let after = std::fs::read_to_string(checkout.join(".git/config")).unwrap();

@@ -227,7 +227,10 @@ async fn operator_commands_take_the_global_flags_on_either_side_and_help_lists_t
         "iac-worker",
         &["--nats-url", "nats://127.0.0.1:9", "status"],
     );
-    assert!(!ok, "status used the environment's NATS_URL instead of the flag: {err}");
+    assert!(
+        !ok,
+        "status used the environment's NATS_URL instead of the flag: {err}"
+    );
     for (binary, commands) in [
         ("iac-worker", &["replay", "status"][..]),
         ("iac-reporter", &["replay"]),

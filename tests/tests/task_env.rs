@@ -5,9 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use async_nats::jetstream;
-use iac_shared::events::{FinishedState, SyncFinished, SyncOutcome};
-use iac_shared::names::{FINISHED_SUBJECT, RESULTS_STREAM};
+use iac_shared::events::{FinishedState, SyncOutcome};
 use iac_tests::fake_github::FakeGithub;
 use iac_tests::pipeline::Pipeline;
 use iac_tests::process::ServiceProcess;
@@ -18,32 +16,6 @@ const WAIT: Duration = Duration::from_secs(60);
 const POSTGRES: &str = "platform/01.postgres";
 const VAULT_TOKEN: &str = "s.vault-token-4f8e2a";
 const WORKER_GITHUB_TOKEN: &str = "ghp_workerOwnToken9d8c7b6a";
-
-/// The finished result of the sync at `commit`, read from `IAC_RESULTS`.
-async fn finished_at(pipeline: &Pipeline, commit: &str) -> SyncFinished {
-    let client = pipeline.nats.as_ref().expect("one server").client().await;
-    let js = jetstream::new(client);
-    wait_for(&format!("the finished result at {commit}"), WAIT, || {
-        let js = js.clone();
-        async move {
-            let stream = js.get_stream(RESULTS_STREAM).await.ok()?;
-            let mut next = 1;
-            let mut found = None;
-            while let Ok(message) = stream
-                .direct_get_next_for_subject(FINISHED_SUBJECT, Some(next))
-                .await
-            {
-                next = message.sequence + 1;
-                let finished: SyncFinished = serde_json::from_slice(&message.payload).ok()?;
-                if finished.commit.as_deref() == Some(commit) {
-                    found = Some(finished);
-                }
-            }
-            found
-        }
-    })
-    .await
-}
 
 /// A pipeline whose worker holds a secret of its own, passes `DOKPLOY_URL`, and reads
 /// `TASK_ENV_FILE` from the fixture's scratch space.
@@ -90,7 +62,7 @@ async fn a_task_gets_the_base_the_passed_names_and_the_env_file_and_never_the_wo
         .push_change(&format!("{POSTGRES}/compose.yaml"))
         .await;
     assert_eq!(status, 200);
-    let finished = finished_at(&pipeline, &commit).await;
+    let finished = pipeline.finished_at(&commit).await;
 
     let names = task_env_names(&pipeline);
     let allowed: BTreeSet<&str> = [
@@ -142,7 +114,7 @@ async fn a_task_gets_the_base_the_passed_names_and_the_env_file_and_never_the_wo
         .push_change(&format!("{POSTGRES}/compose.yaml"))
         .await;
     assert_eq!(
-        finished_at(&pipeline, &rotated).await.state,
+        pipeline.finished_at(&rotated).await.state,
         FinishedState::Success
     );
     let last = pipeline
@@ -172,7 +144,7 @@ async fn a_missing_env_file_ends_the_sync_in_error_naming_it_and_nothing_runs() 
         .push_change(&format!("{POSTGRES}/compose.yaml"))
         .await;
     assert_eq!(status, 200);
-    let finished = finished_at(&pipeline, &commit).await;
+    let finished = pipeline.finished_at(&commit).await;
     assert_eq!(finished.state, FinishedState::Error);
     let reason = finished.error.unwrap_or_default();
     assert!(
@@ -197,7 +169,7 @@ async fn a_git_hook_planted_by_a_task_never_runs() {
         .push_change(&format!("{POSTGRES}/compose.yaml"))
         .await;
     assert_eq!(
-        finished_at(&pipeline, &planted).await.state,
+        pipeline.finished_at(&planted).await.state,
         FinishedState::Success
     );
     // The next sync fetches and checks out in the checkout the task planted its hooks in.
@@ -206,7 +178,7 @@ async fn a_git_hook_planted_by_a_task_never_runs() {
         .push_change(&format!("{POSTGRES}/compose.yaml"))
         .await;
     assert_eq!(
-        finished_at(&pipeline, &next).await.state,
+        pipeline.finished_at(&next).await.state,
         FinishedState::Success
     );
     assert!(!pipeline.fixture.hook_ran(), "a planted git hook ran");

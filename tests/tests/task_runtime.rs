@@ -3,141 +3,24 @@
 //! `invoke`. The fixture has a `platform/__init__.py` package that would shadow the standard
 //! library's `platform`, and every fixture task imports `uuid` and `libs`.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use async_nats::jetstream::{self, message::PublishMessage};
-use iac_shared::events::{FinishedState, PushEvent, ServiceResult, SyncFinished, SyncOutcome};
-use iac_shared::names::*;
-use iac_shared::nats::{StreamSettings, provision};
-use iac_shared::shutdown::{self, ShutdownTrigger};
-use iac_tests::fixture::Fixture;
-use iac_tests::nats::NatsServer;
-use iac_tests::tools::invoke;
-use iac_tests::{free_port, wait_for};
-use iac_worker::Config;
+use iac_shared::events::{FinishedState, ServiceResult, SyncFinished, SyncOutcome};
+use iac_tests::services::InProcessWorker;
+use iac_tests::worker_harness::WorkerHarness as Harness;
 
-const WAIT: Duration = Duration::from_secs(60);
 const POSTGRES: &str = "platform/01.postgres";
 const REDIS: &str = "platform/02.redis";
 
-/// A nats-server, a fixture monorepo, and a worker started against them.
-struct Harness {
-    _nats: NatsServer,
-    fixture: Fixture,
-    js: jetstream::Context,
-    nats_url: String,
+/// A worker with the default-shaped `SYNC_COMMAND` (`invoke {task}`, with the pinned invoke's
+/// path), `extra` flags appended.
+fn start(h: &Harness, extra: &[&str]) -> InProcessWorker {
+    h.start(&h.workspace("ws"), extra)
 }
 
-/// A worker running in this process; stopped when dropped.
-struct InProcessWorker {
-    trigger: ShutdownTrigger,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl InProcessWorker {
-    async fn stop(self) {
-        self.trigger.trigger();
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("the worker stops after shutdown")
-            .expect("the worker did not panic")
-            .expect("the worker ended without error");
-    }
-}
-
-impl Harness {
-    async fn new() -> Self {
-        let nats = NatsServer::start();
-        let js = jetstream::new(nats.client().await);
-        provision(&js, &StreamSettings::default()).await.unwrap();
-        Harness {
-            nats_url: nats.url(),
-            _nats: nats,
-            fixture: Fixture::new(),
-            js,
-        }
-    }
-
-    /// A worker with the default-shaped `SYNC_COMMAND` (`invoke {task}`, with the pinned
-    /// invoke's path), `extra` flags appended.
-    fn start(&self, extra: &[&str]) -> InProcessWorker {
-        let workspace: PathBuf = self.fixture.scratch("ws");
-        let mut args: Vec<String> = [
-            "iac-worker",
-            "--nats-url",
-            &self.nats_url,
-            "--git-repo-url",
-            &self.fixture.url(),
-            "--workspace",
-            workspace.to_str().unwrap(),
-            "--sync-command",
-            &format!("{} {{task}}", invoke().display()),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let config = Config::from_args(args).unwrap();
-        let (trigger, shutdown) = shutdown::channel();
-        let handle = tokio::spawn(iac_worker::run(config, shutdown));
-        InProcessWorker { trigger, handle }
-    }
-
-    /// A commit changing `path` (after what the test wrote), pushed and announced as the
-    /// gateway stores it; returns the event's stream sequence.
-    async fn push_change(&self, path: &str) -> u64 {
-        let before = self.fixture.head();
-        let after = self.fixture.change(path);
-        let delivery_id = format!("delivery-{after}-{}", free_port());
-        let event = PushEvent {
-            delivery_id: delivery_id.clone(),
-            repository: Some("acme/infra".into()),
-            git_ref: "refs/heads/main".into(),
-            before: Some(before),
-            after: Some(after.clone()),
-            head_commit: Some(after),
-            pusher: Some("octocat".into()),
-            paths: vec![path.to_string()],
-            paths_truncated: false,
-        };
-        let message = PublishMessage::build()
-            .payload(serde_json::to_vec(&event).unwrap().into())
-            .message_id(&delivery_id)
-            .header(EVENT_ID_HEADER, delivery_id.as_str());
-        self.js
-            .send_publish(PUSH_SUBJECT, message)
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .sequence
-    }
-
-    /// Waits for the finished result of the event stored at `seq`.
-    async fn finished_for(&self, seq: u64) -> SyncFinished {
-        let stream = self.js.get_stream(RESULTS_STREAM).await.unwrap();
-        wait_for(
-            &format!("the finished result of event {seq}"),
-            WAIT,
-            || async {
-                let mut next = 1;
-                while let Ok(message) = stream
-                    .direct_get_next_for_subject(FINISHED_SUBJECT, Some(next))
-                    .await
-                {
-                    next = message.sequence + 1;
-                    let finished: SyncFinished =
-                        serde_json::from_slice(&message.payload).expect("a result in the contract");
-                    if finished.event_seq == seq {
-                        return Some(finished);
-                    }
-                }
-                None
-            },
-        )
-        .await
-    }
+/// A commit changing `path` (after what the test wrote), pushed; the event's stream sequence.
+async fn push_change(h: &Harness, path: &str) -> u64 {
+    h.push_change(path).await.1
 }
 
 fn result_of<'a>(finished: &'a SyncFinished, service: &str) -> &'a ServiceResult {
@@ -156,8 +39,8 @@ async fn a_platform_package_at_the_root_does_not_shadow_the_standard_library() {
             .join("platform/__init__.py")
             .exists()
     );
-    let worker = h.start(&[]);
-    let seq = h.push_change(&format!("{POSTGRES}/compose.yaml")).await;
+    let worker = start(&h, &[]);
+    let seq = push_change(&h, &format!("{POSTGRES}/compose.yaml")).await;
 
     let finished = h.finished_for(seq).await;
     // The task imports `uuid` (which needs the standard `platform`) and `libs.fixture_sync`.
@@ -174,9 +57,9 @@ async fn a_task_flooding_its_output_fails_with_a_cut_tail_and_the_queue_moves_on
         &format!("{REDIS}/behaviour.json"),
         r#"{"exit": 1, "output_lines": 100, "line_bytes": 61440, "unterminated_bytes": 5000000}"#,
     );
-    let worker = h.start(&["--output-tail-lines", "100"]);
-    let flooded = h.push_change(&format!("{REDIS}/compose.yaml")).await;
-    let next = h.push_change(&format!("{POSTGRES}/compose.yaml")).await;
+    let worker = start(&h, &["--output-tail-lines", "100"]);
+    let flooded = push_change(&h, &format!("{REDIS}/compose.yaml")).await;
+    let next = push_change(&h, &format!("{POSTGRES}/compose.yaml")).await;
 
     let failed = h.finished_for(flooded).await;
     let redis = result_of(&failed, "platform/redis");
@@ -222,8 +105,8 @@ async fn a_service_sharing_its_task_with_a_bootstrap_service_is_refused_and_noth
         "platform/50.vault/deploy.py",
         "from invoke import task\n\n\n@task\ndef sync(c):\n    raise SystemExit('must not run')\n",
     );
-    let worker = h.start(&[]);
-    let seq = h.push_change("platform/50.vault/compose.yaml").await;
+    let worker = start(&h, &[]);
+    let seq = push_change(&h, "platform/50.vault/compose.yaml").await;
 
     let finished = h.finished_for(seq).await;
     assert_eq!(finished.state, FinishedState::Failure, "{finished:#?}");
@@ -246,8 +129,8 @@ async fn a_service_directory_named_like_an_option_is_refused_and_nothing_runs() 
         "platform/-l/deploy.py",
         "from invoke import task\n\nfrom libs.fixture_sync import run_sync\n\n\n@task\ndef sync(c):\n    run_sync(__file__)\n",
     );
-    let worker = h.start(&[]);
-    let seq = h.push_change("platform/-l/compose.yaml").await;
+    let worker = start(&h, &[]);
+    let seq = push_change(&h, "platform/-l/compose.yaml").await;
 
     let finished = h.finished_for(seq).await;
     assert_eq!(finished.state, FinishedState::Failure, "{finished:#?}");
