@@ -105,8 +105,9 @@ pub fn launch_argv(argv: &[String], script_head: Option<&str>) -> Vec<String> {
 }
 
 /// The file `program` starts: a path with a `/` taken from `dir` (where the command runs),
-/// else the first executable of that name on `PATH`.
-fn resolve_program(program: &str, dir: &Path) -> Option<PathBuf> {
+/// else the first executable of that name on `path` (the task's `PATH`, as the task will be
+/// started with it).
+fn resolve_program(program: &str, dir: &Path, path: Option<&str>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |path: &Path| {
         path.metadata()
@@ -115,8 +116,7 @@ fn resolve_program(program: &str, dir: &Path) -> Option<PathBuf> {
     if program.contains('/') {
         return Some(dir.join(program));
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    std::env::split_paths(path?)
         .map(|entry| dir.join(entry).join(program))
         .find(|candidate| executable(candidate))
 }
@@ -180,7 +180,8 @@ impl TaskRunner {
             return TaskEnd::Refused(reason);
         }
         let argv = self.command.for_task(&service.task);
-        let head = resolve_program(&argv[0], checkout).and_then(|p| script_head(&p));
+        let path = env.vars.get("PATH").map(String::as_str);
+        let head = resolve_program(&argv[0], checkout, path).and_then(|p| script_head(&p));
         let argv = launch_argv(&argv, head.as_deref());
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -191,7 +192,6 @@ impl TaskRunner {
             .env("IAC_SERVICE", &service.key)
             .env("IAC_TASK", &service.task)
             .env("IAC_COMMIT", commit)
-            .env_remove("IAC_FORCE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -529,11 +529,17 @@ mod tests {
         std::fs::write(&script, "not a script").unwrap();
         assert_eq!(script_head(&script), None);
         assert_eq!(
-            resolve_program("bin/invoke", &dir),
+            resolve_program("bin/invoke", &dir, None),
             Some(dir.join("bin/invoke"))
         );
-        assert!(resolve_program("sh", &dir).is_some_and(|p| p.is_absolute()));
-        assert_eq!(resolve_program("no-such-program-here", &dir), None);
+        let path = Some("/usr/bin:/bin");
+        assert!(resolve_program("sh", &dir, path).is_some_and(|p| p.is_absolute()));
+        assert_eq!(resolve_program("no-such-program-here", &dir, path), None);
+        assert_eq!(
+            resolve_program("sh", &dir, None),
+            None,
+            "no PATH, nothing found"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
