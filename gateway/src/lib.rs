@@ -7,6 +7,7 @@
 //! - [`webhook`]: what a verified body means: ping, ignored event, ignored push, push to store.
 //! - [`store`]: publishing to JetStream with a bounded wait for the acknowledgement.
 //! - [`http`]: routes, bounded body reading, signatures, and the JSON answers.
+//! - [`server`]: the accept loop: bounded connections, header and idle timeouts.
 //! - [`error`]: every request failure and its HTTP status, in one place.
 //! - [`metrics`]: the `iac_gateway_*` Prometheus metrics.
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod server;
 pub mod store;
 pub mod webhook;
 
@@ -25,6 +27,9 @@ use prometheus_client::registry::Registry;
 
 pub use config::{Cli, Command, Config};
 
+/// The smallest body budget: one `/sync` body must always fit.
+const MIN_PENDING_BODY_BYTES: u32 = http::SYNC_MAX_BODY_BYTES as u32;
+
 /// Serves on `listener` until `shutdown`, then lets in-flight requests finish.
 ///
 /// NATS is reached in the background: `/health` answers at once, `/ready` and event requests
@@ -34,6 +39,11 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    if config.max_pending_body_bytes < MIN_PENDING_BODY_BYTES {
+        anyhow::bail!(
+            "MAX_PENDING_BODY_BYTES: must be at least {MIN_PENDING_BODY_BYTES}, the largest /sync body"
+        );
+    }
     let rules = config
         .load_rules()
         .map_err(|e| anyhow::anyhow!("IAC_RULES: {e}"))?;
@@ -51,6 +61,9 @@ pub async fn run(
         registry,
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
+        pending_body_bytes: Arc::new(tokio::sync::Semaphore::new(
+            config.max_pending_body_bytes as usize,
+        )),
     });
 
     let provisioning = {
@@ -64,11 +77,12 @@ pub async fn run(
         branch = %app.branch,
         "gateway listening"
     );
-    warp::serve(http::routes(app))
-        .incoming(listener)
-        .graceful(async move { shutdown.wait().await })
-        .run()
-        .await;
+    let limits = server::ConnectionLimits {
+        max_connections: config.max_connections as usize,
+        header_read_timeout: config.header_read_timeout,
+    };
+    let refused = app.metrics.connections_refused.clone();
+    server::serve(listener, http::routes(app), limits, refused, shutdown).await;
     provisioning.abort();
     tracing::info!("gateway stopped");
     Ok(())

@@ -208,4 +208,32 @@ mod tests {
         let config = parse(&["--github-token", "ghp_supersecret"]).unwrap();
         assert!(!format!("{config:?}").contains("ghp_supersecret"));
     }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        use clap::CommandFactory;
+        use iac_shared::cli::Invocation;
+        #[derive(Debug, clap::Subcommand)]
+        enum Operation {
+            Status,
+        }
+        for name in Config::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+        {
+            // SAFETY: nextest runs each test in a process of its own, so no other thread
+            // reads the environment; and an empty value is what every parser ignores.
+            unsafe { std::env::set_var(name, "") };
+        }
+        // The path the binary takes.
+        let invocation = Invocation::<Config, Operation>::try_parse_from(["iac-reporter"]);
+        let Ok(Invocation::Serve(config)) = invocation else {
+            panic!("{invocation:?}");
+        };
+        assert!(config.github_token.is_none());
+        assert!(config.github_repo.is_none());
+        assert!(config.status_target_url.is_none());
+        assert_eq!(config.status_context, "IaC Runner / Sync");
+        assert_eq!(config.github_timeout, Duration::from_secs(10));
+    }
 }
