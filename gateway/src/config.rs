@@ -137,13 +137,13 @@ pub struct Config {
     pub max_connections: u32,
 
     /// Bytes of request bodies held, over all connections, before their signature is checked;
-    /// a body that does not fit is answered 503.
+    /// a body that does not fit is answered 503. At least one largest `/sync` body (64 KiB).
     #[arg(
         long = "max-pending-body-bytes",
         env = "MAX_PENDING_BODY_BYTES",
         value_name = "MAX_PENDING_BODY_BYTES",
         default_value_t = 67_108_864,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = clap::value_parser!(u32).range(crate::http::SYNC_MAX_BODY_BYTES as i64..)
     )]
     pub max_pending_body_bytes: u32,
 
@@ -232,7 +232,11 @@ mod tests {
             ("--webhook-bind", "everywhere", "WEBHOOK_BIND"),
             ("--header-read-timeout", "0", "HEADER_READ_TIMEOUT"),
             ("--max-connections", "0", "MAX_CONNECTIONS"),
-            ("--max-pending-body-bytes", "0", "MAX_PENDING_BODY_BYTES"),
+            (
+                "--max-pending-body-bytes",
+                "65535",
+                "MAX_PENDING_BODY_BYTES",
+            ),
         ] {
             let err = Config::try_from_args(["--webhook-secret", SECRET, flag, value]).unwrap_err();
             assert!(err.to_string().contains(variable), "{flag}: {err}");

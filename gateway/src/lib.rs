@@ -27,9 +27,6 @@ use prometheus_client::registry::Registry;
 
 pub use config::{Cli, Command, Config};
 
-/// The smallest body budget: one `/sync` body must always fit.
-const MIN_PENDING_BODY_BYTES: u32 = http::SYNC_MAX_BODY_BYTES as u32;
-
 /// Serves on `listener` until `shutdown`, then lets in-flight requests finish.
 ///
 /// NATS is reached in the background: `/health` answers at once, `/ready` and event requests
@@ -39,11 +36,6 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    if config.max_pending_body_bytes < MIN_PENDING_BODY_BYTES {
-        anyhow::bail!(
-            "MAX_PENDING_BODY_BYTES: must be at least {MIN_PENDING_BODY_BYTES}, the largest /sync body"
-        );
-    }
     let rules = config
         .load_rules()
         .map_err(|e| anyhow::anyhow!("IAC_RULES: {e}"))?;

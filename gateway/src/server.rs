@@ -84,14 +84,14 @@ pub async fn serve<F>(
 /// Answers 503 if the socket takes it at once, then closes: a refused client learns why
 /// without holding anything of the server.
 fn refuse(stream: TcpStream) {
-    if limits_logged() {
+    if first_this_second() {
         tracing::warn!("connection refused: the connection limit is reached");
     }
     let _ = stream.try_write(REFUSED);
 }
 
-/// True at most once a second, so a flood of refusals does not flood the log.
-fn limits_logged() -> bool {
+/// True for the first call in each second, so a flood of refusals does not flood the log.
+fn first_this_second() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now()
