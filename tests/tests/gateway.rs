@@ -1036,10 +1036,22 @@ async fn a_sync_body_over_64_kib_is_refused_with_413() {
     let gateway = start_gateway(&server, &[]).await;
     let request = r#"{"all": true}"#;
 
-    let padded = |size: usize| format!("{request}{}", " ".repeat(size - request.len()));
-    let over = gateway.sync(&padded(65 * 1024)).await;
+    // Announced over 64 KiB: answered before a byte of the body is sent (a client still
+    // sending would see the connection closed under it).
+    let over = send_raw(
+        gateway.addr,
+        format!(
+            "POST /sync HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            65 * 1024
+        )
+        .as_bytes(),
+    )
+    .await;
     assert_eq!(over.status, 413, "{}", over.text());
+    assert!(over.json()["error"].as_str().unwrap().contains("65536"));
     assert!(stored_events(&server).await.is_empty());
+
+    let padded = |size: usize| format!("{request}{}", " ".repeat(size - request.len()));
 
     let within = gateway.sync(&padded(64 * 1024)).await;
     assert_eq!(within.status, 200, "{}", within.text());

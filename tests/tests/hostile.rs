@@ -81,8 +81,8 @@ fn cases() -> Vec<Case> {
         signature: Signature::Valid,
         expected,
     };
-    let ten_thousand: Vec<String> = (0..10_000).map(|i| format!("platform/s{i}")).collect();
-    // Over the service limit, yet within the 64 KiB a /sync body may have.
+    // Over the service limit, yet within the 64 KiB a /sync body may have (a larger body is
+    // answered 413 before it is read: `gateway.rs` checks that over a raw connection).
     let too_many: Vec<String> = (0..1_001).map(|i| format!("p/s{i}")).collect();
     let mut no_ref = push_value.clone();
     no_ref.as_object_mut().unwrap().remove("ref");
@@ -324,14 +324,6 @@ fn cases() -> Vec<Case> {
             sync(json!({"services": too_many})),
             Signature::Valid,
             400,
-        ),
-        case(
-            "sync body of 10,000 services, over 64 KiB",
-            "/sync",
-            None,
-            sync(json!({"services": ten_thousand})),
-            Signature::Valid,
-            413,
         ),
         case(
             "sync services not a list",
