@@ -266,12 +266,12 @@ mod tests {
 
     #[test]
     fn empty_variables_count_as_unset() {
-        for name in Cli::command().get_arguments().filter_map(|a| a.get_env()) {
-            if name != "WEBHOOK_SECRET" {
-                // SAFETY: nextest runs each test in a process of its own, so no other thread
-                // reads the environment; and an empty value is what every parser ignores.
-                unsafe { std::env::set_var(name, "") };
-            }
+        if !iac_shared::env::in_child_with_empty_variables(
+            module_path!(),
+            "empty_variables_count_as_unset",
+            &Cli::command(),
+        ) {
+            return;
         }
         let config = Config::try_from_args(["--webhook-secret", SECRET]).unwrap();
         assert_eq!(config.port, 8080);

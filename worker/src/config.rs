@@ -253,13 +253,12 @@ mod tests {
 
     #[test]
     fn empty_variables_count_as_unset() {
-        for name in Config::command()
-            .get_arguments()
-            .filter_map(|a| a.get_env())
-        {
-            // SAFETY: nextest runs each test in a process of its own, so no other thread
-            // reads the environment; and an empty value is what every parser ignores.
-            unsafe { std::env::set_var(name, "") };
+        if !iac_shared::env::in_child_with_empty_variables(
+            module_path!(),
+            "empty_variables_count_as_unset",
+            &Config::command(),
+        ) {
+            return;
         }
         let config =
             Config::from_args(["iac-worker", "--git-repo-url", "https://x/acme/infra.git"])
