@@ -16,6 +16,8 @@ pub enum GatewayError {
     TooLarge(u64),
     #[error("Request body did not arrive within {}", humantime::format_duration(*.0))]
     BodyTimeout(Duration),
+    #[error("Too many request bodies are being received; retry later")]
+    Busy,
     #[error("Request body could not be read")]
     BodyRead,
     #[error("Invalid X-GitHub-Delivery header: at most 128 visible ASCII characters")]
@@ -40,7 +42,7 @@ impl GatewayError {
             | GatewayError::BadDelivery
             | GatewayError::Body(_)
             | GatewayError::Request(_) => StatusCode::BAD_REQUEST,
-            GatewayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Unavailable(_) | GatewayError::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -55,6 +57,7 @@ impl GatewayError {
             | GatewayError::Body(_)
             | GatewayError::Request(_) => "bad_request",
             GatewayError::Unavailable(_) => "unavailable",
+            GatewayError::Busy => "busy",
         }
     }
 }

@@ -14,6 +14,7 @@ use iac_shared::signature::{SIGNATURE_HEADER, verify};
 use prometheus_client::registry::Registry;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
@@ -28,6 +29,9 @@ const EVENT_HEADER: &str = "x-github-event";
 const DELIVERY_HEADER: &str = "x-github-delivery";
 const MAX_DELIVERY_ID_LEN: usize = 128;
 
+/// Largest `/sync` body: a sync request is a few hundred bytes, so anything near this is abuse.
+pub const SYNC_MAX_BODY_BYTES: u64 = 64 * 1024;
+
 /// What the handlers share.
 pub struct App {
     pub secret: SecretString,
@@ -38,6 +42,8 @@ pub struct App {
     pub registry: Registry,
     pub max_body_bytes: u64,
     pub body_read_timeout: Duration,
+    /// Bytes of bodies whose signature is not checked yet, shared by all connections.
+    pub pending_body_bytes: Arc<Semaphore>,
 }
 
 /// A 200 answer and the outcome it is counted under.
@@ -175,18 +181,25 @@ fn is_valid_delivery_id(id: &str) -> bool {
     id.len() <= MAX_DELIVERY_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Reads the body up to `max_body_bytes` within `body_read_timeout`, then checks its signature.
-async fn verified_body<S, B>(app: &App, headers: &HeaderMap, body: S) -> Result<Bytes, GatewayError>
+/// Reads the body up to `max` bytes (and `max_body_bytes`) within `body_read_timeout`, then
+/// checks its signature; until then its bytes count against `pending_body_bytes`.
+async fn verified_body<S, B>(
+    app: &App,
+    headers: &HeaderMap,
+    body: S,
+    max: u64,
+) -> Result<Bytes, GatewayError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
     let content_length = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-    let body = read_body(
+    let (body, _unverified) = read_body(
         body,
         content_length,
-        app.max_body_bytes,
+        max.min(app.max_body_bytes),
         app.body_read_timeout,
+        &app.pending_body_bytes,
     )
     .await?;
     let signature = header(headers, SIGNATURE_HEADER);
@@ -197,13 +210,15 @@ where
 }
 
 /// The whole body, refused as soon as it is known to exceed `max` (from `Content-Length`
-/// before reading anything, or while a chunked body arrives) or when it arrives too slowly.
+/// before reading anything, or while a chunked body arrives), when it arrives too slowly, or
+/// when `budget` has no room for it; returned with its share of `budget`.
 async fn read_body<S, B>(
     body: S,
     content_length: Option<u64>,
     max: u64,
     timeout: Duration,
-) -> Result<Bytes, GatewayError>
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), GatewayError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -214,11 +229,21 @@ where
     let read = async {
         let initial = content_length.unwrap_or(0).min(1 << 20) as usize;
         let mut buf = BytesMut::with_capacity(initial);
+        let mut held: Option<OwnedSemaphorePermit> = None;
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk.map_err(|_| GatewayError::BodyRead)?;
             if (buf.len() + chunk.remaining()) as u64 > max {
                 return Err(GatewayError::TooLarge(max));
+            }
+            let bytes = u32::try_from(chunk.remaining()).map_err(|_| GatewayError::Busy)?;
+            let share = budget
+                .clone()
+                .try_acquire_many_owned(bytes)
+                .map_err(|_| GatewayError::Busy)?;
+            match &mut held {
+                Some(held) => held.merge(share),
+                None => held = Some(share),
             }
             while chunk.has_remaining() {
                 let part = chunk.chunk();
@@ -227,7 +252,7 @@ where
                 chunk.advance(n);
             }
         }
-        Ok(buf.freeze())
+        Ok((buf.freeze(), held))
     };
     tokio::time::timeout(timeout, read)
         .await
@@ -244,7 +269,7 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let body = verified_body(app, headers, body).await?;
+    let body = verified_body(app, headers, body, u64::MAX).await?;
     let delivery_id = match delivery_id {
         Some(id) if is_valid_delivery_id(&id) => id,
         Some(_) => return Err(GatewayError::BadDelivery),
@@ -323,7 +348,7 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let body = verified_body(app, headers, body).await?;
+    let body = verified_body(app, headers, body, SYNC_MAX_BODY_BYTES).await?;
     let request = SyncRequest::parse(&body)?;
     let event_id = uuid::Uuid::new_v4().to_string();
     tracing::Span::current().record("event_id", event_id.as_str());
@@ -385,34 +410,43 @@ mod tests {
         )
     }
 
+    fn budget(bytes: usize) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(bytes))
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
     #[tokio::test]
     async fn a_body_is_refused_once_it_grows_past_the_limit() {
         let limit = 10;
-        let ok = read_body(
-            chunks(&[b"12345", b"67890"]),
-            None,
-            limit,
-            Duration::from_secs(1),
-        )
-        .await;
-        assert_eq!(ok.unwrap(), Bytes::from_static(b"1234567890"));
-        let over = read_body(
-            chunks(&[b"12345", b"678901"]),
-            None,
-            limit,
-            Duration::from_secs(1),
-        )
-        .await;
+        let room = budget(100);
+        let ok = read_body(chunks(&[b"12345", b"67890"]), None, limit, SECOND, &room).await;
+        assert_eq!(ok.unwrap().0, Bytes::from_static(b"1234567890"));
+        let over = read_body(chunks(&[b"12345", b"678901"]), None, limit, SECOND, &room).await;
         assert!(matches!(over, Err(GatewayError::TooLarge(10))));
-        let announced = read_body(chunks(&[]), Some(11), limit, Duration::from_secs(1)).await;
+        let announced = read_body(chunks(&[]), Some(11), limit, SECOND, &room).await;
         assert!(matches!(announced, Err(GatewayError::TooLarge(10))));
     }
 
     #[tokio::test]
     async fn a_body_that_never_ends_times_out() {
         let endless = futures::stream::pending::<Result<Bytes, warp::Error>>();
-        let read = read_body(endless, Some(5), 10, Duration::from_millis(20)).await;
+        let read = read_body(endless, Some(5), 10, Duration::from_millis(20), &budget(10)).await;
         assert!(matches!(read, Err(GatewayError::BodyTimeout(_))));
+    }
+
+    #[tokio::test]
+    async fn unverified_bodies_share_one_budget_and_give_it_back() {
+        let room = budget(8);
+        let (_, first) = read_body(chunks(&[b"12345"]), None, 10, SECOND, &room)
+            .await
+            .unwrap();
+        let second = read_body(chunks(&[b"1234"]), None, 10, SECOND, &room).await;
+        assert!(matches!(second, Err(GatewayError::Busy)), "{second:?}");
+        assert_eq!(room.available_permits(), 3, "a refused body holds nothing");
+        drop(first);
+        let third = read_body(chunks(&[b"1234"]), None, 10, SECOND, &room).await;
+        assert!(third.is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`webhook`]: what a verified body means: ping, ignored event, ignored push, push to store.
 //! - [`store`]: publishing to JetStream with a bounded wait for the acknowledgement.
 //! - [`http`]: routes, bounded body reading, signatures, and the JSON answers.
+//! - [`server`]: the accept loop: bounded connections, header and idle timeouts.
 //! - [`error`]: every request failure and its HTTP status, in one place.
 //! - [`metrics`]: the `iac_gateway_*` Prometheus metrics.
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod server;
 pub mod store;
 pub mod webhook;
 
@@ -51,6 +53,9 @@ pub async fn run(
         registry,
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
+        pending_body_bytes: Arc::new(tokio::sync::Semaphore::new(
+            config.max_pending_body_bytes as usize,
+        )),
     });
 
     let provisioning = {
@@ -64,11 +69,12 @@ pub async fn run(
         branch = %app.branch,
         "gateway listening"
     );
-    warp::serve(http::routes(app))
-        .incoming(listener)
-        .graceful(async move { shutdown.wait().await })
-        .run()
-        .await;
+    let limits = server::ConnectionLimits {
+        max_connections: config.max_connections as usize,
+        header_read_timeout: config.header_read_timeout,
+    };
+    let refused = app.metrics.connections_refused.clone();
+    server::serve(listener, http::routes(app), limits, refused, shutdown).await;
     provisioning.abort();
     tracing::info!("gateway stopped");
     Ok(())

@@ -2,14 +2,13 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use iac_gateway::{Cli, Command, run};
 use iac_shared::{shutdown, signature, telemetry};
 use secrecy::ExposeSecret;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_process();
     if let Some(Command::Sign { body }) = &cli.command {
         let secret = cli.config.webhook_secret.expose_secret().as_bytes();
         println!("{}", signature::sign(secret, body.as_bytes()));

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub publish_failures: Counter,
     /// `iac_gateway_request_duration_seconds{endpoint}`
     pub duration: DurationFamily,
+    /// `iac_gateway_connections_refused_total`
+    pub connections_refused: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -52,6 +54,7 @@ impl Metrics {
             duplicates: Counter::default(),
             publish_failures: Counter::default(),
             duration: Family::new_with_constructor(duration_histogram),
+            connections_refused: Counter::default(),
         };
         registry.register(
             "iac_gateway_requests",
@@ -77,6 +80,11 @@ impl Metrics {
             "iac_gateway_request_duration_seconds",
             "Time from request to answer",
             metrics.duration.clone(),
+        );
+        registry.register(
+            "iac_gateway_connections_refused",
+            "Connections closed at once because MAX_CONNECTIONS were open",
+            metrics.connections_refused.clone(),
         );
         metrics
     }

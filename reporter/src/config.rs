@@ -208,4 +208,31 @@ mod tests {
         let config = parse(&["--github-token", "ghp_supersecret"]).unwrap();
         assert!(!format!("{config:?}").contains("ghp_supersecret"));
     }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        use clap::CommandFactory;
+        use iac_shared::cli::Invocation;
+        #[derive(Debug, clap::Subcommand)]
+        enum Operation {
+            Status,
+        }
+        if !iac_shared::env::in_child_with_empty_variables(
+            module_path!(),
+            "empty_variables_count_as_unset",
+            &Config::command(),
+        ) {
+            return;
+        }
+        // The path the binary takes.
+        let invocation = Invocation::<Config, Operation>::try_parse_from(["iac-reporter"]);
+        let Ok(Invocation::Serve(config)) = invocation else {
+            panic!("{invocation:?}");
+        };
+        assert!(config.github_token.is_none());
+        assert!(config.github_repo.is_none());
+        assert!(config.status_target_url.is_none());
+        assert_eq!(config.status_context, "IaC Runner / Sync");
+        assert_eq!(config.github_timeout, Duration::from_secs(10));
+    }
 }

@@ -36,7 +36,8 @@ impl<C: Parser, O: Subcommand> Invocation<C, O> {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let command = O::augment_subcommands(C::command()).subcommand_negates_reqs(true);
+        let command = crate::env::empty_is_unset(O::augment_subcommands(C::command()))
+            .subcommand_negates_reqs(true);
         let mut matches = command.try_get_matches_from(args)?;
         if matches.subcommand().is_none() {
             return C::from_arg_matches_mut(&mut matches).map(Invocation::Serve);

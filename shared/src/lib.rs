@@ -1,6 +1,7 @@
 //! The contract between the iac-runner services.
 //!
 //! - [`cli`]: the command-line shape of the worker and reporter: serve, or an operator command.
+//! - [`env`]: environment variables set to the empty string count as unset.
 //! - [`names`]: streams, subjects, consumers, the status bucket and headers, as constants.
 //! - [`events`]: the JSON messages on `IAC_EVENTS` and `IAC_RESULTS`, and request validation.
 //! - [`history`]: the last syncs and the queue depth, read from the streams.
@@ -15,6 +16,7 @@
 //! - [`ops`]: the `/metrics`, `/health`, `/ready` endpoint of the worker and reporter.
 
 pub mod cli;
+pub mod env;
 pub mod events;
 pub mod history;
 pub mod names;

@@ -142,9 +142,18 @@ pub fn parse_secret(s: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(s))
 }
 
-/// A duration such as `30s`, `5m`, `30d`; zero is refused.
+/// A duration such as `30s`, `5m`, `30d`, or bare seconds (`1800`) as the Python runner took.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(seconds) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 30d, 1800)"))
+}
+
+/// A duration as [`parse_duration`] reads it; zero is refused.
 pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 30d)"))?;
+    let d = parse_duration(s)?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
@@ -542,6 +551,17 @@ mod tests {
         assert_eq!(results.subjects, ["iac.results.>"]);
         assert!(stream_drift(&events, &events).is_empty());
         assert_eq!(stream_drift(&events, &results), ["subjects"]);
+    }
+
+    #[test]
+    fn durations_are_also_bare_seconds_as_the_python_runner_took() {
+        assert_eq!(parse_duration("1800"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration(" 90 "), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_positive_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_positive_duration("0").is_err());
+        assert!(parse_duration("-5").is_err());
+        assert!(parse_duration("1.5").is_err());
     }
 
     #[test]

@@ -52,7 +52,8 @@ impl ReplayCommand {
 /// Which messages to replay.
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
-    /// Replay messages stored at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+    /// Replay messages stored at or after this time: RFC 3339 (2026-11-25T10:00:00Z), or a
+    /// duration ago (2h, 30m, 1d).
     #[arg(long, value_parser = parse_time, required_unless_present = "from_seq", conflicts_with = "from_seq")]
     pub since: Option<OffsetDateTime>,
     /// Replay from this stream sequence on.
@@ -73,8 +74,22 @@ pub struct ReplayArgs {
 }
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
-    OffsetDateTime::parse(s, &Rfc3339)
-        .map_err(|e| format!("not an RFC 3339 time ({e}); example: 2026-11-25T10:00:00Z"))
+    parse_time_at(s, OffsetDateTime::now_utc())
+}
+
+/// `s` as an RFC 3339 time, or as a duration before `now`.
+fn parse_time_at(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    let s = s.trim();
+    if let Ok(time) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(time);
+    }
+    let ago = humantime::parse_duration(s).map_err(|_| {
+        "not an RFC 3339 time nor a duration ago; examples: 2026-11-25T10:00:00Z, 2h".to_string()
+    })?;
+    time::Duration::try_from(ago)
+        .ok()
+        .and_then(|ago| now.checked_sub(ago))
+        .ok_or_else(|| format!("{s} ago is before any time that can be stored"))
 }
 
 /// One message selected for replay.
@@ -313,5 +328,17 @@ mod tests {
     fn times_must_be_rfc3339() {
         assert!(parse_time("2026-11-25T10:00:00Z").is_ok());
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn since_also_takes_a_duration_ago() {
+        let now = OffsetDateTime::parse("2026-11-25T10:00:00Z", &Rfc3339).unwrap();
+        let at = |s| parse_time_at(s, now).map(|t| t.format(&Rfc3339).unwrap());
+        assert_eq!(at("2h").unwrap(), "2026-11-25T08:00:00Z");
+        assert_eq!(at("30m").unwrap(), "2026-11-25T09:30:00Z");
+        assert_eq!(at("1d").unwrap(), "2026-11-24T10:00:00Z");
+        assert_eq!(at("2026-11-20T00:00:00Z").unwrap(), "2026-11-20T00:00:00Z");
+        assert!(at("in two hours").unwrap_err().contains("2h"));
+        assert!(at("100000000000y").is_err());
     }
 }

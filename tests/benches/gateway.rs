@@ -33,7 +33,7 @@ use iac_tests::nats::NatsServer;
 use iac_tests::process::ServiceProcess;
 use iac_tests::{free_port, http, wait_for};
 
-const SECRET: &str = "bench-secret";
+const SECRET: &str = "bench-secret-0a1b2c3d";
 
 /// Requests per second, latency percentiles, and CPU per request of each process of one run.
 struct Run {

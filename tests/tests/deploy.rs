@@ -16,7 +16,10 @@ fn yaml(path: &str) -> Value {
     let text = std::fs::read_to_string(workspace_root().join(path)).expect(path);
     let mut value: Value =
         serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"));
-    value.apply_merge().expect("YAML merge keys resolve");
+    // Once per level of nesting: a merged anchor may itself merge another, as Compose allows.
+    for _ in 0..3 {
+        value.apply_merge().expect("YAML merge keys resolve");
+    }
     value
 }
 
@@ -121,6 +124,155 @@ fn image_entrypoints_are_binaries_this_workspace_builds() {
         "images run as a non-root user"
     );
     assert!(dockerfile.contains("invoke==3.0.3"));
+}
+
+/// The services of `deploy/compose.yaml` that run iac-runner or NATS.
+const CONTAINERS: [&str; 4] = ["nats", "gateway", "worker", "reporter"];
+
+#[test]
+fn every_container_runs_without_privileges_on_a_read_only_root_with_rotated_logs() {
+    let compose = yaml("deploy/compose.yaml");
+    for name in CONTAINERS {
+        let service = &compose["services"][name];
+        let security = format!("{:?}", service["security_opt"]);
+        assert!(
+            security.contains("no-new-privileges:true"),
+            "{name}: {security}"
+        );
+        let caps: Vec<&str> = service["cap_drop"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{name} drops no capabilities"))
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(caps, ["ALL"], "{name}");
+        assert_eq!(service["read_only"].as_bool(), Some(true), "{name}");
+        let logging = &service["logging"];
+        assert_eq!(logging["driver"].as_str(), Some("json-file"), "{name}");
+        assert!(logging["options"]["max-size"].as_str().is_some(), "{name}");
+        assert!(logging["options"]["max-file"].as_str().is_some(), "{name}");
+    }
+    let worker = &compose["services"]["worker"];
+    assert_eq!(
+        worker["init"].as_bool(),
+        Some(true),
+        "the worker reaps its tasks' children"
+    );
+    let tmpfs = format!("{:?}", worker["tmpfs"]);
+    assert!(
+        tmpfs.contains("/tmp"),
+        "the worker has a writable /tmp: {tmpfs}"
+    );
+    let volumes = format!("{:?}", worker["volumes"]);
+    assert!(volumes.contains("workspace:/workspace"), "{volumes}");
+}
+
+#[test]
+fn traefik_routes_only_the_public_endpoints_never_metrics() {
+    let compose = yaml("deploy/compose.yaml");
+    let rule = compose["services"]["gateway"]["labels"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|l| l.strip_prefix("traefik.http.routers.iac-runner.rule="))
+        .expect("the iac-runner router has a rule");
+    let paths = rule
+        .strip_prefix("Host(`iac.${INTERNAL_DOMAIN}`) && (")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("not a host with an allow-list of paths: {rule}"));
+    let allowed: Vec<&str> = paths
+        .split(" || ")
+        .map(|p| {
+            p.strip_prefix("Path(`")
+                .and_then(|p| p.strip_suffix("`)"))
+                .unwrap_or_else(|| panic!("not an exact path: {p}"))
+        })
+        .collect();
+    assert_eq!(allowed, ["/webhook", "/sync", "/health"]);
+}
+
+/// `.dockerignore` patterns as Docker reads them: one per line, without comments, leading or
+/// trailing slashes.
+fn docker_ignored(path: &str, patterns: &[String]) -> bool {
+    let mut ignored = false;
+    for pattern in patterns {
+        let (negated, pattern) = match pattern.strip_prefix('!') {
+            Some(p) => (true, p),
+            None => (false, pattern.as_str()),
+        };
+        let matches = match pattern.strip_prefix("**/") {
+            Some(name) => path == name || path.ends_with(&format!("/{name}")),
+            None => path == pattern,
+        };
+        if matches {
+            ignored = !negated;
+        }
+    }
+    ignored
+}
+
+#[test]
+fn the_image_build_context_leaves_out_build_output_tools_git_and_secrets() {
+    let text = std::fs::read_to_string(workspace_root().join(".dockerignore"))
+        .expect("a .dockerignore beside Cargo.toml");
+    let patterns: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_matches('/').to_string())
+        .collect();
+    for path in ["target", ".venv", ".git", "deploy/.env", "deploy/secrets"] {
+        assert!(
+            docker_ignored(path, &patterns),
+            "{path} goes into the image build"
+        );
+    }
+    for path in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "gateway",
+        "shared",
+        "tests",
+        "deploy",
+    ] {
+        assert!(!docker_ignored(path, &patterns), "the build needs {path}");
+    }
+}
+
+#[test]
+fn deploy_readme_gives_each_operator_command_through_docker_compose_exec() {
+    let readme = std::fs::read_to_string(workspace_root().join("deploy/README.md")).unwrap();
+    let mut in_code = false;
+    let mut commands = 0;
+    for line in readme.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        let line = line.trim();
+        if !in_code || !(line.contains("iac-worker ") || line.contains("iac-reporter ")) {
+            continue;
+        }
+        if line.starts_with("docker build") || line.starts_with("FROM ") {
+            continue;
+        }
+        commands += 1;
+        let service = if line.contains("iac-worker ") {
+            "worker"
+        } else {
+            "reporter"
+        };
+        let expected = format!("docker compose -f deploy/compose.yaml exec {service} iac-");
+        assert!(
+            line.starts_with(&expected),
+            "not run in its container: {line}"
+        );
+    }
+    assert!(
+        commands >= 3,
+        "deploy/README.md shows the status and replay commands"
+    );
 }
 
 #[tokio::test]

@@ -930,3 +930,130 @@ async fn the_secret_never_appears_in_the_logs() {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
     }
 }
+
+/// Everything the gateway sends on `stream` until it closes the connection; fails the test
+/// when it is still open after `within`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the connection was still open after {within:?}"
+    );
+    received
+}
+
+async fn connect(addr: SocketAddr) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting")
+}
+
+#[tokio::test]
+async fn silent_half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let server = NatsServer::start();
+    let gateway = start_gateway(&server, &["--header-read-timeout", "1s"]).await;
+
+    let mut silent = connect(gateway.addr).await;
+    assert!(
+        read_until_closed(&mut silent, Duration::from_secs(10))
+            .await
+            .is_empty()
+    );
+
+    let mut half_sent = connect(gateway.addr).await;
+    half_sent
+        .write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Ev")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut half_sent, Duration::from_secs(10)).await;
+    assert!(!answer.starts_with(b"HTTP/1.1 2"), "{answer:?}");
+
+    // Keep-alive: answered, then closed once it sends no next request.
+    let mut idle = connect(gateway.addr).await;
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn a_connection_over_the_limit_is_refused_and_counted() {
+    use tokio::io::AsyncWriteExt;
+    let server = NatsServer::start();
+    let gateway = start_gateway(&server, &["--max-connections", "2"]).await;
+    let held = [connect(gateway.addr).await, connect(gateway.addr).await];
+
+    let mut extra = connect(gateway.addr).await;
+    // The write may fail when the gateway closed first: the read below tells what happened.
+    let _ = extra
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let answer = read_until_closed(&mut extra, Duration::from_secs(10)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    drop(held);
+    let metrics = wait_for(
+        "the gateway to serve again once connections closed",
+        Duration::from_secs(10),
+        || async {
+            // Not `get`, which fails the test on a refused connection.
+            let mut probe = connect(gateway.addr).await;
+            let asked = probe
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let answer = read_until_closed(&mut probe, Duration::from_secs(10)).await;
+            let answer = String::from_utf8_lossy(&answer).into_owned();
+            (asked.is_ok() && answer.starts_with("HTTP/1.1 200")).then_some(answer)
+        },
+    )
+    .await;
+    assert!(
+        metrics.contains("iac_gateway_connections_refused_total 1\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_sync_body_over_64_kib_is_refused_with_413() {
+    let server = NatsServer::start();
+    let gateway = start_gateway(&server, &[]).await;
+    let request = r#"{"all": true}"#;
+
+    // Announced over 64 KiB: answered before a byte of the body is sent (a client still
+    // sending would see the connection closed under it).
+    let over = send_raw(
+        gateway.addr,
+        format!(
+            "POST /sync HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            65 * 1024
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(over.status, 413, "{}", over.text());
+    assert!(over.json()["error"].as_str().unwrap().contains("65536"));
+    assert!(stored_events(&server).await.is_empty());
+
+    let padded = |size: usize| format!("{request}{}", " ".repeat(size - request.len()));
+
+    let within = gateway.sync(&padded(64 * 1024)).await;
+    assert_eq!(within.status, 200, "{}", within.text());
+    assert_eq!(stored_events(&server).await.len(), 1);
+}

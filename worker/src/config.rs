@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use iac_shared::events::parse_branch;
-use iac_shared::nats::{NatsArgs, parse_positive_duration};
+use iac_shared::nats::{NatsArgs, parse_duration, parse_positive_duration};
 use iac_shared::telemetry::LogArgs;
 
 use crate::repo_url::RepoUrl;
@@ -111,7 +111,7 @@ pub struct Config {
         env = "SHUTDOWN_GRACE",
         value_name = "SHUTDOWN_GRACE",
         default_value = "25s",
-        value_parser = humantime::parse_duration
+        value_parser = parse_duration
     )]
     pub shutdown_grace: Duration,
 
@@ -167,7 +167,9 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        Config::try_parse_from(args)
+        let mut command = iac_shared::env::empty_is_unset(Config::command());
+        let mut matches = command.try_get_matches_from_mut(args)?;
+        Config::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut command))
     }
 
     /// Checks what clap cannot check without printing a secret; the error names the variable.
@@ -247,5 +249,35 @@ mod tests {
         );
         let ok = parse("DOKPLOY_URL, VAULT_ADDR").unwrap();
         assert_eq!(ok.task_env().pass, ["DOKPLOY_URL", "VAULT_ADDR"]);
+    }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        if !iac_shared::env::in_child_with_empty_variables(
+            module_path!(),
+            "empty_variables_count_as_unset",
+            &Config::command(),
+        ) {
+            return;
+        }
+        let config =
+            Config::from_args(["iac-worker", "--git-repo-url", "https://x/acme/infra.git"])
+                .unwrap();
+        assert_eq!(config.max_attempts, 3);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(25));
+        assert!(config.task_env_file.is_none() && config.task_env_pass.is_empty());
+        assert!(config.nats.token.is_none());
+    }
+
+    #[test]
+    fn durations_are_also_bare_seconds() {
+        let config = Config::from_args([
+            "iac-worker",
+            "--git-repo-url",
+            "https://x/acme/infra.git",
+            "--shutdown-grace",
+            "40",
+        ]);
+        assert_eq!(config.unwrap().shutdown_grace, Duration::from_secs(40));
     }
 }
