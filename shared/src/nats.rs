@@ -520,8 +520,7 @@ pub async fn ensure_consumer(
         }
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
             let created = stream_handle.create_consumer(want).await.map_err(|e| {
-                if refused_or_unanswered(e.kind(), jetstream::stream::ConsumerErrorKind::TimedOut)
-                {
+                if refused_or_unanswered(e.kind(), jetstream::stream::ConsumerErrorKind::TimedOut) {
                     ProvisionError::Missing { what: what.clone() }
                 } else {
                     js_err(&what, e)
@@ -602,8 +601,12 @@ pub async fn ensure_status_bucket(
             if !drift.is_empty() {
                 let fields = drift.join(", ");
                 match js.create_or_update_key_value(want).await {
-                    Ok(_) => tracing::warn!(bucket = STATUS_BUCKET, %fields, "corrected bucket configuration drift"),
-                    Err(e) if refused_or_unanswered(e.kind(), CreateKeyValueErrorKind::TimedOut) => {
+                    Ok(_) => {
+                        tracing::warn!(bucket = STATUS_BUCKET, %fields, "corrected bucket configuration drift")
+                    }
+                    Err(e)
+                        if refused_or_unanswered(e.kind(), CreateKeyValueErrorKind::TimedOut) =>
+                    {
                         warn_drift_kept(&what, &fields)
                     }
                     Err(e) => {
