@@ -242,7 +242,7 @@ fn js_err(what: &str, e: impl std::fmt::Display) -> ProvisionError {
 /// connection only (`Permissions Violation for Publish to ...`, an event async-nats does not
 /// tie to the request), so a refused change ends as a request that timed out. A JetStream
 /// error, by contrast, is an answer: the server saw the request and said no.
-fn refused_or_unanswered<K: std::fmt::Debug + PartialEq>(kind: K, timed_out: K) -> bool {
+fn refused_or_unanswered<K: PartialEq>(kind: K, timed_out: K) -> bool {
     kind == timed_out
 }
 
