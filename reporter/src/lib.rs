@@ -26,7 +26,8 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
 use futures::StreamExt;
 use iac_shared::names::*;
 use iac_shared::nats::{
-    REPORTER_DEFAULT_ACK_WAIT, connect, reporter_consumer_config, reporter_events_consumer_config,
+    ProvisionError, REPORTER_DEFAULT_ACK_WAIT, connect, ensure_status_bucket,
+    reporter_consumer_config, reporter_events_consumer_config,
 };
 use iac_shared::runtime::{retry_until_shutdown, start_consumers};
 use iac_shared::shutdown::Shutdown;
@@ -114,31 +115,27 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `IAC_STATUSES`: the newest claimed status per (repository, commit, context).
+/// `IAC_STATUSES`: the newest claimed status per (repository, commit, context). Created here
+/// when missing and NATS lets this user (local mode); else provisioned by the operator.
 async fn status_bucket(
     js: &jetstream::Context,
     config: &Config,
     shutdown: &Shutdown,
 ) -> anyhow::Result<kv::Store> {
-    let bucket = kv::Config {
-        bucket: STATUS_BUCKET.to_string(),
-        description: "iac-runner: newest status claimed per commit and context".into(),
-        history: 1,
-        num_replicas: config.nats.streams.replicas.into(),
-        max_age: config.nats.streams.max_age,
-        ..Default::default()
-    };
     retry_until_shutdown(
         shutdown,
         Duration::from_millis(200),
-        || js.create_or_update_key_value(bucket.clone()),
+        || ensure_status_bucket(js, &config.nats.streams),
         |e, delay| {
+            if matches!(e, ProvisionError::Drift { .. }) {
+                return false;
+            }
             tracing::warn!(error = %e, retry_in = ?delay, "status bucket {STATUS_BUCKET} not ready yet");
             true
         },
     )
     .await
-    .with_context(|| format!("creating the {STATUS_BUCKET} bucket"))
+    .with_context(|| format!("checking the {STATUS_BUCKET} bucket"))
 }
 
 /// Pulls from `consumer` and hands each message to a task, at most as many at once as there

@@ -8,6 +8,7 @@
 //! - [`signature`]: GitHub's `X-Hub-Signature-256` HMAC, signed and verified.
 //! - [`rules`]: which services a changed path affects, and service discovery by `deploy.py`.
 //! - [`nats`]: NATS connection settings, stream and consumer provisioning.
+//! - [`provision`]: `iac-worker provision`, the operator's provisioning as the NATS admin user.
 //! - [`runtime`]: what every service loop shares: starting durable consumers, retry with
 //!   backoff until shutdown, progress acknowledgements, the event envelope from headers.
 //! - [`replay`]: re-publishing selected stream messages (the `replay` subcommands).
@@ -22,6 +23,7 @@ pub mod history;
 pub mod names;
 pub mod nats;
 pub mod ops;
+pub mod provision;
 pub mod replay;
 pub mod rules;
 pub mod runtime;

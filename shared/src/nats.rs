@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
@@ -225,6 +225,11 @@ pub enum ProvisionError {
     #[error("JetStream request failed for {what}: {reason}")]
     JetStream { what: String, reason: String },
     #[error(
+        "{what} does not exist and creating it got no answer: this NATS user may not create it \
+         (run `iac-worker provision` as the admin user), or JetStream is not ready yet"
+    )]
+    Missing { what: String },
+    #[error(
         "{what} differs from the expected configuration in {fields} and could not be updated: {reason}"
     )]
     Drift {
@@ -239,6 +244,26 @@ fn js_err(what: &str, e: impl std::fmt::Display) -> ProvisionError {
         what: what.to_string(),
         reason: e.to_string(),
     }
+}
+
+/// Whether a create or update was refused for lack of permission, as far as the client can
+/// tell. nats-server drops a request to a subject the user may not publish to and tells the
+/// connection only (`Permissions Violation for Publish to ...`, an event async-nats does not
+/// tie to the request), so a refused change ends as a request that timed out. A JetStream
+/// error, by contrast, is an answer: the server saw the request and said no.
+fn refused_or_unanswered<K: PartialEq>(kind: K, timed_out: K) -> bool {
+    kind == timed_out
+}
+
+/// Logs drift this connection could not correct because NATS did not let it: the service goes
+/// on with the configuration the operator provisioned.
+fn warn_drift_kept(what: &str, fields: &str) {
+    tracing::warn!(
+        %fields,
+        "{what} differs from this service's configuration in {fields}; this NATS user may not \
+         change it, so the service runs with it as provisioned (run `iac-worker provision` as the \
+         admin user, with this service's settings, to apply them)"
+    );
 }
 
 /// `IAC_EVENTS`: limits retention (replayable audit log), file storage.
@@ -308,7 +333,9 @@ fn stream_drift(want: &stream::Config, have: &stream::Config) -> Vec<&'static st
     fields
 }
 
-/// Creates the stream, or corrects a drifted one (logged); an uncorrectable drift is an error.
+/// Creates the stream, or corrects a drifted one (logged). A correction NATS does not let this
+/// user make is logged and the stream used as it is (the operator provisioned it); a correction
+/// JetStream refuses (a field that cannot change) is an error.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     want: stream::Config,
@@ -325,14 +352,26 @@ pub async fn ensure_stream(
             let drift = stream_drift(&want, &have);
             if !drift.is_empty() {
                 let fields = drift.join(", ");
-                js.update_stream(&want)
-                    .await
-                    .map_err(|e| ProvisionError::Drift {
-                        what: what.clone(),
-                        fields: fields.clone(),
-                        reason: e.to_string(),
-                    })?;
-                tracing::warn!(stream = %want.name, %fields, "corrected stream configuration drift");
+                match js.update_stream(&want).await {
+                    Ok(_) => {
+                        tracing::warn!(stream = %want.name, %fields, "corrected stream configuration drift")
+                    }
+                    Err(e)
+                        if refused_or_unanswered(
+                            e.kind(),
+                            jetstream::context::UpdateStreamErrorKind::TimedOut,
+                        ) =>
+                    {
+                        warn_drift_kept(&what, &fields)
+                    }
+                    Err(e) => {
+                        return Err(ProvisionError::Drift {
+                            what,
+                            fields,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
             }
             Ok(existing)
         }
@@ -343,10 +382,16 @@ pub async fn ensure_stream(
                     if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ) =>
         {
-            let stream = js
-                .create_stream(want.clone())
-                .await
-                .map_err(|e| js_err(&what, e))?;
+            let stream = js.create_stream(want.clone()).await.map_err(|e| {
+                if refused_or_unanswered(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::TimedOut,
+                ) {
+                    ProvisionError::Missing { what: what.clone() }
+                } else {
+                    js_err(&what, e)
+                }
+            })?;
             tracing::info!(stream = %want.name, replicas = want.num_replicas, "created stream");
             Ok(stream)
         }
@@ -434,7 +479,9 @@ fn consumer_drift(want: &consumer::pull::Config, have: &consumer::Config) -> Vec
 ///
 /// Every service creates the consumers that are missing before it publishes anything, so no
 /// event is ever stored without the consumers that must see it; only the service that uses a
-/// consumer corrects it, so two services never fight over its settings.
+/// consumer corrects it, so two services never fight over its settings. Under the NATS users
+/// of `deploy/nats/permissions.conf` no service may create or change a consumer: a missing one
+/// is an error (retried until the operator provisions it) and drift is logged and kept.
 pub async fn ensure_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -455,24 +502,39 @@ pub async fn ensure_consumer(
                 let drift = consumer_drift(&want, &have);
                 if !drift.is_empty() {
                     let fields = drift.join(", ");
-                    let updated = stream_handle.update_consumer(want).await.map_err(|e| {
-                        ProvisionError::Drift {
-                            what: what.clone(),
-                            fields: fields.clone(),
-                            reason: e.to_string(),
+                    match stream_handle.update_consumer(want).await {
+                        Ok(updated) => {
+                            tracing::warn!(consumer = %name, %stream, %fields, "corrected consumer configuration drift");
+                            return Ok(updated);
                         }
-                    })?;
-                    tracing::warn!(consumer = %name, %stream, %fields, "corrected consumer configuration drift");
-                    return Ok(updated);
+                        Err(e)
+                            if refused_or_unanswered(
+                                e.kind(),
+                                jetstream::stream::ConsumerUpdateErrorKind::TimedOut,
+                            ) =>
+                        {
+                            warn_drift_kept(&what, &fields)
+                        }
+                        Err(e) => {
+                            return Err(ProvisionError::Drift {
+                                what,
+                                fields,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
                 }
             }
             Ok(existing)
         }
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
-            let created = stream_handle
-                .create_consumer(want)
-                .await
-                .map_err(|e| js_err(&what, e))?;
+            let created = stream_handle.create_consumer(want).await.map_err(|e| {
+                if refused_or_unanswered(e.kind(), jetstream::stream::ConsumerErrorKind::TimedOut) {
+                    ProvisionError::Missing { what: what.clone() }
+                } else {
+                    js_err(&what, e)
+                }
+            })?;
             tracing::info!(consumer = %name, %stream, "created consumer");
             Ok(created)
         }
@@ -487,23 +549,141 @@ pub async fn provision(
 ) -> Result<(), ProvisionError> {
     ensure_stream(js, events_stream_config(settings)).await?;
     ensure_stream(js, results_stream_config(settings)).await?;
-    let defaults = [
+    for (stream, config) in consumer_configs(&ConsumerSettings::default()) {
+        ensure_consumer(js, stream, config, false).await?;
+    }
+    Ok(())
+}
+
+/// The three durable consumers, each with the stream it reads.
+fn consumer_configs(settings: &ConsumerSettings) -> [(&'static str, consumer::pull::Config); 3] {
+    [
         (
             EVENTS_STREAM,
-            worker_consumer_config(WORKER_DEFAULT_ACK_WAIT, WORKER_DEFAULT_ATTEMPTS + 1),
+            worker_consumer_config(settings.worker_ack_wait, settings.worker_max_deliver),
         ),
         (
             RESULTS_STREAM,
-            reporter_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
+            reporter_consumer_config(settings.reporter_ack_wait),
         ),
         (
             EVENTS_STREAM,
-            reporter_events_consumer_config(REPORTER_DEFAULT_ACK_WAIT),
+            reporter_events_consumer_config(settings.reporter_ack_wait),
         ),
-    ];
-    for (stream, config) in defaults {
-        ensure_consumer(js, stream, config, false).await?;
+    ]
+}
+
+/// `IAC_STATUSES`: the newest status claimed per (repository, commit, context), kept as long as
+/// the streams.
+pub fn status_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: STATUS_BUCKET.to_string(),
+        description: "iac-runner: newest status claimed per commit and context".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        max_age: settings.max_age,
+        ..Default::default()
     }
+}
+
+/// Creates the status bucket, or corrects its drifted limits, like [`ensure_stream`].
+pub async fn ensure_status_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<kv::Store, ProvisionError> {
+    use jetstream::context::CreateKeyValueErrorKind;
+    let want = status_bucket_config(settings);
+    let what = format!("bucket {STATUS_BUCKET}");
+    match js.get_stream(format!("KV_{STATUS_BUCKET}")).await {
+        Ok(existing) => {
+            let have = &existing.cached_info().config;
+            let mut drift = Vec::new();
+            if have.max_age != want.max_age {
+                drift.push("max_age");
+            }
+            if have.num_replicas.max(1) != want.num_replicas {
+                drift.push("num_replicas");
+            }
+            if have.max_messages_per_subject != want.history {
+                drift.push("history");
+            }
+            if !drift.is_empty() {
+                let fields = drift.join(", ");
+                match js.create_or_update_key_value(want).await {
+                    Ok(_) => {
+                        tracing::warn!(bucket = STATUS_BUCKET, %fields, "corrected bucket configuration drift")
+                    }
+                    Err(e)
+                        if refused_or_unanswered(e.kind(), CreateKeyValueErrorKind::TimedOut) =>
+                    {
+                        warn_drift_kept(&what, &fields)
+                    }
+                    Err(e) => {
+                        return Err(ProvisionError::Drift {
+                            what,
+                            fields,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_key_value(want).await.map_err(|e| {
+                if refused_or_unanswered(e.kind(), CreateKeyValueErrorKind::TimedOut) {
+                    ProvisionError::Missing { what: what.clone() }
+                } else {
+                    js_err(&what, e)
+                }
+            })?;
+            tracing::info!(bucket = STATUS_BUCKET, "created bucket");
+        }
+        Err(e) => return Err(js_err(&what, e)),
+    }
+    js.get_key_value(STATUS_BUCKET)
+        .await
+        .map_err(|e| js_err(&what, e))
+}
+
+/// The consumers' settings the operator provisions with: the worker's and the reporter's, so
+/// what `iac-worker provision` creates is what the services expect.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub worker_ack_wait: Duration,
+    pub worker_max_deliver: i64,
+    pub reporter_ack_wait: Duration,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        ConsumerSettings {
+            worker_ack_wait: WORKER_DEFAULT_ACK_WAIT,
+            worker_max_deliver: WORKER_DEFAULT_ATTEMPTS + 1,
+            reporter_ack_wait: REPORTER_DEFAULT_ACK_WAIT,
+        }
+    }
+}
+
+/// Everything the services rely on, created or corrected: both streams, the three consumers
+/// and the status bucket. The operator's provisioning (`iac-worker provision`, as the admin
+/// user), so unlike [`provision`] it corrects every consumer.
+pub async fn provision_all(
+    js: &jetstream::Context,
+    streams: &StreamSettings,
+    consumers: &ConsumerSettings,
+) -> Result<(), ProvisionError> {
+    ensure_stream(js, events_stream_config(streams)).await?;
+    ensure_stream(js, results_stream_config(streams)).await?;
+    for (stream, config) in consumer_configs(consumers) {
+        ensure_consumer(js, stream, config, true).await?;
+    }
+    ensure_status_bucket(js, streams).await?;
     Ok(())
 }
 

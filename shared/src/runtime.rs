@@ -50,6 +50,11 @@ where
 /// Provisions the streams (retrying while NATS starts or a cluster elects a leader), then
 /// starts each durable pull consumer this service owns, correcting a drifted configuration.
 /// `Ok(None)` when shutdown came first.
+///
+/// Without NATS authentication this creates whatever is missing. Under the users of
+/// `deploy/nats/permissions.conf` a service may not create or change anything: it waits (and
+/// is not ready) until the operator has run `iac-worker provision`, and runs with drift it may
+/// not correct, saying so in its log.
 pub async fn start_consumers<const N: usize>(
     js: &jetstream::Context,
     settings: &StreamSettings,

@@ -251,6 +251,27 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
 /// Each node picks its client and monitoring ports itself at its first start and keeps them
 /// when started again. The route ports must be known before any node starts (every node lists
 /// every route), so those are still chosen by binding and releasing.
+/// The NATS users a [`NatsCluster`] starts with (`deploy/nats/permissions.conf`): user, the
+/// variable the node reads the password from, and the password.
+pub const CLUSTER_USERS: [(&str, &str, &str); 4] = [
+    ("admin", "NATS_ADMIN_PASSWORD", "cluster-admin-0"),
+    ("gateway", "NATS_GATEWAY_PASSWORD", "cluster-gateway-1"),
+    ("worker", "NATS_WORKER_PASSWORD", "cluster-worker-2"),
+    ("reporter", "NATS_REPORTER_PASSWORD", "cluster-reporter-3"),
+];
+
+/// The password the nodes of a [`NatsCluster`] ask of each other's routes.
+pub const CLUSTER_ROUTE_PASSWORD: &str = "cluster-route-9";
+
+/// The password of a [`NatsCluster`]'s `user`.
+pub fn cluster_password(user: &str) -> &'static str {
+    CLUSTER_USERS
+        .iter()
+        .find(|(u, _, _)| *u == user)
+        .unwrap_or_else(|| panic!("no cluster user {user}"))
+        .2
+}
+
 pub struct NatsCluster {
     nodes: Vec<ClusterNode>,
     store: TempDir,
@@ -272,7 +293,7 @@ impl NatsCluster {
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<String> = cluster_ports
             .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .map(|p| format!("nats-route://route:{CLUSTER_ROUTE_PASSWORD}@127.0.0.1:{p}"))
             .collect();
         let nodes = (0..3)
             .map(|i| {
@@ -290,6 +311,13 @@ impl NatsCluster {
                 ];
                 for (j, route) in routes.iter().enumerate() {
                     env.push((format!("NATS_ROUTE_{}", j + 1), route.clone()));
+                }
+                env.push((
+                    "NATS_ROUTE_PASSWORD".to_string(),
+                    CLUSTER_ROUTE_PASSWORD.to_string(),
+                ));
+                for (_, var, password) in CLUSTER_USERS {
+                    env.push((var.to_string(), password.to_string()));
                 }
                 ClusterNode {
                     name,
@@ -321,6 +349,47 @@ impl NatsCluster {
             .client_port
             .expect("a node's port is known once it has started");
         format!("nats://127.0.0.1:{port}")
+    }
+
+    /// A client connected to every node as `user` (see [`CLUSTER_USERS`]).
+    pub async fn connect_as(&self, user: &str) -> async_nats::Client {
+        let urls: Vec<async_nats::ServerAddr> = self
+            .urls()
+            .split(',')
+            .map(|u| u.parse().expect("a node URL"))
+            .collect();
+        async_nats::ConnectOptions::with_user_and_password(
+            user.to_string(),
+            cluster_password(user).to_string(),
+        )
+        .connect(urls)
+        .await
+        .unwrap_or_else(|e| panic!("{user} cannot connect to the cluster: {e}"))
+    }
+
+    /// The address node `i` takes routes on (`host:port`).
+    pub fn cluster_listen(&self, i: usize) -> &str {
+        self.nodes[i]
+            .env
+            .iter()
+            .find(|(k, _)| k == "NATS_CLUSTER_LISTEN")
+            .map(|(_, v)| v.as_str())
+            .expect("every node has a cluster address")
+    }
+
+    /// The routes node `i` has now (from its monitoring endpoint `/routez`).
+    pub async fn route_count(&self, i: usize) -> Option<u64> {
+        let port = self.nodes[i].monitor_port?;
+        let url = format!("http://127.0.0.1:{port}/routez");
+        let routez: serde_json::Value = crate::http()
+            .get(&url)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        routez["num_routes"].as_u64()
     }
 
     pub fn node_name(&self, i: usize) -> &str {

@@ -6,20 +6,15 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use iac_shared::nats::{StreamSettings, provision};
-use iac_tests::nats::NatsCluster;
+use iac_shared::nats::{ConsumerSettings, StreamSettings, provision_all};
+use iac_tests::nats::{NatsCluster, cluster_password};
 use iac_tests::pipeline::Pipeline;
 use iac_tests::wait_for;
 
 #[tokio::test]
 async fn pushes_survive_killing_the_node_the_gateway_is_connected_to() {
     let mut cluster = NatsCluster::start();
-    let urls: Vec<async_nats::ServerAddr> = cluster
-        .urls()
-        .split(',')
-        .map(|u| u.parse().unwrap())
-        .collect();
-    let js = jetstream::new(async_nats::connect(urls).await.unwrap());
+    let js = jetstream::new(cluster.connect_as("admin").await);
     let settings = StreamSettings {
         replicas: 3,
         ..Default::default()
@@ -29,13 +24,21 @@ async fn pushes_survive_killing_the_node_the_gateway_is_connected_to() {
         Duration::from_secs(30),
         || {
             let (js, settings) = (js.clone(), settings.clone());
-            async move { provision(&js, &settings).await.ok() }
+            async move {
+                provision_all(&js, &settings, &ConsumerSettings::default())
+                    .await
+                    .ok()
+            }
         },
     )
     .await;
 
     // GitHub is not needed here: the reporter does not run.
-    let pipeline = Pipeline::with_nats("http://127.0.0.1:9", &cluster.urls(), 3);
+    let mut pipeline = Pipeline::with_nats("http://127.0.0.1:9", &cluster.urls(), 3);
+    for user in ["gateway", "worker"] {
+        pipeline.set_env(user, "NATS_USER", user);
+        pipeline.set_env(user, "NATS_PASSWORD", cluster_password(user));
+    }
     let _gateway = pipeline.start_gateway().await;
     let _worker = pipeline.start_worker();
     let node = wait_for(

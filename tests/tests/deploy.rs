@@ -1,13 +1,14 @@
 //! What can be checked of `deploy/` without a container engine: the compose files parse and
 //! give each service only its own secrets, the images' entrypoints are binaries this workspace
-//! builds, and the cluster configuration forms a real three-node JetStream cluster.
+//! builds, and the cluster configuration forms a real three-node JetStream cluster that keeps
+//! the users of the single server and takes only authenticated routes.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use iac_shared::names::EVENTS_STREAM;
-use iac_shared::nats::{StreamSettings, provision};
-use iac_tests::nats::NatsCluster;
+use iac_shared::nats::{ConsumerSettings, StreamSettings, events_stream_config, provision_all};
+use iac_tests::nats::{CLUSTER_USERS, NatsCluster};
 use iac_tests::tools::workspace_root;
 use iac_tests::wait_for;
 use serde_yaml::Value;
@@ -39,7 +40,10 @@ fn compose_runs_nats_and_the_three_services_each_with_only_its_own_secrets() {
     let compose = yaml("deploy/compose.yaml");
     let services = compose["services"].as_mapping().expect("services");
     let names: Vec<&str> = services.keys().filter_map(|k| k.as_str()).collect();
-    assert_eq!(names, ["nats", "gateway", "worker", "reporter"]);
+    assert_eq!(
+        names,
+        ["nats", "provision", "gateway", "worker", "reporter"]
+    );
 
     let gateway = env_names(&compose["services"]["gateway"]);
     let worker = env_names(&compose["services"]["worker"]);
@@ -127,7 +131,7 @@ fn image_entrypoints_are_binaries_this_workspace_builds() {
 }
 
 /// The services of `deploy/compose.yaml` that run iac-runner or NATS.
-const CONTAINERS: [&str; 4] = ["nats", "gateway", "worker", "reporter"];
+const CONTAINERS: [&str; 5] = ["nats", "provision", "gateway", "worker", "reporter"];
 
 #[test]
 fn every_container_runs_without_privileges_on_a_read_only_root_with_rotated_logs() {
@@ -275,16 +279,44 @@ fn deploy_readme_gives_each_operator_command_through_docker_compose_exec() {
     );
 }
 
+#[test]
+fn compose_provisions_once_as_admin_before_the_services_start() {
+    let compose = yaml("deploy/compose.yaml");
+    let provision = &compose["services"]["provision"];
+    assert_eq!(provision["command"][0].as_str(), Some("provision"));
+    assert_eq!(
+        provision["image"], compose["services"]["worker"]["image"],
+        "provision runs the worker's image"
+    );
+    assert_eq!(
+        provision["environment"]["NATS_USER"].as_str(),
+        Some("admin")
+    );
+    assert_eq!(
+        provision["environment"]["NATS_PASSWORD"].as_str(),
+        Some("${NATS_ADMIN_PASSWORD}")
+    );
+    let nats_env = env_names(&compose["services"]["nats"]);
+    assert!(nats_env.contains(&"NATS_ADMIN_PASSWORD".to_string()));
+    for service in ["gateway", "worker", "reporter"] {
+        let condition = &compose["services"][service]["depends_on"]["provision"]["condition"];
+        assert_eq!(
+            condition.as_str(),
+            Some("service_completed_successfully"),
+            "{service} starts before provisioning"
+        );
+        let env = format!("{:?}", compose["services"][service]["environment"]);
+        assert!(
+            !env.contains("NATS_ADMIN_PASSWORD"),
+            "{service} gets the admin password"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_cluster_configuration_forms_a_three_node_jetstream_cluster() {
     let cluster = NatsCluster::start();
-    let urls: Vec<async_nats::ServerAddr> = cluster
-        .urls()
-        .split(',')
-        .map(|u| u.parse().unwrap())
-        .collect();
-    let client = async_nats::connect(urls).await.unwrap();
-    let js = jetstream::new(client);
+    let js = jetstream::new(cluster.connect_as("admin").await);
     let settings = StreamSettings {
         replicas: 3,
         ..Default::default()
@@ -293,7 +325,11 @@ async fn the_cluster_configuration_forms_a_three_node_jetstream_cluster() {
     wait_for("an R3 IAC_EVENTS stream", Duration::from_secs(30), || {
         let js = js.clone();
         let settings = settings.clone();
-        async move { provision(&js, &settings).await.ok() }
+        async move {
+            provision_all(&js, &settings, &ConsumerSettings::default())
+                .await
+                .ok()
+        }
     })
     .await;
     let mut stream = js.get_stream(EVENTS_STREAM).await.unwrap();
@@ -304,6 +340,67 @@ async fn the_cluster_configuration_forms_a_three_node_jetstream_cluster() {
     assert!(cluster_info.leader.is_some());
 }
 
+#[tokio::test]
+async fn the_cluster_keeps_the_users_and_their_limits_of_the_single_server() {
+    let cluster = NatsCluster::start();
+    let anonymous = async_nats::ConnectOptions::new()
+        .max_reconnects(Some(1))
+        .connect(cluster.node_url(0))
+        .await;
+    assert!(anonymous.is_err(), "a client without a user connected");
+    assert_eq!(CLUSTER_USERS.len(), 4);
+    let admin = jetstream::new(cluster.connect_as("admin").await);
+    wait_for("the streams provisioned", Duration::from_secs(30), || {
+        let admin = admin.clone();
+        async move {
+            provision_all(
+                &admin,
+                &StreamSettings::default(),
+                &ConsumerSettings::default(),
+            )
+            .await
+            .ok()
+        }
+    })
+    .await;
+    let mut gateway = jetstream::new(cluster.connect_as("gateway").await);
+    gateway.set_timeout(Duration::from_secs(2));
+    let mut shrunk = events_stream_config(&StreamSettings::default());
+    shrunk.max_messages = 1;
+    assert!(
+        gateway.update_stream(&shrunk).await.is_err(),
+        "the gateway updated a stream"
+    );
+    let mut events = admin.get_stream(EVENTS_STREAM).await.unwrap();
+    assert_eq!(events.info().await.unwrap().config.max_messages, -1);
+}
+
+#[tokio::test]
+async fn a_node_without_the_route_password_cannot_join_the_cluster() {
+    let cluster = NatsCluster::start();
+    wait_for("three nodes routed", Duration::from_secs(30), || async {
+        (cluster.route_count(0).await >= Some(2)).then_some(())
+    })
+    .await;
+    let routes_before = cluster.route_count(0).await;
+    let outsider = iac_tests::nats::NatsServer::start_with_config(Some(&format!(
+        "server_name: outsider\ncluster {{\n  name: iac\n  listen: 127.0.0.1:-1\n  routes: [nats-route://{}]\n}}\n",
+        cluster.cluster_listen(0)
+    )));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        cluster.route_count(0).await,
+        routes_before,
+        "a node without the route password was routed"
+    );
+    assert!(
+        outsider.log().contains("Authorization Violation")
+            || outsider.log().contains("authorization"),
+        "the outsider was not refused: {}",
+        outsider.log()
+    );
+}
+
 #[test]
 fn the_cluster_overlay_runs_three_nodes_and_points_the_services_at_all_of_them() {
     let compose = yaml("deploy/nats-cluster/compose.yaml");
@@ -312,7 +409,7 @@ fn the_cluster_overlay_runs_three_nodes_and_points_the_services_at_all_of_them()
         assert_eq!(env["NATS_SERVER_NAME"].as_str(), Some(node));
         assert_eq!(
             env["NATS_ROUTE_3"].as_str(),
-            Some("nats-route://nats-3:6222")
+            Some("nats-route://route:${NATS_ROUTE_PASSWORD}@nats-3:6222")
         );
     }
     for service in ["gateway", "worker", "reporter"] {

@@ -1,19 +1,28 @@
-//! The NATS users of `deploy/nats/permissions.conf`: each service may do what it needs and
-//! nothing of the others' work.
+//! The NATS users of `deploy/nats/permissions.conf`: only `admin` provisions; each service user
+//! may do what its service needs and every other act is refused; the pipeline works under them.
 
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
 use iac_shared::names::*;
-use iac_shared::nats::{StreamSettings, provision};
+use iac_shared::nats::{
+    ConsumerSettings, ProvisionError, StreamSettings, events_stream_config, provision,
+    provision_all,
+};
+use iac_tests::fake_github::FakeGithub;
 use iac_tests::nats::NatsServer;
+use iac_tests::pipeline::Pipeline;
 use iac_tests::tools::workspace_root;
 
-const USERS: [(&str, &str, &str); 3] = [
+const ADMIN_PASSWORD: &str = "ad-pass-0";
+const USERS: [(&str, &str, &str); 4] = [
+    ("admin", "NATS_ADMIN_PASSWORD", ADMIN_PASSWORD),
     ("gateway", "NATS_GATEWAY_PASSWORD", "gw-pass-1"),
     ("worker", "NATS_WORKER_PASSWORD", "wk-pass-2"),
     ("reporter", "NATS_REPORTER_PASSWORD", "rp-pass-3"),
 ];
+const SERVICE_USERS: [&str; 3] = ["gateway", "worker", "reporter"];
 
 fn server() -> NatsServer {
     // The file as deployed, inlined (nats-server resolves includes relative to the config).
@@ -23,18 +32,237 @@ fn server() -> NatsServer {
     NatsServer::start_with_config_and_env(Some(&permissions), &env)
 }
 
-async fn connect_as(server: &NatsServer, user: &str) -> jetstream::Context {
-    let password = USERS.iter().find(|(u, _, _)| *u == user).unwrap().2;
-    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+fn password(user: &str) -> &'static str {
+    USERS.iter().find(|(u, _, _)| *u == user).unwrap().2
+}
+
+async fn client_as(server: &NatsServer, user: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password(user).into())
         .connect(server.url())
         .await
-        .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"));
-    let mut js = jetstream::new(client);
-    js.set_timeout(Duration::from_secs(2));
+        .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
+}
+
+/// A JetStream context as `user`. A refused request gets no answer (the server only tells the
+/// connection), so it ends at this timeout.
+async fn connect_as(server: &NatsServer, user: &str) -> jetstream::Context {
+    let mut js = jetstream::new(client_as(server, user).await);
+    js.set_timeout(Duration::from_secs(1));
     js
 }
 
-/// Whether `subject` accepts a JetStream publish from this connection.
+async fn provisioned_server() -> NatsServer {
+    let server = server();
+    provision_all(
+        &connect_as(&server, "admin").await,
+        &StreamSettings::default(),
+        &ConsumerSettings::default(),
+    )
+    .await
+    .expect("admin provisions");
+    server
+}
+
+#[tokio::test]
+async fn service_users_cannot_provision_and_find_what_the_admin_provisioned() {
+    let server = server();
+    for user in SERVICE_USERS {
+        let err = provision(&connect_as(&server, user).await, &StreamSettings::default())
+            .await
+            .expect_err("a service user created the streams");
+        assert!(
+            matches!(err, ProvisionError::Missing { .. }),
+            "{user}: {err}"
+        );
+        assert!(err.to_string().contains("iac-worker provision"), "{err}");
+    }
+    let admin = connect_as(&server, "admin").await;
+    provision_all(
+        &admin,
+        &StreamSettings::default(),
+        &ConsumerSettings::default(),
+    )
+    .await
+    .unwrap();
+    for user in SERVICE_USERS {
+        provision(&connect_as(&server, user).await, &StreamSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot check the provisioned streams: {e}"));
+    }
+    admin
+        .get_key_value(STATUS_BUCKET)
+        .await
+        .expect("the status bucket");
+}
+
+#[tokio::test]
+async fn drift_a_service_user_may_not_correct_is_kept_and_the_service_goes_on() {
+    let server = provisioned_server().await;
+    let settings = StreamSettings {
+        max_age: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let gateway = connect_as(&server, "gateway").await;
+    provision(&gateway, &settings)
+        .await
+        .expect("drift the gateway may not correct stops nothing");
+    let admin = connect_as(&server, "admin").await;
+    let mut events = admin.get_stream(EVENTS_STREAM).await.unwrap();
+    let kept = events.info().await.unwrap().config.max_age;
+    assert_eq!(
+        kept,
+        StreamSettings::default().max_age,
+        "the gateway changed the stream"
+    );
+}
+
+/// Every act no service user may do, tried as `user`; returns the acts that were not refused.
+async fn forbidden_acts_allowed(server: &NatsServer, user: &str) -> Vec<String> {
+    let js = connect_as(server, user).await;
+    let mut allowed = Vec::new();
+    let mut check = |act: &str, refused: bool| {
+        if !refused {
+            allowed.push(format!("{user}: {act}"));
+        }
+    };
+
+    let mut shrunk = events_stream_config(&StreamSettings::default());
+    shrunk.max_messages = 1;
+    check("update a stream", js.update_stream(&shrunk).await.is_err());
+    check("purge a stream", purge(&js, EVENTS_STREAM).await);
+    check(
+        "delete a stream",
+        js.delete_stream(RESULTS_STREAM).await.is_err(),
+    );
+    check(
+        "create a stream",
+        js.create_stream(stream::Config {
+            name: "INTRUDER".into(),
+            subjects: vec!["intruder.>".into()],
+            ..Default::default()
+        })
+        .await
+        .is_err(),
+    );
+
+    let events = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .expect("stream info is allowed");
+    check(
+        "create a durable consumer",
+        events
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("intruder".into()),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+    );
+    let mut parallel = iac_shared::nats::worker_consumer_config(Duration::from_secs(30), 4);
+    parallel.max_ack_pending = 50;
+    check(
+        "update a consumer",
+        events.update_consumer(parallel.clone()).await.is_err(),
+    );
+    check(
+        "update a consumer through a create",
+        events.create_consumer(parallel.clone()).await.is_err(),
+    );
+    check(
+        "update a consumer through an unnamed create",
+        !answered_ok(
+            &js,
+            format!("CONSUMER.CREATE.{EVENTS_STREAM}"),
+            serde_json::json!({"stream_name": EVENTS_STREAM, "config": parallel}),
+        )
+        .await,
+    );
+    check(
+        "delete a consumer",
+        events.delete_consumer(WORKER_CONSUMER).await.is_err(),
+    );
+
+    check(
+        "subscribe to events",
+        !receives(server, user, "iac.events.>", PUSH_SUBJECT).await,
+    );
+    check(
+        "subscribe to results",
+        !receives(server, user, "iac.results.>", FINISHED_SUBJECT).await,
+    );
+    allowed
+}
+
+async fn purge(js: &jetstream::Context, name: &str) -> bool {
+    match js.get_stream(name).await {
+        Ok(stream) => stream.purge().await.is_err(),
+        Err(_) => true,
+    }
+}
+
+/// Whether a raw JetStream API request gets an answer without an error.
+async fn answered_ok(js: &jetstream::Context, subject: String, body: serde_json::Value) -> bool {
+    let answer: Result<serde_json::Value, _> = js.request(subject, &body).await;
+    matches!(answer, Ok(v) if v.get("error").is_none())
+}
+
+/// Whether `user`, subscribed directly to `filter`, sees a message the admin publishes.
+async fn receives(server: &NatsServer, user: &str, filter: &str, subject: &'static str) -> bool {
+    let client = client_as(server, user).await;
+    let Ok(mut subscription) = client.subscribe(filter.to_string()).await else {
+        return false;
+    };
+    let _ = client.flush().await;
+    let admin = client_as(server, "admin").await;
+    admin.publish(subject, "{}".into()).await.unwrap();
+    admin.flush().await.unwrap();
+    tokio::time::timeout(Duration::from_millis(500), subscription.next())
+        .await
+        .is_ok_and(|m| m.is_some())
+}
+
+#[tokio::test]
+async fn every_forbidden_act_is_refused_for_every_service_user() {
+    let server = provisioned_server().await;
+    let admin = connect_as(&server, "admin").await;
+    admin
+        .publish(PUSH_SUBJECT, "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let tried =
+        futures::future::join_all(SERVICE_USERS.map(|user| forbidden_acts_allowed(&server, user)))
+            .await;
+    let allowed: Vec<String> = tried.into_iter().flatten().collect();
+    assert!(allowed.is_empty(), "not refused: {allowed:#?}");
+
+    // What a user would notice: nothing changed.
+    let mut events = admin.get_stream(EVENTS_STREAM).await.unwrap();
+    let info = events.info().await.unwrap().clone();
+    assert_eq!(info.config.max_messages, -1, "IAC_EVENTS was shrunk");
+    // One stored before, one per user by the subscription probes.
+    assert_eq!(
+        info.state.messages,
+        1 + SERVICE_USERS.len() as u64,
+        "IAC_EVENTS was purged"
+    );
+    assert_eq!(
+        info.state.consumer_count, 2,
+        "a consumer was added or removed"
+    );
+    let worker = events.consumer_info(WORKER_CONSUMER).await.unwrap();
+    assert_eq!(worker.config.max_ack_pending, 1, "iac-worker was changed");
+    admin
+        .get_stream(RESULTS_STREAM)
+        .await
+        .expect("IAC_RESULTS was deleted");
+    assert!(admin.get_stream("INTRUDER").await.is_err());
+}
+
+/// Whether this connection can store a message on `subject`.
 async fn can_store(js: &jetstream::Context, subject: &'static str) -> bool {
     match js.publish(subject, "{}".into()).await {
         Ok(ack) => ack.await.is_ok(),
@@ -43,31 +271,18 @@ async fn can_store(js: &jetstream::Context, subject: &'static str) -> bool {
 }
 
 #[tokio::test]
-async fn every_service_user_can_provision_the_streams_it_relies_on() {
-    let server = server();
-    for (user, _, _) in USERS {
-        let js = connect_as(&server, user).await;
-        provision(&js, &StreamSettings::default())
-            .await
-            .unwrap_or_else(|e| panic!("{user} cannot provision: {e}"));
-    }
-}
-
-#[tokio::test]
-async fn only_the_gateway_and_replays_store_events_and_only_the_worker_and_replays_store_results() {
-    let server = server();
-    provision(
-        &connect_as(&server, "gateway").await,
-        &StreamSettings::default(),
-    )
-    .await
-    .unwrap();
+async fn each_service_user_stores_only_its_own_subjects() {
+    let server = provisioned_server().await;
     let gateway = connect_as(&server, "gateway").await;
     let worker = connect_as(&server, "worker").await;
     let reporter = connect_as(&server, "reporter").await;
 
     assert!(can_store(&gateway, PUSH_SUBJECT).await);
     assert!(can_store(&gateway, SYNC_SUBJECT).await);
+    assert!(
+        !can_store(&gateway, "iac.events.other").await,
+        "the gateway stored another event"
+    );
     assert!(
         !can_store(&gateway, FINISHED_SUBJECT).await,
         "the gateway wrote a result"
@@ -80,16 +295,12 @@ async fn only_the_gateway_and_replays_store_events_and_only_the_worker_and_repla
     );
 }
 
-/// Whether this connection can take a message from the `iac-worker` consumer.
-async fn take_one_event(js: &jetstream::Context) -> bool {
-    use futures::StreamExt;
-    let Ok(stream) = js.get_stream(EVENTS_STREAM).await else {
+/// Whether this connection can take a message from the durable `name` on `stream`.
+async fn take_one(js: &jetstream::Context, stream: &str, name: &str) -> bool {
+    let Ok(stream) = js.get_stream(stream).await else {
         return false;
     };
-    let Ok(consumer) = stream
-        .get_consumer::<jetstream::consumer::pull::Config>(WORKER_CONSUMER)
-        .await
-    else {
+    let Ok(consumer) = stream.get_consumer::<consumer::pull::Config>(name).await else {
         return false;
     };
     let batch = consumer
@@ -105,33 +316,112 @@ async fn take_one_event(js: &jetstream::Context) -> bool {
 }
 
 #[tokio::test]
-async fn the_gateway_cannot_read_events_or_touch_the_status_bucket() {
-    let server = server();
-    provision(
-        &connect_as(&server, "gateway").await,
-        &StreamSettings::default(),
-    )
-    .await
-    .unwrap();
+async fn each_service_user_pulls_only_from_its_own_consumers() {
+    let server = provisioned_server().await;
     let gateway = connect_as(&server, "gateway").await;
-    assert!(can_store(&gateway, PUSH_SUBJECT).await);
-    assert!(
-        !take_one_event(&gateway).await,
-        "the gateway took an event from the worker's consumer"
-    );
     let worker = connect_as(&server, "worker").await;
+    let reporter = connect_as(&server, "reporter").await;
+    assert!(can_store(&gateway, PUSH_SUBJECT).await);
+    assert!(can_store(&worker, FINISHED_SUBJECT).await);
+
     assert!(
-        take_one_event(&worker).await,
-        "the worker could not take it"
+        !take_one(&gateway, EVENTS_STREAM, WORKER_CONSUMER).await,
+        "gateway took an event"
     );
     assert!(
-        gateway
-            .create_key_value(jetstream::kv::Config {
-                bucket: STATUS_BUCKET.into(),
-                ..Default::default()
-            })
-            .await
-            .is_err(),
-        "the gateway could create the status bucket"
+        !take_one(&reporter, EVENTS_STREAM, WORKER_CONSUMER).await,
+        "the reporter took the worker's event"
+    );
+    assert!(
+        !take_one(&worker, EVENTS_STREAM, REPORTER_EVENTS_CONSUMER).await,
+        "the worker took the reporter's push"
+    );
+    assert!(
+        !take_one(&worker, RESULTS_STREAM, REPORTER_CONSUMER).await,
+        "the worker took the reporter's result"
+    );
+    assert!(take_one(&worker, EVENTS_STREAM, WORKER_CONSUMER).await);
+    assert!(take_one(&reporter, EVENTS_STREAM, REPORTER_EVENTS_CONSUMER).await);
+    assert!(take_one(&reporter, RESULTS_STREAM, REPORTER_CONSUMER).await);
+}
+
+#[tokio::test]
+async fn only_the_reporter_touches_the_status_bucket_and_it_cannot_reconfigure_it() {
+    let server = provisioned_server().await;
+    for user in ["gateway", "worker"] {
+        let js = connect_as(&server, user).await;
+        assert!(
+            js.get_key_value(STATUS_BUCKET).await.is_err(),
+            "{user} opened the bucket"
+        );
+    }
+    let reporter = connect_as(&server, "reporter").await;
+    let bucket = reporter.get_key_value(STATUS_BUCKET).await.unwrap();
+    bucket.put("acme.abc.ctx", "pending".into()).await.unwrap();
+    assert!(bucket.get("acme.abc.ctx").await.unwrap().is_some());
+    let mut shrunk = iac_shared::nats::status_bucket_config(&StreamSettings::default());
+    shrunk.max_age = Duration::from_secs(60);
+    assert!(reporter.create_or_update_key_value(shrunk).await.is_err());
+    assert!(reporter.delete_key_value(STATUS_BUCKET).await.is_err());
+    let admin = connect_as(&server, "admin").await;
+    let mut kv_stream = admin
+        .get_stream(format!("KV_{STATUS_BUCKET}"))
+        .await
+        .unwrap();
+    let info = kv_stream.info().await.unwrap();
+    assert_eq!(info.config.max_age, StreamSettings::default().max_age);
+}
+
+const POSTGRES: &str = "platform/01.postgres/compose.yaml";
+const CONTEXT: &str = "IaC Runner / Sync";
+const SHOWN: Duration = Duration::from_secs(90);
+
+#[tokio::test]
+async fn the_pipeline_runs_under_the_service_users_after_the_admin_provisions() {
+    let nats = server();
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::with_nats(&github.url(), &nats.url(), 1);
+    let admin = ["--nats-user", "admin", "--nats-password", ADMIN_PASSWORD];
+    let (ok, out, err) = pipeline.operator("iac-worker", &[&["provision"][..], &admin].concat());
+    assert!(ok, "provision as admin failed: {out}\n{err}");
+    assert!(out.contains("IAC_STATUSES"), "{out}");
+    for user in SERVICE_USERS {
+        pipeline.set_env(user, "NATS_USER", user);
+        pipeline.set_env(user, "NATS_PASSWORD", password(user));
+    }
+    let _services = pipeline.start_all().await;
+
+    let (commit, status, answer) = pipeline.push_change(POSTGRES).await;
+    assert_eq!(status, 200, "{answer}");
+    github
+        .wait_for_shown(&commit, CONTEXT, "success", SHOWN)
+        .await;
+    let states: Vec<String> = github
+        .accepted()
+        .iter()
+        .filter(|r| r.commit == commit)
+        .map(|r| r.state().to_string())
+        .collect();
+    assert!(states.contains(&"pending".to_string()), "{states:?}");
+
+    // The operator commands work as the service's own user.
+    let worker = [
+        "--nats-user",
+        "worker",
+        "--nats-password",
+        password("worker"),
+    ];
+    let (ok, out, err) = pipeline.operator(
+        "iac-worker",
+        &[&["replay", "--from-seq", "1", "--dry-run"][..], &worker].concat(),
+    );
+    assert!(
+        ok && out.contains(&commit),
+        "replay as worker: {out}\n{err}"
+    );
+    let (ok, out, err) = pipeline.operator("iac-worker", &[&["status"][..], &worker].concat());
+    assert!(
+        ok && out.contains(&commit[..7]),
+        "status as worker: {out}\n{err}"
     );
 }

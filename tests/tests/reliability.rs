@@ -195,42 +195,6 @@ async fn killing_the_reporter_mid_post_loses_no_status() {
 }
 
 #[tokio::test]
-async fn the_pipeline_runs_under_the_least_privilege_nats_users() {
-    use iac_tests::nats::NatsServer;
-    let permissions = std::fs::read_to_string(
-        iac_tests::tools::workspace_root().join("deploy/nats/permissions.conf"),
-    )
-    .unwrap();
-    let users = [
-        ("gateway", "NATS_GATEWAY_PASSWORD", "gw-Secret-91"),
-        ("worker", "NATS_WORKER_PASSWORD", "wk-Secret-92"),
-        ("reporter", "NATS_REPORTER_PASSWORD", "rp-Secret-93"),
-    ];
-    let env: Vec<(&str, &str)> = users.iter().map(|(_, var, pass)| (*var, *pass)).collect();
-    let nats = NatsServer::start_with_config_and_env(Some(&permissions), &env);
-    let github = FakeGithub::start().await;
-    let mut pipeline = Pipeline::with_nats(&github.url(), &nats.url(), 1);
-    for (user, _, password) in users {
-        pipeline.set_env(user, "NATS_USER", user);
-        pipeline.set_env(user, "NATS_PASSWORD", password);
-    }
-    let _services = pipeline.start_all().await;
-
-    let (commit, status, answer) = pipeline.push_change(POSTGRES).await;
-    assert_eq!(status, 200, "{answer}");
-    github
-        .wait_for_shown(&commit, CONTEXT, "success", SHOWN)
-        .await;
-    let states: Vec<String> = github
-        .accepted()
-        .iter()
-        .filter(|r| r.commit == commit)
-        .map(|r| r.state().to_string())
-        .collect();
-    assert!(states.contains(&"pending".to_string()), "{states:?}");
-}
-
-#[tokio::test]
 async fn hand_published_garbage_results_are_dropped_and_statuses_keep_flowing() {
     let github = FakeGithub::start().await;
     let pipeline = Pipeline::new(&github.url());

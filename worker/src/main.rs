@@ -1,5 +1,6 @@
 //! `iac-worker`: parses the configuration, sets up logging and runs the worker until SIGTERM;
-//! `iac-worker replay …` publishes stored events again, `iac-worker status` shows the last syncs.
+//! `iac-worker replay …` publishes stored events again, `iac-worker status` shows the last syncs,
+//! `iac-worker provision` creates the streams, consumers and bucket (as the NATS admin user).
 
 use std::process::ExitCode;
 
@@ -7,11 +8,12 @@ use clap::Subcommand;
 use iac_shared::cli::Invocation;
 use iac_shared::history::StatusCommand;
 use iac_shared::names::{EVENTS_STREAM, PUSH_SUBJECT, SYNC_SUBJECT};
+use iac_shared::provision::ProvisionCommand;
 use iac_shared::replay::ReplayCommand;
 use iac_shared::telemetry;
 use iac_worker::Config;
 
-/// Operator commands, read from the streams.
+/// Operator commands.
 #[derive(Debug, Subcommand)]
 enum Operation {
     /// Publish selected events of IAC_EVENTS again: they go through the serialized path and
@@ -19,6 +21,9 @@ enum Operation {
     Replay(ReplayCommand),
     /// Show the last syncs (time, commit, trigger, per-service outcome, duration) and the queue.
     Status(StatusCommand),
+    /// Create the streams, the consumers and the status bucket, or bring them back to the
+    /// expected configuration (run once as the NATS admin user, before the services start).
+    Provision(ProvisionCommand),
 }
 
 #[tokio::main]
@@ -44,6 +49,10 @@ async fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Operation::Status(command) => command
             .run(&nats, "iac-worker status")
+            .await
+            .map_err(|e| e.to_string()),
+        Operation::Provision(command) => command
+            .run(&nats, "iac-worker provision")
             .await
             .map_err(|e| e.to_string()),
     };

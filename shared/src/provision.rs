@@ -1,0 +1,100 @@
+//! `iac-worker provision`: the operator creates, or brings back to the expected configuration,
+//! everything the services rely on (both streams, the three durable consumers and the status
+//! bucket), as the NATS admin user, before the services start. The services' own NATS users may
+//! only check that it is there (see `deploy/nats/permissions.conf`).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use clap::Args;
+
+use crate::nats::{
+    ConnectError, ConsumerSettings, NatsArgs, ProvisionError, REPORTER_DEFAULT_ACK_WAIT,
+    parse_positive_duration, provision_all,
+};
+use crate::shutdown::Shutdown;
+
+/// How long provisioning waits for JetStream to answer (a cluster electing its leader).
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// The worker's consumer settings, read from the same variables as the worker, so what is
+/// provisioned is what the worker expects.
+#[derive(Debug, Clone, Args)]
+pub struct ProvisionCommand {
+    /// The worker's `WORKER_ACK_WAIT` (the ack wait of `iac-worker`).
+    #[arg(
+        long = "worker-ack-wait",
+        env = "WORKER_ACK_WAIT",
+        value_name = "WORKER_ACK_WAIT",
+        default_value = "30s",
+        value_parser = parse_positive_duration
+    )]
+    pub worker_ack_wait: Duration,
+
+    /// The worker's `SYNC_MAX_ATTEMPTS` (`iac-worker` delivers each event once more, to report
+    /// giving up).
+    #[arg(
+        long = "sync-max-attempts",
+        env = "SYNC_MAX_ATTEMPTS",
+        value_name = "SYNC_MAX_ATTEMPTS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(i64).range(1..=100)
+    )]
+    pub max_attempts: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionCommandError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    #[error("JetStream did not answer within {0:?}")]
+    NotReady(Duration),
+}
+
+impl ProvisionCommand {
+    /// The consumer settings this command provisions with.
+    pub fn consumer_settings(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            worker_ack_wait: self.worker_ack_wait,
+            worker_max_deliver: self.max_attempts + 1,
+            reporter_ack_wait: REPORTER_DEFAULT_ACK_WAIT,
+        }
+    }
+
+    /// Connects, provisions (retrying while JetStream is not ready, at most [`READY_WITHIN`])
+    /// and prints what is in place.
+    pub async fn run(
+        &self,
+        nats: &NatsArgs,
+        client_name: &str,
+    ) -> Result<(), ProvisionCommandError> {
+        let client = crate::nats::connect_once(nats, client_name).await?;
+        let js = jetstream::new(client);
+        let consumers = self.consumer_settings();
+        let never = Shutdown::never();
+        let attempts = crate::runtime::retry_until_shutdown(
+            &never,
+            Duration::from_millis(200),
+            || provision_all(&js, &nats.streams, &consumers),
+            |e, delay| {
+                if matches!(e, ProvisionError::Drift { .. }) {
+                    return false;
+                }
+                tracing::warn!(error = %e, retry_in = ?delay, "JetStream not ready yet");
+                true
+            },
+        );
+        tokio::time::timeout(READY_WITHIN, attempts)
+            .await
+            .map_err(|_| ProvisionCommandError::NotReady(READY_WITHIN))??;
+        println!(
+            "provisioned: streams IAC_EVENTS and IAC_RESULTS ({} replicas, kept {}), consumers \
+             iac-worker, iac-reporter and iac-reporter-events, bucket IAC_STATUSES",
+            nats.streams.replicas,
+            humantime::format_duration(nats.streams.max_age),
+        );
+        Ok(())
+    }
+}
