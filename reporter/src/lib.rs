@@ -99,6 +99,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         statuses,
         gate: Gate::default(),
         metrics,
+        lease: config.github_timeout + order::LEASE_MARGIN,
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.into()));
     ready.store(true, Ordering::Relaxed);
