@@ -211,8 +211,6 @@ impl Reporter {
             &planned.status.context,
         );
         let Some((revision, leased)) = self.take_lease(&key, planned).await? else {
-            tracing::debug!(context = %planned.status.context, "a newer status is already claimed; skipping");
-            self.metrics.skipped("superseded");
             return Ok(());
         };
         let result = self.post(github, planned, &leased.status).await;
@@ -231,7 +229,7 @@ impl Reporter {
     }
 
     /// Waits until no post is in flight, then takes the lease (compare-and-set) with the claim
-    /// to post: the revision written and that claim, or `None` when a newer status is claimed.
+    /// to post: the revision written and that claim, or `None` when there is nothing to post.
     async fn take_lease(
         &self,
         key: &str,
@@ -243,7 +241,16 @@ impl Reporter {
         loop {
             let (revision, stored) = self.read(key).await?;
             match decide(stored.as_ref(), &mine, now_ms()) {
-                Decision::Superseded => return Ok(None),
+                Decision::Superseded => {
+                    tracing::debug!(context = %planned.status.context, "a newer status is already claimed; skipping");
+                    self.metrics.skipped("superseded");
+                    return Ok(None);
+                }
+                Decision::AlreadyPosted => {
+                    tracing::debug!(context = %planned.status.context, "GitHub already accepted this status; skipping");
+                    self.metrics.skipped("already_posted");
+                    return Ok(None);
+                }
                 Decision::Wait(left) => {
                     // Leases expire, so this only trips when others keep taking them.
                     if waiting_since.elapsed() > self.lease * 2 {

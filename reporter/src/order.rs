@@ -75,6 +75,8 @@ impl Claim {
 pub enum Decision {
     /// A newer status is claimed, and posted or being posted: no request.
     Superseded,
+    /// This very status was posted and GitHub accepted it (a redelivery): no request.
+    AlreadyPosted,
     /// A post is in flight: read again within this time (when the lease expires at the latest).
     Wait(Duration),
     /// Take the lease with this claim (compare-and-set), then post its status: mine when it is
@@ -86,8 +88,13 @@ pub fn decide(stored: Option<&Claim>, mine: &Claim, now_ms: u64) -> Decision {
     let Some(stored) = stored else {
         return Decision::Post(mine.clone());
     };
-    if stored.order > mine.order && !stored.unconfirmed {
-        return Decision::Superseded;
+    if !stored.unconfirmed {
+        if stored.order > mine.order {
+            return Decision::Superseded;
+        }
+        if stored.order == mine.order {
+            return Decision::AlreadyPosted;
+        }
     }
     if let Some(until) = stored.leased_until.filter(|&until| until > now_ms) {
         return Decision::Wait(Duration::from_millis(until - now_ms));
@@ -189,6 +196,24 @@ mod tests {
         // A lease whose holder died has expired.
         let expired = older.leased(NOW - 1);
         assert_eq!(decide(Some(&expired), &mine, NOW), Decision::Post(mine));
+    }
+
+    #[test]
+    fn a_status_github_accepted_is_not_posted_again_but_one_that_may_have_failed_is() {
+        let mine = claim(key(5, Phase::Started));
+        let accepted = mine.leased(NOW - 1).released(false);
+        assert_eq!(decide(Some(&accepted), &mine, NOW), Decision::AlreadyPosted);
+        let failed = mine.leased(NOW - 1).released(true);
+        assert_eq!(
+            decide(Some(&failed), &mine, NOW),
+            Decision::Post(failed.clone())
+        );
+        // A holder that died before the answer left its lease to expire, unconfirmed.
+        let abandoned = mine.leased(NOW - 1);
+        assert_eq!(
+            decide(Some(&abandoned), &mine, NOW),
+            Decision::Post(abandoned.clone())
+        );
     }
 
     #[test]
