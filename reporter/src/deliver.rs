@@ -2,7 +2,7 @@
 //! whether the message is done (ack) or must come back later (NAK with a delay).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, kv};
 use iac_shared::events::{PushEvent, SyncFinished, SyncStarted};
@@ -13,12 +13,15 @@ use tracing::Instrument;
 
 use crate::github::{Gate, GithubClient, PostError, backoff};
 use crate::metrics::Metrics;
-use crate::order::{AfterPost, Claim, Decision, after_post, decide, status_key};
+use crate::order::{AfterPost, Claim, Decision, after_post, decide, now_ms, status_key};
 use crate::status::{self, PlannedStatus, SkipReason, Status, StatusSettings};
 
 /// The longest a post waits in-process for the rate-limit gate; longer holds hand the message
 /// back to JetStream so it is not held past its ack wait.
 const MAX_GATE_HOLD: Duration = Duration::from_secs(5);
+/// How often a status waiting for a post in flight reads the claim again: at first, and at most.
+const FIRST_LEASE_POLL: Duration = Duration::from_millis(10);
+const LAST_LEASE_POLL: Duration = Duration::from_millis(250);
 
 /// Why a status could not be delivered this time.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,8 @@ pub enum DeliverError {
     Github(#[from] PostError),
     #[error("status bucket unavailable: {0}")]
     Store(String),
+    #[error("other reporters kept posting statuses on the same commit and context")]
+    Busy,
 }
 
 /// What becomes of a message.
@@ -50,6 +55,8 @@ pub struct Reporter {
     pub statuses: kv::Store,
     pub gate: Gate,
     pub metrics: Metrics,
+    /// How long a post may be in flight: the client's timeout plus [`crate::order::LEASE_MARGIN`].
+    pub lease: Duration,
 }
 
 impl Reporter {
@@ -159,6 +166,7 @@ impl Reporter {
                 (reason, backoff(delivered, jitter))
             }
             Err(DeliverError::Store(_)) => ("store", backoff(delivered, jitter)),
+            Err(DeliverError::Busy) => ("busy", backoff(delivered, jitter)),
         };
         self.metrics.retry(reason);
         if delivered >= REPORTER_MAX_DELIVER {
@@ -174,7 +182,8 @@ impl Reporter {
         Disposition::RetryIn(delay)
     }
 
-    /// Claims `planned` in the bucket and posts it, unless a newer status is already claimed.
+    /// Takes the lease on (repository, commit, context) and posts, unless a newer status is
+    /// already claimed; gives the lease back once GitHub answered.
     async fn deliver(&self, planned: &PlannedStatus) -> Result<(), DeliverError> {
         let Some(github) = &self.github else {
             let status = &planned.status;
@@ -189,99 +198,95 @@ impl Reporter {
             self.metrics.skipped("log_only");
             return Ok(());
         };
+        // Waiting for the gate happens before the lease, which only covers the request itself.
+        if let Some(wait) = self.gate.remaining() {
+            if wait > MAX_GATE_HOLD {
+                return Err(PostError::RateLimited { wait }.into());
+            }
+            tokio::time::sleep(wait).await;
+        }
         let key = status_key(
             &planned.repository,
             &planned.commit,
             &planned.status.context,
         );
-        let Some((revision, status)) = self.take_turn(&key, planned).await? else {
-            tracing::debug!(context = %planned.status.context, "a newer status is already posted; skipping");
-            self.metrics.skipped("superseded");
+        let Some((revision, leased)) = self.take_lease(&key, planned).await? else {
             return Ok(());
         };
-        self.post(github, planned, &status).await?;
-        self.catch_up(github, &key, planned, revision).await
+        let result = self.post(github, planned, &leased.status).await;
+        match after_post(&result) {
+            AfterPost::Release { unconfirmed } => {
+                self.release(&key, revision, &leased.released(unconfirmed))
+                    .await;
+            }
+            AfterPost::Keep => tracing::warn!(
+                context = %leased.status.context,
+                commit = %planned.commit,
+                "GitHub did not answer; the status may still be applied, so nothing else is posted here until the lease expires"
+            ),
+        }
+        Ok(result?)
     }
 
-    /// Decides against the stored claim, claiming mine (compare-and-set) when it is newer: the
-    /// revision and status to post, or `None` when a newer status is already posted.
-    async fn take_turn(
+    /// Waits until no post is in flight, then takes the lease (compare-and-set) with the claim
+    /// to post: the revision written and that claim, or `None` when there is nothing to post.
+    async fn take_lease(
         &self,
         key: &str,
         planned: &PlannedStatus,
-    ) -> Result<Option<(u64, Status)>, DeliverError> {
+    ) -> Result<Option<(u64, Claim)>, DeliverError> {
         let mine = Claim::of(planned);
+        let waiting_since = Instant::now();
+        let mut pause = FIRST_LEASE_POLL;
         loop {
             let (revision, stored) = self.read(key).await?;
-            match (decide(stored.as_ref(), planned.order), revision, stored) {
-                (Decision::Superseded, ..) => return Ok(None),
-                (Decision::RepairNewer, Some(revision), Some(stored)) => {
-                    return Ok(Some((revision, stored.status)));
+            match decide(stored.as_ref(), &mine, now_ms()) {
+                Decision::Superseded => {
+                    tracing::debug!(context = %planned.status.context, "a newer status is already claimed; skipping");
+                    self.metrics.skipped("superseded");
+                    return Ok(None);
                 }
-                (Decision::Post, Some(revision), _) => {
-                    return Ok(Some((revision, mine.status)));
+                Decision::AlreadyPosted => {
+                    tracing::debug!(context = %planned.status.context, "GitHub already accepted this status; skipping");
+                    self.metrics.skipped("already_posted");
+                    return Ok(None);
                 }
-                (_, revision, _) => {
-                    if let Some(claimed) = self.claim(key, revision, &mine).await? {
-                        return Ok(Some((claimed, mine.status)));
+                Decision::Wait(left) => {
+                    // Leases expire, so this only trips when others keep taking them.
+                    if waiting_since.elapsed() > self.lease * 2 {
+                        return Err(DeliverError::Busy);
+                    }
+                    tokio::time::sleep(pause.min(left)).await;
+                    pause = (pause * 2).min(LAST_LEASE_POLL);
+                }
+                Decision::Post(claim) => {
+                    let until = now_ms() + self.lease.as_millis() as u64;
+                    let leased = claim.leased(until);
+                    if let Some(taken) = self.write(key, revision, &leased).await? {
+                        return Ok(Some((taken, leased)));
                     }
                 }
             }
         }
     }
 
-    /// After posting the claim at `posted`: while a newer claim appeared meanwhile (my post may
-    /// have landed after its post), post the newest stored status again.
-    async fn catch_up(
-        &self,
-        github: &GithubClient,
-        key: &str,
-        planned: &PlannedStatus,
-        mut posted: u64,
-    ) -> Result<(), DeliverError> {
-        loop {
-            let (Some(revision), Some(stored)) = self.read(key).await? else {
-                return Ok(());
-            };
-            match after_post(posted, Some((revision, &stored))) {
-                AfterPost::Done => return Ok(()),
-                AfterPost::Confirm => {
-                    let confirmed = Claim {
-                        unconfirmed: false,
-                        ..stored
-                    };
-                    // A conflict means a newer claim, whose owner posts it: nothing to do.
-                    let _ = self
-                        .statuses
-                        .update(key, encode(&confirmed), revision)
-                        .await;
-                    return Ok(());
-                }
-                AfterPost::PostStored => {
-                    tracing::debug!(context = %stored.status.context, "a newer status was claimed while posting; posting it again");
-                    if let Err(e) = self.post(github, planned, &stored.status).await {
-                        self.mark_unconfirmed(key, revision, &stored).await;
-                        return Err(e.into());
-                    }
-                    posted = revision;
-                }
-            }
+    /// Gives the lease taken at `revision` back, with `claim` as it now stands.
+    async fn release(&self, key: &str, revision: u64, claim: &Claim) {
+        // On conflict the lease expired and someone took it; they post after my post ended.
+        if let Err(e) = self.statuses.update(key, encode(claim), revision).await
+            && e.kind() != kv::UpdateErrorKind::WrongLastRevision
+        {
+            tracing::warn!(error = %e, "could not give the status lease back; it expires by itself");
         }
     }
 
-    /// Posts through the rate-limit gate and records what GitHub said about its budget.
+    /// Posts and records what GitHub said about its budget.
     async fn post(
         &self,
         github: &GithubClient,
         planned: &PlannedStatus,
         status: &Status,
     ) -> Result<(), PostError> {
-        if let Some(wait) = self.gate.remaining() {
-            if wait > MAX_GATE_HOLD {
-                return Err(PostError::RateLimited { wait });
-            }
-            tokio::time::sleep(wait).await;
-        }
         let answer = github
             .post(&planned.repository, &planned.commit, status)
             .await;
@@ -331,8 +336,8 @@ impl Reporter {
         })
     }
 
-    /// Compare-and-set: `Some(revision)` when claimed, `None` when someone else wrote first.
-    async fn claim(
+    /// Compare-and-set: `Some(revision)` when written, `None` when someone else wrote first.
+    async fn write(
         &self,
         key: &str,
         revision: Option<u64>,
@@ -350,20 +355,6 @@ impl Reporter {
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
                 Err(e) => Err(DeliverError::Store(e.to_string())),
             },
-        }
-    }
-
-    /// GitHub may show an older status than `claim`: leave a mark for the next reader.
-    async fn mark_unconfirmed(&self, key: &str, revision: u64, claim: &Claim) {
-        let marked = Claim {
-            unconfirmed: true,
-            ..claim.clone()
-        };
-        // On conflict a newer claim exists, and its owner posts after my post ended.
-        if let Err(e) = self.statuses.update(key, encode(&marked), revision).await
-            && e.kind() != kv::UpdateErrorKind::WrongLastRevision
-        {
-            tracing::warn!(error = %e, "could not mark the status for a repost");
         }
     }
 }

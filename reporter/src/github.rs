@@ -15,7 +15,10 @@ pub const USER_AGENT_VALUE: &str = concat!("iac-runner/", env!("CARGO_PKG_VERSIO
 /// The REST API version the requests are written against.
 pub const API_VERSION: &str = "2022-11-28";
 /// GitHub's advice when a secondary rate limit gives no time: wait a minute.
-const SECONDARY_LIMIT_WAIT: Duration = Duration::from_secs(60);
+pub const SECONDARY_LIMIT_WAIT: Duration = Duration::from_secs(60);
+/// How GitHub's message starts when a 403 is a secondary rate limit, which carries no
+/// rate-limit headers: "You have exceeded a secondary rate limit. Please wait a few minutes…".
+const SECONDARY_LIMIT_MESSAGE: &str = "exceeded a secondary rate limit";
 
 /// Why a status was not posted.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +26,8 @@ pub enum PostError {
     /// 401, 404, 422 and other refusals: posting again would not help.
     #[error("GitHub refused the status ({code}): {message}")]
     Permanent { code: u16, message: String },
-    /// 403/429 with rate-limit headers: allowed again after `wait`.
+    /// 403/429 with rate-limit headers, 429, or a 403 saying it is a secondary rate limit:
+    /// allowed again after `wait`.
     #[error("GitHub rate limit reached, allowed again in {wait:?}")]
     RateLimited { wait: Duration },
     /// 5xx, timeouts and connection errors.
@@ -63,13 +67,22 @@ pub fn classify(
     }
     let code = status.as_u16();
     match code {
-        403 | 429 => match rate_limit_wait(headers, now_epoch) {
-            Some(wait) => Err(PostError::RateLimited { wait }),
-            None if code == 429 => Err(PostError::RateLimited {
-                wait: SECONDARY_LIMIT_WAIT,
-            }),
-            None => Err(permanent(code, message)),
-        },
+        403 | 429 => {
+            let secondary = message
+                .to_ascii_lowercase()
+                .contains(SECONDARY_LIMIT_MESSAGE);
+            match rate_limit_wait(headers, now_epoch) {
+                // GitHub asks for at least a minute after a secondary limit, whatever it says.
+                Some(wait) if secondary && code == 403 => Err(PostError::RateLimited {
+                    wait: wait.max(SECONDARY_LIMIT_WAIT),
+                }),
+                Some(wait) => Err(PostError::RateLimited { wait }),
+                None if code == 429 || secondary => Err(PostError::RateLimited {
+                    wait: SECONDARY_LIMIT_WAIT,
+                }),
+                None => Err(permanent(code, message)),
+            }
+        }
         408 | 500..=599 => Err(PostError::Transient {
             reason: "server_error",
             detail: format!("HTTP {code} {message}").trim().to_string(),
@@ -337,6 +350,23 @@ mod tests {
             classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), "", 0),
             Err(PostError::RateLimited { wait }) if wait == SECONDARY_LIMIT_WAIT
         ));
+    }
+
+    #[test]
+    fn a_secondary_rate_limit_403_without_headers_waits_a_minute_and_is_not_final() {
+        let message = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.";
+        assert!(matches!(
+            classify(StatusCode::FORBIDDEN, &HeaderMap::new(), message, 0),
+            Err(PostError::RateLimited { wait }) if wait >= Duration::from_secs(60)
+        ));
+        // Headers may ask for longer, never for less.
+        for (seconds, wait) in [("90", 90), ("5", 60)] {
+            let retry_after = headers(&[("retry-after", seconds)]);
+            assert!(matches!(
+                classify(StatusCode::FORBIDDEN, &retry_after, message, 0),
+                Err(PostError::RateLimited { wait: w }) if w == Duration::from_secs(wait)
+            ));
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`config`]: the settings (flags and environment variables).
 //! - [`status`]: which statuses an event or result asks for (pure).
 //! - [`order`]: the claim per commit and context that keeps an older status from overwriting a
-//!   newer one, and the decisions taken on it (pure).
+//!   newer one, with the lease that allows one post in flight at a time, and the decisions
+//!   taken on it (pure).
 //! - [`github`]: the commit status client, its error kinds, backoff and the rate-limit gate.
 //! - [`deliver`]: one message end to end: plan, claim, post, ack or retry.
 //! - [`metrics`]: the Prometheus metrics.
@@ -100,6 +101,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         statuses,
         gate: Gate::default(),
         metrics,
+        lease: config.github_timeout + order::LEASE_MARGIN,
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.into()));
     ready.store(true, Ordering::Relaxed);

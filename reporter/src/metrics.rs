@@ -27,7 +27,7 @@ impl Metrics {
         );
         registry.register(
             "iac_reporter_statuses_skipped",
-            "Statuses not posted: superseded by a newer one, log-only mode, no commit",
+            "Statuses not posted: superseded by a newer one, already accepted, log-only mode, no commit",
             metrics.skipped.clone(),
         );
         registry.register(

@@ -1,15 +1,28 @@
 //! Keeping GitHub's status in order across racing reporters: the claim stored per
 //! (repository, commit, context) in `IAC_STATUSES`, and the pure decisions taken on it.
 //!
-//! A reporter claims a status (compare-and-set) before posting it, and after posting checks that
-//! its claim is still the newest; if not, its post may have landed after a newer one, so it posts
-//! the newest claim's status again. A reporter that could not finish that repair marks the claim
-//! `unconfirmed`, and whoever reads it next posts it.
+//! GitHub shows the last request it applied, so ordering the claims is not enough: the posts
+//! themselves must not overlap. The claim therefore carries a lease: a reporter takes it with
+//! compare-and-set, together with the status it is about to post, and posts only while holding
+//! it. Anyone else waits until the lease is released or expires; an older status whose turn
+//! comes after a newer one was claimed is dropped. A lease is taken for the client's timeout
+//! plus [`LEASE_MARGIN`], so the post has ended (answered or timed out) before the lease can
+//! expire; a post that timed out keeps its lease until then, because GitHub may still apply it.
+//! While a post may have failed, the claim stays `unconfirmed`, and whoever reads it next posts
+//! it again.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::github::PostError;
 use crate::status::{OrderKey, PlannedStatus, Status};
+
+/// How long a lease outlives the client's timeout: room for the bucket writes around the post,
+/// for clocks that differ a little between reporters, and for a request GitHub applies after
+/// the client gave up on it.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// The newest status claimed for one (repository, commit, context).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +34,9 @@ pub struct Claim {
     /// GitHub may show an older status than this one: post it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unconfirmed: bool,
+    /// A post of `status` may be in flight until this moment (milliseconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased_until: Option<u64>,
 }
 
 impl Claim {
@@ -31,52 +47,93 @@ impl Claim {
             commit: planned.commit.clone(),
             status: planned.status.clone(),
             unconfirmed: false,
+            leased_until: None,
+        }
+    }
+
+    /// This claim with a lease until `until_ms`: unconfirmed until the post is answered.
+    pub fn leased(&self, until_ms: u64) -> Self {
+        Claim {
+            unconfirmed: true,
+            leased_until: Some(until_ms),
+            ..self.clone()
+        }
+    }
+
+    /// This claim with its lease given back.
+    pub fn released(&self, unconfirmed: bool) -> Self {
+        Claim {
+            unconfirmed,
+            leased_until: None,
+            ..self.clone()
         }
     }
 }
 
 /// What to do with my status given the stored claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// A newer status is claimed and posted: no request.
+    /// A newer status is claimed, and posted or being posted: no request.
     Superseded,
-    /// A newer status is claimed but may not be what GitHub shows: post the stored status.
-    RepairNewer,
-    /// My own status is the claim (a redelivery or a second reporter): post it.
-    Post,
-    /// Nothing newer is claimed: claim mine with compare-and-set, then post.
-    Claim,
+    /// This very status was posted and GitHub accepted it (a redelivery): no request.
+    AlreadyPosted,
+    /// A post is in flight: read again within this time (when the lease expires at the latest).
+    Wait(Duration),
+    /// Take the lease with this claim (compare-and-set), then post its status: mine when it is
+    /// the newest, or a newer stored one that GitHub may not show.
+    Post(Claim),
 }
 
-pub fn decide(stored: Option<&Claim>, mine: OrderKey) -> Decision {
-    match stored {
-        Some(claim) if claim.order > mine && claim.unconfirmed => Decision::RepairNewer,
-        Some(claim) if claim.order > mine => Decision::Superseded,
-        Some(claim) if claim.order == mine => Decision::Post,
-        _ => Decision::Claim,
+pub fn decide(stored: Option<&Claim>, mine: &Claim, now_ms: u64) -> Decision {
+    let Some(stored) = stored else {
+        return Decision::Post(mine.clone());
+    };
+    if !stored.unconfirmed {
+        if stored.order > mine.order {
+            return Decision::Superseded;
+        }
+        if stored.order == mine.order {
+            return Decision::AlreadyPosted;
+        }
+    }
+    if let Some(until) = stored.leased_until.filter(|&until| until > now_ms) {
+        return Decision::Wait(Duration::from_millis(until - now_ms));
+    }
+    if stored.order >= mine.order {
+        Decision::Post(stored.clone())
+    } else {
+        Decision::Post(mine.clone())
     }
 }
 
-/// What to do after a post, given the revision posted and the entry read afterwards.
+/// What to do with the lease once GitHub answered (or did not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterPost {
-    /// The posted claim is still the newest: done.
-    Done,
-    /// The posted claim is newest but was marked unconfirmed: clear the mark.
-    Confirm,
-    /// Someone claimed a newer status while I posted: post the stored status again.
-    PostStored,
+    /// Give the lease back; `unconfirmed` when GitHub may not show the status.
+    Release { unconfirmed: bool },
+    /// The request may still be applied: hold the lease until it expires.
+    Keep,
 }
 
-pub fn after_post(posted_revision: u64, stored: Option<(u64, &Claim)>) -> AfterPost {
-    match stored {
-        None => AfterPost::Done,
-        Some((revision, claim)) if revision == posted_revision && claim.unconfirmed => {
-            AfterPost::Confirm
-        }
-        Some((revision, _)) if revision == posted_revision => AfterPost::Done,
-        Some(_) => AfterPost::PostStored,
+pub fn after_post(result: &Result<(), PostError>) -> AfterPost {
+    match result {
+        Ok(()) => AfterPost::Release { unconfirmed: false },
+        // Sent, but no answer: GitHub may apply it later, so nothing may be posted before.
+        Err(PostError::Transient {
+            reason: "timeout" | "transport",
+            ..
+        }) => AfterPost::Keep,
+        // Posting a refused status again would be refused again.
+        Err(PostError::Permanent { .. }) => AfterPost::Release { unconfirmed: false },
+        Err(_) => AfterPost::Release { unconfirmed: true },
     }
+}
+
+/// Milliseconds since the epoch, the clock leases are written in.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The bucket key: KV keys allow few characters, so a hex sha256 of the three parts.
@@ -94,70 +151,138 @@ mod tests {
         OrderKey { event_seq, phase }
     }
 
-    fn claim(order: OrderKey, unconfirmed: bool) -> Claim {
+    fn claim(order: OrderKey) -> Claim {
         Claim {
             order,
             repository: "acme/infra".into(),
             commit: "abc1234".into(),
             status: Status {
                 state: StatusState::Pending,
-                description: "x".into(),
+                description: format!("{order:?}"),
                 context: "IaC Runner / Sync".into(),
                 target_url: None,
             },
-            unconfirmed,
+            unconfirmed: false,
+            leased_until: None,
+        }
+    }
+
+    const NOW: u64 = 1_000_000;
+
+    #[test]
+    fn a_status_older_than_a_posted_claim_makes_no_request_even_while_it_is_posted() {
+        let stored = claim(key(5, Phase::Finished));
+        for mine in [key(5, Phase::Started), key(4, Phase::Finished)] {
+            assert_eq!(
+                decide(Some(&stored), &claim(mine), NOW),
+                Decision::Superseded
+            );
+            assert_eq!(
+                decide(Some(&stored.released(false)), &claim(mine), NOW),
+                Decision::Superseded
+            );
         }
     }
 
     #[test]
-    fn a_status_older_than_the_claim_makes_no_request() {
-        let stored = claim(key(5, Phase::Finished), false);
+    fn a_newer_status_is_posted_when_no_post_is_in_flight() {
+        let mine = claim(key(5, Phase::Finished));
+        assert_eq!(decide(None, &mine, NOW), Decision::Post(mine.clone()));
+        let older = claim(key(5, Phase::Started));
         assert_eq!(
-            decide(Some(&stored), key(5, Phase::Started)),
-            Decision::Superseded
+            decide(Some(&older), &mine, NOW),
+            Decision::Post(mine.clone())
         );
+        // A lease whose holder died has expired.
+        let expired = older.leased(NOW - 1);
+        assert_eq!(decide(Some(&expired), &mine, NOW), Decision::Post(mine));
+    }
+
+    #[test]
+    fn a_status_github_accepted_is_not_posted_again_but_one_that_may_have_failed_is() {
+        let mine = claim(key(5, Phase::Started));
+        let accepted = mine.leased(NOW - 1).released(false);
+        assert_eq!(decide(Some(&accepted), &mine, NOW), Decision::AlreadyPosted);
+        let failed = mine.leased(NOW - 1).released(true);
         assert_eq!(
-            decide(Some(&stored), key(4, Phase::Finished)),
-            Decision::Superseded
+            decide(Some(&failed), &mine, NOW),
+            Decision::Post(failed.clone())
+        );
+        // A holder that died before the answer left its lease to expire, unconfirmed.
+        let abandoned = mine.leased(NOW - 1);
+        assert_eq!(
+            decide(Some(&abandoned), &mine, NOW),
+            Decision::Post(abandoned.clone())
         );
     }
 
     #[test]
-    fn a_newer_status_claims_and_an_equal_one_posts_again() {
-        let stored = claim(key(5, Phase::Started), false);
-        assert_eq!(decide(None, key(1, Phase::Queued)), Decision::Claim);
-        assert_eq!(
-            decide(Some(&stored), key(5, Phase::Finished)),
-            Decision::Claim
-        );
-        assert_eq!(
-            decide(Some(&stored), key(6, Phase::Queued)),
-            Decision::Claim
-        );
-        assert_eq!(
-            decide(Some(&stored), key(5, Phase::Started)),
-            Decision::Post
-        );
+    fn a_newer_status_waits_for_the_post_in_flight_until_its_lease_expires() {
+        let in_flight = claim(key(5, Phase::Started)).leased(NOW + 1500);
+        for mine in [key(5, Phase::Finished), key(5, Phase::Started)] {
+            assert_eq!(
+                decide(Some(&in_flight), &claim(mine), NOW),
+                Decision::Wait(Duration::from_millis(1500))
+            );
+        }
     }
 
     #[test]
-    fn an_unconfirmed_newer_claim_is_posted_by_whoever_sees_it() {
-        let stored = claim(key(5, Phase::Finished), true);
+    fn a_newer_claim_that_github_may_not_show_is_posted_by_whoever_sees_it() {
+        let stored = claim(key(5, Phase::Finished)).released(true);
+        let mine = claim(key(5, Phase::Started));
         assert_eq!(
-            decide(Some(&stored), key(5, Phase::Started)),
-            Decision::RepairNewer
+            decide(Some(&stored), &mine, NOW),
+            Decision::Post(stored.clone())
         );
+        // Unless it is being posted right now.
+        let leased = stored.leased(NOW + 10);
+        assert!(matches!(
+            decide(Some(&leased), &mine, NOW),
+            Decision::Wait(_)
+        ));
     }
 
     #[test]
-    fn a_claim_replaced_during_the_post_is_posted_again() {
-        let mine = claim(key(5, Phase::Started), false);
-        let newer = claim(key(5, Phase::Finished), false);
-        assert_eq!(after_post(10, Some((10, &mine))), AfterPost::Done);
-        assert_eq!(after_post(10, Some((11, &newer))), AfterPost::PostStored);
-        assert_eq!(after_post(10, None), AfterPost::Done);
-        let marked = claim(key(5, Phase::Started), true);
-        assert_eq!(after_post(10, Some((10, &marked))), AfterPost::Confirm);
+    fn a_taken_lease_is_unconfirmed_until_released_after_the_answer() {
+        let leased = claim(key(1, Phase::Queued)).leased(NOW);
+        assert!(leased.unconfirmed);
+        assert_eq!(leased.leased_until, Some(NOW));
+        let released = leased.released(false);
+        assert!(!released.unconfirmed);
+        assert_eq!(released.leased_until, None);
+    }
+
+    #[test]
+    fn a_post_without_an_answer_keeps_its_lease_and_other_failures_release_it() {
+        let transient = |reason| {
+            Err(PostError::Transient {
+                reason,
+                detail: String::new(),
+            })
+        };
+        assert_eq!(
+            after_post(&Ok(())),
+            AfterPost::Release { unconfirmed: false }
+        );
+        assert_eq!(after_post(&transient("timeout")), AfterPost::Keep);
+        assert_eq!(
+            after_post(&transient("server_error")),
+            AfterPost::Release { unconfirmed: true }
+        );
+        assert_eq!(
+            after_post(&Err(PostError::RateLimited {
+                wait: Duration::from_secs(60)
+            })),
+            AfterPost::Release { unconfirmed: true }
+        );
+        assert_eq!(
+            after_post(&Err(PostError::Permanent {
+                code: 422,
+                message: "No commit found".into()
+            })),
+            AfterPost::Release { unconfirmed: false }
+        );
     }
 
     #[test]
@@ -170,9 +295,11 @@ mod tests {
     }
 
     #[test]
-    fn claims_round_trip_through_json() {
-        let stored = claim(key(3, Phase::Queued), true);
+    fn claims_round_trip_through_json_and_old_claims_still_read() {
+        let stored = claim(key(3, Phase::Queued)).leased(NOW);
         let json = serde_json::to_vec(&stored).unwrap();
         assert_eq!(serde_json::from_slice::<Claim>(&json).unwrap(), stored);
+        let old = serde_json::to_value(claim(key(3, Phase::Queued))).unwrap();
+        assert!(old.get("leased_until").is_none());
     }
 }

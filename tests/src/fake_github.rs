@@ -58,6 +58,9 @@ pub struct Faults {
     /// The first n requests are answered `403` with `x-ratelimit-remaining: 0` and a
     /// `x-ratelimit-reset` this many seconds ahead.
     pub exhausted_first: Option<(u64, u64)>,
+    /// The first n requests are answered `403` with GitHub's secondary-rate-limit message and
+    /// no rate-limit headers.
+    pub secondary_limit_first: Option<u64>,
     /// Statuses on these commits are refused with (code, message).
     pub refused_commits: HashMap<String, (u16, String)>,
     /// Every answer waits this long, plus `latency_spread` times (request number mod 4) / 3.
@@ -65,6 +68,9 @@ pub struct Faults {
     pub latency_spread: Duration,
     /// Statuses with this `state` are answered this much later still.
     pub slow_state: Option<(String, Duration)>,
+    /// The first n requests are answered this much later still (and still applied when the
+    /// client gave up waiting, as GitHub may).
+    pub slow_first: Option<(u64, Duration)>,
 }
 
 #[derive(Default)]
@@ -97,8 +103,14 @@ impl Respond for Responder {
             Some((state, extra)) if body["state"] == state.as_str() => *extra,
             _ => Duration::ZERO,
         };
-        let delay =
-            faults.latency + faults.latency_spread.mul_f64((number % 4) as f64 / 3.0) + slow;
+        let slow_first = match faults.slow_first {
+            Some((n, extra)) if number <= n => extra,
+            _ => Duration::ZERO,
+        };
+        let delay = faults.latency
+            + faults.latency_spread.mul_f64((number % 4) as f64 / 3.0)
+            + slow
+            + slow_first;
         let (answered, template) = if commit.is_empty() || request.method.as_str() != "POST" {
             (404, error(404, "Not Found"))
         } else {
@@ -148,6 +160,9 @@ fn answer(
             .insert_header("x-ratelimit-remaining", "0")
             .insert_header("x-ratelimit-reset", reset.to_string().as_str());
         (403, template)
+    } else if faults.secondary_limit_first.is_some_and(|n| number <= n) {
+        let message = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.";
+        (403, error(403, message))
     } else if faults
         .bad_gateway_every
         .is_some_and(|n| number.is_multiple_of(n))

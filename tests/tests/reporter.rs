@@ -58,10 +58,13 @@ impl TestApp {
             &api,
             "--github-token",
             TOKEN,
-            "--github-timeout",
-            "5s",
         ];
-        Config::from_args(args.iter().chain(extra)).unwrap()
+        let timeout: &[&str] = if extra.contains(&"--github-timeout") {
+            &[]
+        } else {
+            &["--github-timeout", "5s"]
+        };
+        Config::from_args(args.iter().chain(timeout).chain(extra)).unwrap()
     }
 
     fn spawn_reporter(&mut self, extra: &[&str]) {
@@ -488,6 +491,139 @@ async fn a_slow_older_post_landing_last_is_corrected() {
     app.stop().await;
 }
 
+/// For each (commit, context): the states GitHub applied, in the order they took effect.
+fn applied_in_order(requests: &[StatusRequest]) -> HashMap<(String, String), Vec<String>> {
+    let mut accepted: Vec<&StatusRequest> = requests.iter().filter(|r| r.accepted()).collect();
+    accepted.sort_by_key(|r| (r.landed, r.number));
+    let mut applied: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for r in accepted {
+        applied
+            .entry((r.commit.clone(), r.context().to_string()))
+            .or_default()
+            .push(r.state().to_string());
+    }
+    applied
+}
+
+/// Panics when any commit received a pending status after a final one.
+fn assert_no_pending_after_a_final_state(requests: &[StatusRequest]) {
+    for ((commit, context), states) in applied_in_order(requests) {
+        if let Some(first_final) = states.iter().position(|s| s != "pending") {
+            assert!(
+                states[first_final..].iter().all(|s| s != "pending"),
+                "{context} on {commit} went back to pending: {states:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_pending_post_that_timed_out_never_lands_after_the_final_status() {
+    let mut app = TestApp::start().await;
+    // GitHub applies the pending status two seconds later, after the reporter gave up on it.
+    app.github.set_faults(Faults {
+        slow_first: Some((1, Duration::from_secs(2))),
+        ..Faults::default()
+    });
+    app.spawn_reporter(&["--github-timeout", "1s"]);
+    let commit = sha(1);
+    app.started(&started(1, &commit, &["platform/postgres"]))
+        .await;
+    app.wait_for_github("the pending post to arrive", |requests| {
+        requests.iter().find(|r| r.state() == "pending").cloned()
+    })
+    .await;
+    app.finished(&finished(1, &commit, synced(&["platform/postgres"])))
+        .await;
+    app.wait_for_shown(&commit, "success").await;
+    app.wait_until_drained().await;
+
+    let requests = app.github.requests();
+    assert_no_pending_after_a_final_state(&requests);
+    let success = requests.iter().find(|r| r.state() == "success").unwrap();
+    assert!(
+        success.arrived >= requests[0].landed,
+        "the final status was sent before the pending one could have been applied: {requests:#?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_final_status_whose_post_timed_out_is_posted_again() {
+    let mut app = TestApp::start().await;
+    app.github.set_faults(Faults {
+        slow_first: Some((1, Duration::from_secs(3))),
+        ..Faults::default()
+    });
+    app.spawn_reporter(&["--github-timeout", "1s"]);
+    let commit = sha(1);
+    app.finished(&finished(1, &commit, synced(&["platform/postgres"])))
+        .await;
+
+    let posts = app
+        .wait_for_github("the success status posted twice", |requests| {
+            let posts: Vec<StatusRequest> = requests
+                .iter()
+                .filter(|r| r.state() == "success")
+                .cloned()
+                .collect();
+            (posts.len() >= 2).then_some(posts)
+        })
+        .await;
+    // Not before the lease of the unanswered post expired (timeout 1 s plus the margin).
+    assert!(
+        posts[1].arrived - posts[0].arrived >= Duration::from_secs(5),
+        "{posts:#?}"
+    );
+    app.wait_for_shown(&commit, "success").await;
+    app.wait_until_drained().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_secondary_rate_limit_403_is_retried_later_not_given_up() {
+    let mut app = TestApp::start().await;
+    app.github.set_faults(Faults {
+        secondary_limit_first: Some(1),
+        ..Faults::default()
+    });
+    let port = iac_tests::free_port().to_string();
+    app.spawn_reporter(&["--metrics-port", &port]);
+    let commit = sha(1);
+    app.finished(&finished(1, &commit, synced(&["platform/postgres"])))
+        .await;
+    app.wait_for_github("the rate-limited post", |requests| {
+        requests.iter().find(|r| r.answered == 403).cloned()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // GitHub asks for a minute: nothing posted meanwhile, and the result is kept for later.
+    assert_eq!(app.github.requests().len(), 1);
+    let mut results = app.consumer(RESULTS_STREAM, REPORTER_CONSUMER).await;
+    let info = results.info().await.unwrap();
+    assert_eq!(
+        info.num_pending + info.num_ack_pending as u64,
+        1,
+        "{info:#?}"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("iac_reporter_permanent_failures_total{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("iac_reporter_retries_total{reason=\"rate_limited\"} 1"),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn server_errors_and_rate_limits_are_retried_until_every_status_is_posted() {
     let mut app = TestApp::start().await;
@@ -692,6 +828,60 @@ async fn three_reporters_racing_over_scrambled_results_leave_every_commit_final(
     }
     let accepted = app.github.accepted().len();
     assert!(accepted < COMMITS * 3 * 2, "{accepted} statuses posted");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn statuses_never_go_back_to_pending_under_flaky_github_three_reporters_and_quick_pushes() {
+    const PUSHES: usize = 16;
+    let mut app = TestApp::start().await;
+    // A third of the answers are 502, one in seven a rate limit; answers take 5 to 35 ms.
+    app.github.set_faults(Faults {
+        bad_gateway_every: Some(3),
+        rate_limit_every: Some((7, 1)),
+        latency: Duration::from_millis(5),
+        latency_spread: Duration::from_millis(30),
+        ..Faults::default()
+    });
+    for _ in 0..3 {
+        app.spawn_reporter(&[
+            "--reporter-concurrency",
+            "4",
+            "--status-per-service",
+            "true",
+        ]);
+    }
+    let commits: Vec<String> = (0..PUSHES as u64).map(|i| sha(100 + i)).collect();
+    // As the pipeline would: pushes arrive quickly while one worker syncs them in turn, so each
+    // commit's queued, syncing and final statuses are all in flight at about the same time.
+    let mut event_seq = Vec::new();
+    for (i, commit) in commits.iter().enumerate() {
+        event_seq.push(app.push(commit).await);
+        if i > 0 {
+            let (seq, previous) = (event_seq[i - 1], &commits[i - 1]);
+            app.started(&started(seq, previous, &["platform/postgres"]))
+                .await;
+            app.finished(&finished(seq, previous, synced(&["platform/postgres"])))
+                .await;
+        }
+    }
+    let (seq, last) = (event_seq[PUSHES - 1], &commits[PUSHES - 1]);
+    app.started(&started(seq, last, &["platform/postgres"]))
+        .await;
+    app.finished(&finished(seq, last, synced(&["platform/postgres"])))
+        .await;
+
+    for commit in &commits {
+        app.wait_for_shown(commit, "success").await;
+    }
+    app.wait_until_drained().await;
+    let requests = app.github.requests();
+    let answered: Vec<u16> = requests.iter().map(|r| r.answered).collect();
+    assert!(
+        answered.contains(&502) && answered.contains(&429),
+        "{answered:?}"
+    );
+    assert_no_pending_after_a_final_state(&requests);
     app.stop().await;
 }
 
