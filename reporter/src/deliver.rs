@@ -91,7 +91,7 @@ impl Reporter {
                 }
                 Ok(parsed) => {
                     tracing::Span::current().record("event_id", parsed.event_id.as_str());
-                    let work = self.report(parsed.plan, delivered);
+                    let work = self.report(parsed.plan, delivered, envelope.replay_of.is_some());
                     with_progress(&message, REPORTER_DEFAULT_ACK_WAIT / 3, work).await
                 }
             }
@@ -107,7 +107,7 @@ impl Reporter {
         }
     }
 
-    async fn report(&self, plan: status::Plan, delivered: i64) -> Disposition {
+    async fn report(&self, plan: status::Plan, delivered: i64, replayed: bool) -> Disposition {
         let planned = match plan {
             Ok(planned) => planned,
             Err(reason) => {
@@ -126,7 +126,8 @@ impl Reporter {
             }
         };
         // Each status has its own context and claim: post them side by side.
-        let results = futures::future::join_all(planned.iter().map(|s| self.deliver(s))).await;
+        let results =
+            futures::future::join_all(planned.iter().map(|s| self.deliver(s, replayed))).await;
         planned
             .iter()
             .zip(results)
@@ -184,7 +185,7 @@ impl Reporter {
 
     /// Takes the lease on (repository, commit, context) and posts, unless a newer status is
     /// already claimed; gives the lease back once GitHub answered.
-    async fn deliver(&self, planned: &PlannedStatus) -> Result<(), DeliverError> {
+    async fn deliver(&self, planned: &PlannedStatus, replayed: bool) -> Result<(), DeliverError> {
         let Some(github) = &self.github else {
             let status = &planned.status;
             tracing::info!(
@@ -210,7 +211,7 @@ impl Reporter {
             &planned.commit,
             &planned.status.context,
         );
-        let Some((revision, leased)) = self.take_lease(&key, planned).await? else {
+        let Some((revision, leased)) = self.take_lease(&key, planned, replayed).await? else {
             return Ok(());
         };
         let result = self.post(github, planned, &leased.status).await;
@@ -234,13 +235,14 @@ impl Reporter {
         &self,
         key: &str,
         planned: &PlannedStatus,
+        replayed: bool,
     ) -> Result<Option<(u64, Claim)>, DeliverError> {
         let mine = Claim::of(planned);
         let waiting_since = Instant::now();
         let mut pause = FIRST_LEASE_POLL;
         loop {
             let (revision, stored) = self.read(key).await?;
-            match decide(stored.as_ref(), &mine, now_ms()) {
+            match decide(stored.as_ref(), &mine, now_ms(), replayed) {
                 Decision::Superseded => {
                     tracing::debug!(context = %planned.status.context, "a newer status is already claimed; skipping");
                     self.metrics.skipped("superseded");

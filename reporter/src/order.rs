@@ -84,7 +84,10 @@ pub enum Decision {
     Post(Claim),
 }
 
-pub fn decide(stored: Option<&Claim>, mine: &Claim, now_ms: u64) -> Decision {
+/// `replayed`: the message was replayed by an operator (`iac-reporter replay`), who asks for
+/// its statuses to be posted again: the very status already accepted is posted once more, but
+/// never an older one.
+pub fn decide(stored: Option<&Claim>, mine: &Claim, now_ms: u64, replayed: bool) -> Decision {
     let Some(stored) = stored else {
         return Decision::Post(mine.clone());
     };
@@ -92,7 +95,7 @@ pub fn decide(stored: Option<&Claim>, mine: &Claim, now_ms: u64) -> Decision {
         if stored.order > mine.order {
             return Decision::Superseded;
         }
-        if stored.order == mine.order {
+        if stored.order == mine.order && !replayed {
             return Decision::AlreadyPosted;
         }
     }
@@ -174,11 +177,11 @@ mod tests {
         let stored = claim(key(5, Phase::Finished));
         for mine in [key(5, Phase::Started), key(4, Phase::Finished)] {
             assert_eq!(
-                decide(Some(&stored), &claim(mine), NOW),
+                decide(Some(&stored), &claim(mine), NOW, false),
                 Decision::Superseded
             );
             assert_eq!(
-                decide(Some(&stored.released(false)), &claim(mine), NOW),
+                decide(Some(&stored.released(false)), &claim(mine), NOW, false),
                 Decision::Superseded
             );
         }
@@ -187,31 +190,45 @@ mod tests {
     #[test]
     fn a_newer_status_is_posted_when_no_post_is_in_flight() {
         let mine = claim(key(5, Phase::Finished));
-        assert_eq!(decide(None, &mine, NOW), Decision::Post(mine.clone()));
+        assert_eq!(
+            decide(None, &mine, NOW, false),
+            Decision::Post(mine.clone())
+        );
         let older = claim(key(5, Phase::Started));
         assert_eq!(
-            decide(Some(&older), &mine, NOW),
+            decide(Some(&older), &mine, NOW, false),
             Decision::Post(mine.clone())
         );
         // A lease whose holder died has expired.
         let expired = older.leased(NOW - 1);
-        assert_eq!(decide(Some(&expired), &mine, NOW), Decision::Post(mine));
+        assert_eq!(
+            decide(Some(&expired), &mine, NOW, false),
+            Decision::Post(mine)
+        );
     }
 
     #[test]
     fn a_status_github_accepted_is_not_posted_again_but_one_that_may_have_failed_is() {
         let mine = claim(key(5, Phase::Started));
         let accepted = mine.leased(NOW - 1).released(false);
-        assert_eq!(decide(Some(&accepted), &mine, NOW), Decision::AlreadyPosted);
+        assert_eq!(
+            decide(Some(&accepted), &mine, NOW, false),
+            Decision::AlreadyPosted
+        );
+        assert_eq!(
+            decide(Some(&accepted), &mine, NOW, true),
+            Decision::Post(accepted.clone()),
+            "a replay posts the accepted status again"
+        );
         let failed = mine.leased(NOW - 1).released(true);
         assert_eq!(
-            decide(Some(&failed), &mine, NOW),
+            decide(Some(&failed), &mine, NOW, false),
             Decision::Post(failed.clone())
         );
         // A holder that died before the answer left its lease to expire, unconfirmed.
         let abandoned = mine.leased(NOW - 1);
         assert_eq!(
-            decide(Some(&abandoned), &mine, NOW),
+            decide(Some(&abandoned), &mine, NOW, false),
             Decision::Post(abandoned.clone())
         );
     }
@@ -221,7 +238,7 @@ mod tests {
         let in_flight = claim(key(5, Phase::Started)).leased(NOW + 1500);
         for mine in [key(5, Phase::Finished), key(5, Phase::Started)] {
             assert_eq!(
-                decide(Some(&in_flight), &claim(mine), NOW),
+                decide(Some(&in_flight), &claim(mine), NOW, false),
                 Decision::Wait(Duration::from_millis(1500))
             );
         }
@@ -232,13 +249,13 @@ mod tests {
         let stored = claim(key(5, Phase::Finished)).released(true);
         let mine = claim(key(5, Phase::Started));
         assert_eq!(
-            decide(Some(&stored), &mine, NOW),
+            decide(Some(&stored), &mine, NOW, false),
             Decision::Post(stored.clone())
         );
         // Unless it is being posted right now.
         let leased = stored.leased(NOW + 10);
         assert!(matches!(
-            decide(Some(&leased), &mine, NOW),
+            decide(Some(&leased), &mine, NOW, false),
             Decision::Wait(_)
         ));
     }
