@@ -42,7 +42,14 @@ fn compose_runs_nats_and_the_three_services_each_with_only_its_own_secrets() {
     let names: Vec<&str> = services.keys().filter_map(|k| k.as_str()).collect();
     assert_eq!(
         names,
-        ["nats", "provision", "gateway", "worker", "reporter"]
+        [
+            "nats",
+            "provision",
+            "gateway",
+            "worker",
+            "reporter",
+            "nats-box"
+        ]
     );
 
     let gateway = env_names(&compose["services"]["gateway"]);
@@ -131,7 +138,14 @@ fn image_entrypoints_are_binaries_this_workspace_builds() {
 }
 
 /// The services of `deploy/compose.yaml` that run iac-runner or NATS.
-const CONTAINERS: [&str; 5] = ["nats", "provision", "gateway", "worker", "reporter"];
+const CONTAINERS: [&str; 6] = [
+    "nats",
+    "provision",
+    "gateway",
+    "worker",
+    "reporter",
+    "nats-box",
+];
 
 #[test]
 fn every_container_runs_without_privileges_on_a_read_only_root_with_rotated_logs() {
@@ -417,4 +431,29 @@ fn the_cluster_overlay_runs_three_nodes_and_points_the_services_at_all_of_them()
         assert_eq!(env["STREAM_REPLICAS"].as_str(), Some("3"));
         assert_eq!(env["NATS_URL"].as_str().unwrap().split(',').count(), 3);
     }
+}
+
+#[test]
+fn the_nats_box_tool_runs_the_cli_as_admin_only_on_demand() {
+    let compose = yaml("deploy/compose.yaml");
+    let tools = &compose["services"]["nats-box"];
+    let profiles = format!("{:?}", tools["profiles"]);
+    assert!(
+        profiles.contains("tools"),
+        "started only on demand: {profiles}"
+    );
+    assert_eq!(tools["environment"]["NATS_USER"].as_str(), Some("admin"));
+    assert_eq!(
+        tools["environment"]["NATS_PASSWORD"].as_str(),
+        Some("${NATS_ADMIN_PASSWORD}")
+    );
+    assert_eq!(
+        tools["environment"]["NATS_URL"].as_str(),
+        Some("nats://nats:4222")
+    );
+    let readme = std::fs::read_to_string(workspace_root().join("deploy/README.md")).unwrap();
+    assert!(
+        readme.contains("--profile tools run --rm nats-box"),
+        "deploy/README.md runs the nats commands through it"
+    );
 }
