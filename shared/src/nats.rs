@@ -651,6 +651,48 @@ pub async fn ensure_status_bucket(
         .map_err(|e| js_err(&what, e))
 }
 
+/// The settings of the `iac-worker` consumer, read by the worker and by `iac-worker provision`
+/// alike.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConsumerArgs {
+    /// How long an event may go without an acknowledgement or a progress note before it is
+    /// delivered again (to a standby worker).
+    #[arg(
+        long = "worker-ack-wait",
+        env = "WORKER_ACK_WAIT",
+        value_name = "WORKER_ACK_WAIT",
+        default_value = "30s",
+        value_parser = parse_ack_wait
+    )]
+    pub ack_wait: Duration,
+
+    /// Attempts of one event before it is given up with an `error` result.
+    #[arg(
+        long = "sync-max-attempts",
+        env = "SYNC_MAX_ATTEMPTS",
+        value_name = "SYNC_MAX_ATTEMPTS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(i64).range(1..=100)
+    )]
+    pub max_attempts: i64,
+}
+
+impl WorkerConsumerArgs {
+    /// Deliveries allowed by the consumer: the attempts plus the one that reports giving up.
+    pub fn max_deliver(&self) -> i64 {
+        self.max_attempts + 1
+    }
+}
+
+/// An ack wait of at least a second: progress notes go out every third of it.
+fn parse_ack_wait(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
 /// The consumers' settings the operator provisions with: the worker's and the reporter's, so
 /// what `iac-worker provision` creates is what the services expect.
 #[derive(Debug, Clone)]

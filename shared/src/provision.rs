@@ -10,37 +10,19 @@ use clap::Args;
 
 use crate::nats::{
     ConnectError, ConsumerSettings, NatsArgs, ProvisionError, REPORTER_DEFAULT_ACK_WAIT,
-    parse_positive_duration, provision_all,
+    WorkerConsumerArgs, provision_all,
 };
 use crate::shutdown::Shutdown;
 
 /// How long provisioning waits for JetStream to answer (a cluster electing its leader).
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
-/// The worker's consumer settings, read from the same variables as the worker, so what is
-/// provisioned is what the worker expects.
+/// The worker's consumer settings, read from the same variables and with the same checks as
+/// the worker, so what is provisioned is what the worker expects.
 #[derive(Debug, Clone, Args)]
 pub struct ProvisionCommand {
-    /// The worker's `WORKER_ACK_WAIT` (the ack wait of `iac-worker`).
-    #[arg(
-        long = "worker-ack-wait",
-        env = "WORKER_ACK_WAIT",
-        value_name = "WORKER_ACK_WAIT",
-        default_value = "30s",
-        value_parser = parse_positive_duration
-    )]
-    pub worker_ack_wait: Duration,
-
-    /// The worker's `SYNC_MAX_ATTEMPTS` (`iac-worker` delivers each event once more, to report
-    /// giving up).
-    #[arg(
-        long = "sync-max-attempts",
-        env = "SYNC_MAX_ATTEMPTS",
-        value_name = "SYNC_MAX_ATTEMPTS",
-        default_value_t = 3,
-        value_parser = clap::value_parser!(i64).range(1..=100)
-    )]
-    pub max_attempts: i64,
+    #[command(flatten)]
+    pub worker: WorkerConsumerArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +39,8 @@ impl ProvisionCommand {
     /// The consumer settings this command provisions with.
     pub fn consumer_settings(&self) -> ConsumerSettings {
         ConsumerSettings {
-            worker_ack_wait: self.worker_ack_wait,
-            worker_max_deliver: self.max_attempts + 1,
+            worker_ack_wait: self.worker.ack_wait,
+            worker_max_deliver: self.worker.max_deliver(),
             reporter_ack_wait: REPORTER_DEFAULT_ACK_WAIT,
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use iac_shared::events::parse_branch;
-use iac_shared::nats::{NatsArgs, parse_duration, parse_positive_duration};
+use iac_shared::nats::{NatsArgs, WorkerConsumerArgs, parse_duration, parse_positive_duration};
 use iac_shared::telemetry::LogArgs;
 
 use crate::repo_url::RepoUrl;
@@ -84,26 +84,8 @@ pub struct Config {
     #[arg(long = "iac-rules", env = "IAC_RULES", value_name = "IAC_RULES")]
     pub rules: Option<PathBuf>,
 
-    /// How long an event may go without an acknowledgement or a progress note before it is
-    /// delivered again (to a standby worker).
-    #[arg(
-        long = "worker-ack-wait",
-        env = "WORKER_ACK_WAIT",
-        value_name = "WORKER_ACK_WAIT",
-        default_value = "30s",
-        value_parser = parse_ack_wait
-    )]
-    pub ack_wait: Duration,
-
-    /// Attempts of one event before it is given up with an `error` result.
-    #[arg(
-        long = "sync-max-attempts",
-        env = "SYNC_MAX_ATTEMPTS",
-        value_name = "SYNC_MAX_ATTEMPTS",
-        default_value_t = 3,
-        value_parser = clap::value_parser!(i64).range(1..=100)
-    )]
-    pub max_attempts: i64,
+    #[command(flatten)]
+    pub consumer: WorkerConsumerArgs,
 
     /// On SIGTERM, how long a running sync may go on before it is killed and handed back.
     #[arg(
@@ -152,14 +134,6 @@ fn parse_repo_url(s: &str) -> Result<RepoUrl, std::convert::Infallible> {
     Ok(RepoUrl::new(s.trim()))
 }
 
-fn parse_ack_wait(s: &str) -> Result<Duration, String> {
-    let d = parse_positive_duration(s)?;
-    if d < Duration::from_secs(1) {
-        return Err("must be at least 1s".into());
-    }
-    Ok(d)
-}
-
 impl Config {
     /// Parses flags (the first item is the program name), falling back to the environment.
     pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
@@ -179,11 +153,6 @@ impl Config {
             .map_err(|e| format!("GIT_REPO_URL: {e}"))
     }
 
-    /// Deliveries allowed by the consumer: the attempts plus the one that reports giving up.
-    pub fn max_deliver(&self) -> i64 {
-        self.max_attempts + 1
-    }
-
     /// How each sync builds its tasks' environment.
     pub fn task_env(&self) -> TaskEnvSettings {
         TaskEnvSettings {
@@ -194,7 +163,7 @@ impl Config {
 
     /// How often a running sync tells NATS it is still working.
     pub fn progress_interval(&self) -> Duration {
-        self.ack_wait / 3
+        self.consumer.ack_wait / 3
     }
 }
 
@@ -263,7 +232,7 @@ mod tests {
         let config =
             Config::from_args(["iac-worker", "--git-repo-url", "https://x/acme/infra.git"])
                 .unwrap();
-        assert_eq!(config.max_attempts, 3);
+        assert_eq!(config.consumer.max_attempts, 3);
         assert_eq!(config.shutdown_grace, Duration::from_secs(25));
         assert!(config.task_env_file.is_none() && config.task_env_pass.is_empty());
         assert!(config.nats.token.is_none());

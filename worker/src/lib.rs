@@ -117,7 +117,7 @@ async fn serve_events(
     let js = jetstream::new(client.clone());
     let wanted = [(
         EVENTS_STREAM,
-        worker_consumer_config(config.ack_wait, config.max_deliver()),
+        worker_consumer_config(config.consumer.ack_wait, config.consumer.max_deliver()),
     )];
     let Some([consumer]) = start_consumers(&js, &config.nats.streams, wanted, &shutdown).await?
     else {

@@ -61,8 +61,8 @@ pub(crate) async fn process(ctx: &Context, delivery: &Delivery, payload: &[u8]) 
     let event = decide::parse_event(&delivery.subject, payload);
     let header = ResultHeader::new(delivery, event.as_ref().ok(), ctx.repository.as_deref());
 
-    if delivery.attempts_exhausted(ctx.config.max_attempts) {
-        let reason = decide::gave_up_reason(ctx.config.max_attempts);
+    if delivery.attempts_exhausted(ctx.config.consumer.max_attempts) {
+        let reason = decide::gave_up_reason(ctx.config.consumer.max_attempts);
         tracing::error!("{reason}; giving up on this event");
         let last_started = last_started(ctx, delivery.seq).await;
         let finished = header.given_up(last_started.as_ref(), reason, elapsed_ms(started));
