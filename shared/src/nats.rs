@@ -255,6 +255,32 @@ fn refused_or_unanswered<K: PartialEq>(kind: K, timed_out: K) -> bool {
     kind == timed_out
 }
 
+/// What an update meant to correct drift came to: `Some` with the result when it was applied,
+/// `None` when NATS did not let this user make it (the drift is kept, with a warning), and a
+/// `Drift` error for any other failure.
+fn correct_drift<T, K>(
+    updated: Result<T, async_nats::error::Error<K>>,
+    timed_out: K,
+    what: &str,
+    fields: &str,
+) -> Result<Option<T>, ProvisionError>
+where
+    K: Clone + std::fmt::Debug + std::fmt::Display + PartialEq,
+{
+    match updated {
+        Ok(updated) => Ok(Some(updated)),
+        Err(e) if refused_or_unanswered(e.kind(), timed_out) => {
+            warn_drift_kept(what, fields);
+            Ok(None)
+        }
+        Err(e) => Err(ProvisionError::Drift {
+            what: what.to_string(),
+            fields: fields.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
 /// Logs drift this connection could not correct because NATS did not let it: the service goes
 /// on with the configuration the operator provisioned.
 fn warn_drift_kept(what: &str, fields: &str) {
@@ -352,25 +378,10 @@ pub async fn ensure_stream(
             let drift = stream_drift(&want, &have);
             if !drift.is_empty() {
                 let fields = drift.join(", ");
-                match js.update_stream(&want).await {
-                    Ok(_) => {
-                        tracing::warn!(stream = %want.name, %fields, "corrected stream configuration drift")
-                    }
-                    Err(e)
-                        if refused_or_unanswered(
-                            e.kind(),
-                            jetstream::context::UpdateStreamErrorKind::TimedOut,
-                        ) =>
-                    {
-                        warn_drift_kept(&what, &fields)
-                    }
-                    Err(e) => {
-                        return Err(ProvisionError::Drift {
-                            what,
-                            fields,
-                            reason: e.to_string(),
-                        });
-                    }
+                let updated = js.update_stream(&want).await;
+                let timed_out = jetstream::context::UpdateStreamErrorKind::TimedOut;
+                if correct_drift(updated, timed_out, &what, &fields)?.is_some() {
+                    tracing::warn!(stream = %want.name, %fields, "corrected stream configuration drift");
                 }
             }
             Ok(existing)
@@ -502,26 +513,11 @@ pub async fn ensure_consumer(
                 let drift = consumer_drift(&want, &have);
                 if !drift.is_empty() {
                     let fields = drift.join(", ");
-                    match stream_handle.update_consumer(want).await {
-                        Ok(updated) => {
-                            tracing::warn!(consumer = %name, %stream, %fields, "corrected consumer configuration drift");
-                            return Ok(updated);
-                        }
-                        Err(e)
-                            if refused_or_unanswered(
-                                e.kind(),
-                                jetstream::stream::ConsumerUpdateErrorKind::TimedOut,
-                            ) =>
-                        {
-                            warn_drift_kept(&what, &fields)
-                        }
-                        Err(e) => {
-                            return Err(ProvisionError::Drift {
-                                what,
-                                fields,
-                                reason: e.to_string(),
-                            });
-                        }
+                    let updated = stream_handle.update_consumer(want).await;
+                    let timed_out = jetstream::stream::ConsumerUpdateErrorKind::TimedOut;
+                    if let Some(updated) = correct_drift(updated, timed_out, &what, &fields)? {
+                        tracing::warn!(consumer = %name, %stream, %fields, "corrected consumer configuration drift");
+                        return Ok(updated);
                     }
                 }
             }
@@ -609,22 +605,10 @@ pub async fn ensure_status_bucket(
             }
             if !drift.is_empty() {
                 let fields = drift.join(", ");
-                match js.create_or_update_key_value(want).await {
-                    Ok(_) => {
-                        tracing::warn!(bucket = STATUS_BUCKET, %fields, "corrected bucket configuration drift")
-                    }
-                    Err(e)
-                        if refused_or_unanswered(e.kind(), CreateKeyValueErrorKind::TimedOut) =>
-                    {
-                        warn_drift_kept(&what, &fields)
-                    }
-                    Err(e) => {
-                        return Err(ProvisionError::Drift {
-                            what,
-                            fields,
-                            reason: e.to_string(),
-                        });
-                    }
+                let updated = js.create_or_update_key_value(want).await;
+                let timed_out = CreateKeyValueErrorKind::TimedOut;
+                if correct_drift(updated, timed_out, &what, &fields)?.is_some() {
+                    tracing::warn!(bucket = STATUS_BUCKET, %fields, "corrected bucket configuration drift");
                 }
             }
         }
