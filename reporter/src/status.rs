@@ -378,6 +378,8 @@ mod tests {
             services: services.iter().map(|s| s.to_string()).collect(),
             replay_of: None,
             started_at: "2026-01-01T00:00:00Z".into(),
+            env: None,
+            deployment_id: None,
         }
     }
 
@@ -406,6 +408,8 @@ mod tests {
             duration_ms: 1,
             replay_of: None,
             finished_at: "2026-01-01T00:00:00Z".into(),
+            env: None,
+            deployment_id: None,
         }
     }
 

@@ -193,6 +193,8 @@ pub fn truncate_chars(s: &str, max: usize) -> String {
 pub enum Trigger {
     Push,
     Sync,
+    /// A deployment of an exact commit to an environment (`POST /deploy`).
+    Deploy,
 }
 
 /// Published on `iac.results.started` once the worker knows the commit and the services.
@@ -210,6 +212,13 @@ pub struct SyncStarted {
     pub replay_of: Option<u64>,
     /// RFC 3339.
     pub started_at: String,
+    /// The environment the sync deployed to (`DEPLOY_ENV` of its tasks); absent when pushes
+    /// deploy to no named environment (`PUSH_ENV=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// The deployment this sync ran, for a `/deploy` request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
 }
 
 /// How a whole sync ended.
@@ -311,6 +320,13 @@ pub struct SyncFinished {
     pub replay_of: Option<u64>,
     /// RFC 3339.
     pub finished_at: String,
+    /// The environment the sync deployed to (`DEPLOY_ENV` of its tasks); absent when pushes
+    /// deploy to no named environment (`PUSH_ENV=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// The deployment this sync ran, for a `/deploy` request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
 }
 
 impl SyncFinished {

@@ -198,6 +198,8 @@ mod tests {
             duration_ms: 5400,
             replay_of: None,
             finished_at: "2026-11-25T21:00:05.123Z".into(),
+            env: None,
+            deployment_id: None,
         };
         let table = format_table(
             &[sync],

@@ -1,6 +1,7 @@
 //! The contract between the iac-runner services.
 //!
 //! - [`cli`]: the command-line shape of the worker and reporter: serve, or an operator command.
+//! - [`deploy`]: deployments to named environments: ids, requests, summaries, env names.
 //! - [`env`]: environment variables set to the empty string count as unset.
 //! - [`names`]: streams, subjects, consumers, the status bucket and headers, as constants.
 //! - [`events`]: the JSON messages on `IAC_EVENTS` and `IAC_RESULTS`, and request validation.
@@ -17,6 +18,7 @@
 //! - [`ops`]: the `/metrics`, `/health`, `/ready` endpoint of the worker and reporter.
 
 pub mod cli;
+pub mod deploy;
 pub mod env;
 pub mod events;
 pub mod history;

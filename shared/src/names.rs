@@ -11,6 +11,9 @@ pub const EVENTS_SUBJECTS: &str = "iac.events.>";
 pub const PUSH_SUBJECT: &str = "iac.events.push";
 /// A manual sync request (signed `POST /sync`, or `nats pub`).
 pub const SYNC_SUBJECT: &str = "iac.events.sync";
+/// A deployment of an exact commit to an environment: `iac.events.deploy.<env>` (signed
+/// `POST /deploy`, or `nats pub`).
+pub const DEPLOY_SUBJECT_PREFIX: &str = "iac.events.deploy";
 
 /// Stream holding what the worker did.
 pub const RESULTS_STREAM: &str = "IAC_RESULTS";
@@ -29,6 +32,12 @@ pub const REPORTER_CONSUMER: &str = "iac-reporter";
 pub const REPORTER_EVENTS_CONSUMER: &str = "iac-reporter-events";
 /// Key-value bucket with the last status claimed per (repository, commit, context).
 pub const STATUS_BUCKET: &str = "IAC_STATUSES";
+
+/// Key-value bucket of deployment summaries, keyed by deployment id (`POST /deploy/status`).
+pub const DEPLOYMENTS_BUCKET: &str = "IAC_DEPLOYMENTS";
+/// Key-value bucket of the nonces of signed requests, each kept past the timestamp window, so a
+/// captured request is accepted once across restarts and gateways.
+pub const NONCES_BUCKET: &str = "IAC_NONCES";
 
 /// Correlation id of an event; carried by the event and by every result about it.
 pub const EVENT_ID_HEADER: &str = "Iac-Event-Id";

@@ -188,6 +188,8 @@ fn started(event_seq: u64, commit: &str, services: &[&str]) -> SyncStarted {
         services: services.iter().map(|s| s.to_string()).collect(),
         replay_of: None,
         started_at: now_rfc3339(),
+        env: None,
+        deployment_id: None,
     }
 }
 
@@ -217,6 +219,8 @@ fn finished(event_seq: u64, commit: &str, services: Vec<ServiceResult>) -> SyncF
         duration_ms: 300,
         replay_of: None,
         finished_at: now_rfc3339(),
+        env: None,
+        deployment_id: None,
     }
 }
 

@@ -30,6 +30,8 @@ fn finished(event_seq: u64) -> SyncFinished {
         duration_ms: 1,
         replay_of: None,
         finished_at: now_rfc3339(),
+        env: None,
+        deployment_id: None,
     }
 }
 

@@ -277,6 +277,8 @@ impl ResultHeader {
             services: keys,
             replay_of: self.replay_of,
             started_at: now_rfc3339(),
+            env: None,
+            deployment_id: None,
         }
     }
 
@@ -355,6 +357,8 @@ impl ResultHeader {
             duration_ms,
             replay_of: self.replay_of,
             finished_at: now_rfc3339(),
+            env: None,
+            deployment_id: None,
         }
     }
 }
