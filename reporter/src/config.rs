@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser};
 use iac_shared::nats::{NatsArgs, parse_positive_duration, parse_secret};
 use iac_shared::telemetry::LogArgs;
 use reqwest::Url;
 use secrecy::SecretString;
 
+use crate::github::GithubClient;
 use crate::status::{StatusSettings, is_valid_repository};
 
 /// Posts GitHub commit statuses from iac-runner results.
@@ -20,25 +21,8 @@ pub struct Config {
     #[command(flatten)]
     pub log: LogArgs,
 
-    /// GitHub token allowed to create commit statuses; without it statuses are only logged.
-    #[arg(
-        long = "github-token",
-        env = "GITHUB_TOKEN",
-        value_name = "GITHUB_TOKEN",
-        hide_env_values = true,
-        value_parser = parse_secret
-    )]
-    pub github_token: Option<SecretString>,
-
-    /// GitHub REST API base URL (GitHub Enterprise: https://HOST/api/v3).
-    #[arg(
-        long = "github-api-url",
-        env = "GITHUB_API_URL",
-        value_name = "GITHUB_API_URL",
-        default_value = "https://api.github.com",
-        value_parser = parse_api_url
-    )]
-    pub github_api_url: Url,
+    #[command(flatten)]
+    pub github: GithubArgs,
 
     /// `owner/repo` to report on when an event does not name its repository.
     #[arg(
@@ -97,15 +81,68 @@ pub struct Config {
     )]
     pub concurrency: u16,
 
+    /// How long a status GitHub keeps refusing (or not answering) is tried before it is given
+    /// up and kept in IAC_UNDELIVERED, e.g. `30m`; a 401 is given up at once.
+    #[arg(
+        long = "status-give-up-after",
+        env = "STATUS_GIVE_UP_AFTER",
+        value_name = "STATUS_GIVE_UP_AFTER",
+        default_value = "30m",
+        value_parser = parse_positive_duration
+    )]
+    pub give_up_after: Duration,
+}
+
+/// How to reach GitHub: the service's settings, and those of `undelivered replay`.
+#[derive(Debug, Clone, Args)]
+pub struct GithubArgs {
+    /// GitHub token allowed to create commit statuses; without it statuses are only logged.
+    #[arg(
+        id = "github_token",
+        long = "github-token",
+        env = "GITHUB_TOKEN",
+        value_name = "GITHUB_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub token: Option<SecretString>,
+
+    /// GitHub REST API base URL (GitHub Enterprise: https://HOST/api/v3).
+    #[arg(
+        id = "github_api_url",
+        long = "github-api-url",
+        env = "GITHUB_API_URL",
+        value_name = "GITHUB_API_URL",
+        default_value = "https://api.github.com",
+        value_parser = parse_api_url
+    )]
+    pub api_url: Url,
+
     /// Time limit of one GitHub request, e.g. `10s`.
     #[arg(
+        id = "github_timeout",
         long = "github-timeout",
         env = "GITHUB_TIMEOUT",
         value_name = "GITHUB_TIMEOUT",
         default_value = "10s",
         value_parser = parse_positive_duration
     )]
-    pub github_timeout: Duration,
+    pub timeout: Duration,
+}
+
+impl GithubArgs {
+    /// The client, or `None` without a token (log-only mode).
+    pub fn client(&self) -> Result<Option<GithubClient>, reqwest::Error> {
+        self.token
+            .as_ref()
+            .map(|token| GithubClient::new(self.api_url.clone(), token.clone(), self.timeout))
+            .transpose()
+    }
+
+    /// How long a lease covers one post: the timeout plus [`crate::order::LEASE_MARGIN`].
+    pub fn lease(&self) -> Duration {
+        self.timeout + crate::order::LEASE_MARGIN
+    }
 }
 
 impl Config {
@@ -178,12 +215,13 @@ mod tests {
     #[test]
     fn defaults_follow_the_documentation() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.github_api_url.as_str(), "https://api.github.com/");
+        assert_eq!(config.github.api_url.as_str(), "https://api.github.com/");
         assert_eq!(config.status_context, "IaC Runner / Sync");
         assert!(!config.status_per_service);
         assert_eq!(config.concurrency, 8);
         assert_eq!(config.metrics_port, 0);
-        assert_eq!(config.github_timeout, Duration::from_secs(10));
+        assert_eq!(config.github.timeout, Duration::from_secs(10));
+        assert_eq!(config.give_up_after, Duration::from_secs(30 * 60));
     }
 
     #[test]
@@ -193,6 +231,7 @@ mod tests {
             (&["--github-repo", "just-a-name"][..], "GITHUB_REPO"),
             (&["--reporter-concurrency", "0"][..], "REPORTER_CONCURRENCY"),
             (&["--github-timeout", "0s"][..], "GITHUB_TIMEOUT"),
+            (&["--status-give-up-after", "0"][..], "STATUS_GIVE_UP_AFTER"),
             (
                 &["--status-target-url", "not a url"][..],
                 "STATUS_TARGET_URL",
@@ -229,10 +268,17 @@ mod tests {
         let Ok(Invocation::Serve(config)) = invocation else {
             panic!("{invocation:?}");
         };
-        assert!(config.github_token.is_none());
+        assert!(config.github.token.is_none());
         assert!(config.github_repo.is_none());
         assert!(config.status_target_url.is_none());
         assert_eq!(config.status_context, "IaC Runner / Sync");
-        assert_eq!(config.github_timeout, Duration::from_secs(10));
+        assert_eq!(config.github.timeout, Duration::from_secs(10));
+        assert_eq!(config.give_up_after, Duration::from_secs(30 * 60));
+    }
+
+    #[test]
+    fn the_give_up_budget_takes_bare_seconds_like_the_other_durations() {
+        let config = parse(&["--status-give-up-after", "90"]).unwrap();
+        assert_eq!(config.give_up_after, Duration::from_secs(90));
     }
 }

@@ -1,9 +1,11 @@
 //! Handling one message: plan its statuses, claim each in `IAC_STATUSES`, post it, and decide
-//! whether the message is done (ack) or must come back later (NAK with a delay).
+//! whether the message is done (ack), must come back later (NAK with a delay), or a status is
+//! given up and kept in `IAC_UNDELIVERED`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, kv};
 use iac_shared::events::{PushEvent, SyncFinished, SyncStarted};
 use iac_shared::names::*;
@@ -13,8 +15,9 @@ use tracing::Instrument;
 
 use crate::github::{Gate, GithubClient, PostError, backoff};
 use crate::metrics::Metrics;
-use crate::order::{AfterPost, Claim, Decision, after_post, decide, now_ms, status_key};
+use crate::order::{AfterPost, Attempts, Claim, Decision, after_post, decide, now_ms, status_key};
 use crate::status::{self, PlannedStatus, SkipReason, Status, StatusSettings};
+use crate::undelivered::{LAST_ATTEMPT, UndeliveredStatus, epoch_ms, gives_up, retry_delay, since};
 
 /// The longest a post waits in-process for the rate-limit gate; longer holds hand the message
 /// back to JetStream so it is not held past its ack wait.
@@ -26,12 +29,37 @@ const LAST_LEASE_POLL: Duration = Duration::from_millis(250);
 /// Why a status could not be delivered this time.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
-    #[error(transparent)]
-    Github(#[from] PostError),
+    /// `failing_since_ms`: when the status first failed, as its claim records it.
+    #[error("{error}")]
+    Github {
+        error: PostError,
+        failing_since_ms: Option<u64>,
+    },
     #[error("status bucket unavailable: {0}")]
     Store(String),
     #[error("other reporters kept posting statuses on the same commit and context")]
     Busy,
+    #[error("the status could not be kept in {UNDELIVERED_STREAM}: {0}")]
+    Undelivered(String),
+}
+
+impl DeliverError {
+    fn github(error: PostError, failing_since_ms: Option<u64>) -> Self {
+        DeliverError::Github {
+            error,
+            failing_since_ms,
+        }
+    }
+}
+
+/// What became of one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    Posted,
+    /// Not posted, and rightly so: the reason, as counted in `iac_reporter_statuses_skipped`.
+    Skipped(&'static str),
+    /// Given up and kept in `IAC_UNDELIVERED`.
+    GivenUp,
 }
 
 /// What becomes of a message.
@@ -41,10 +69,37 @@ pub enum Disposition {
     RetryIn(Duration),
 }
 
+/// One attempt at the statuses of a message.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn {
+    /// Which delivery of the message this is (1 for the first).
+    pub delivered: i64,
+    /// Replayed by an operator: the status already accepted or given up is posted again.
+    pub replayed: bool,
+    /// When the message was stored (ms since the epoch): where its attempts are counted from
+    /// when no claim recorded them.
+    pub stored_ms: u64,
+    /// Give a failing status up into `IAC_UNDELIVERED`; false for `undelivered replay`, which
+    /// reports a failure to the operator and leaves the dead letter where it is.
+    pub may_give_up: bool,
+}
+
+impl Turn {
+    fn last_attempt(&self) -> bool {
+        self.may_give_up && self.delivered >= LAST_ATTEMPT
+    }
+}
+
 /// What a message asked for, once parsed.
 struct Parsed {
     event_id: String,
     plan: status::Plan,
+}
+
+/// A lease taken, or the reason there is nothing to post.
+enum Lease {
+    Taken { revision: u64, claim: Box<Claim> },
+    Skip(&'static str),
 }
 
 /// Everything a reporter process shares between the messages it handles.
@@ -57,6 +112,10 @@ pub struct Reporter {
     pub metrics: Metrics,
     /// How long a post may be in flight: the client's timeout plus [`crate::order::LEASE_MARGIN`].
     pub lease: Duration,
+    /// How long a status may keep failing before it is given up (`STATUS_GIVE_UP_AFTER`).
+    pub give_up_after: Duration,
+    /// Where given-up statuses are kept.
+    pub js: jetstream::Context,
 }
 
 impl Reporter {
@@ -70,16 +129,23 @@ impl Reporter {
                 return;
             }
         };
-        let (stream_seq, delivered) = (envelope.seq, envelope.delivered);
+        let turn = Turn {
+            delivered: envelope.delivered,
+            replayed: envelope.replay_of.is_some(),
+            stored_ms: message
+                .info()
+                .map_or_else(|_| now_ms(), |info| epoch_ms(info.published)),
+            may_give_up: true,
+        };
         let span = tracing::info_span!(
             "message",
             subject = %envelope.subject,
-            seq = stream_seq,
-            delivered,
+            seq = envelope.seq,
+            delivered = turn.delivered,
             event_id = tracing::field::Empty,
             replay_of = envelope.replay_of.map_or_else(|| "-".to_string(), |seq| seq.to_string()),
         );
-        if envelope.replay_of.is_some() && delivered <= 1 {
+        if turn.replayed && turn.delivered <= 1 {
             self.metrics.replay();
             span.in_scope(|| tracing::info!("a replayed message"));
         }
@@ -91,7 +157,7 @@ impl Reporter {
                 }
                 Ok(parsed) => {
                     tracing::Span::current().record("event_id", parsed.event_id.as_str());
-                    let work = self.report(parsed.plan, delivered, envelope.replay_of.is_some());
+                    let work = self.report(parsed.plan, turn);
                     with_progress(&message, REPORTER_DEFAULT_ACK_WAIT / 3, work).await
                 }
             }
@@ -107,7 +173,7 @@ impl Reporter {
         }
     }
 
-    async fn report(&self, plan: status::Plan, delivered: i64, replayed: bool) -> Disposition {
+    async fn report(&self, plan: status::Plan, turn: Turn) -> Disposition {
         let planned = match plan {
             Ok(planned) => planned,
             Err(reason) => {
@@ -127,12 +193,17 @@ impl Reporter {
         };
         // Each status has its own context and claim: post them side by side.
         let results =
-            futures::future::join_all(planned.iter().map(|s| self.deliver(s, replayed))).await;
-        planned
-            .iter()
-            .zip(results)
-            .map(|(status, result)| self.settle(status, result, delivered))
-            .fold(Disposition::Ack, worse)
+            futures::future::join_all(planned.iter().map(|s| self.deliver(s, turn))).await;
+        let mut disposition = Disposition::Ack;
+        for (status, result) in planned.iter().zip(results) {
+            let result = match result {
+                // Failures that left no record on the claim (no answer, the gate, the bucket).
+                Err(e) if turn.last_attempt() => self.give_up_unclaimed(status, e, turn).await,
+                other => other,
+            };
+            disposition = worse(disposition, self.settle(status, result, turn));
+        }
+        disposition
     }
 
     /// Maps the outcome of one status to ack or retry, logging and counting it: the one place
@@ -140,42 +211,54 @@ impl Reporter {
     fn settle(
         &self,
         planned: &PlannedStatus,
-        result: Result<(), DeliverError>,
-        delivered: i64,
+        result: Result<Delivered, DeliverError>,
+        turn: Turn,
     ) -> Disposition {
         let context = planned.status.context.as_str();
         let jitter: f64 = rand::random();
-        let (reason, delay) = match result {
-            Ok(()) => return Disposition::Ack,
-            Err(DeliverError::Github(PostError::Permanent { code, message })) => {
-                tracing::error!(
+        let backoff = backoff(turn.delivered, jitter);
+        let (reason, delay, failing_since) = match result {
+            Ok(_) => return Disposition::Ack,
+            Err(DeliverError::Github {
+                error: PostError::Refused { code, message },
+                failing_since_ms,
+            }) => {
+                tracing::warn!(
                     code,
                     reason = %message,
                     repository = %planned.repository,
                     commit = %planned.commit,
                     context,
-                    "GitHub refused the status; not retrying"
+                    "GitHub refused the status; trying again until STATUS_GIVE_UP_AFTER"
                 );
-                self.metrics.permanent_failure(code);
-                return Disposition::Ack;
+                ("refused", backoff, failing_since_ms)
             }
-            Err(DeliverError::Github(PostError::RateLimited { wait })) => (
+            Err(DeliverError::Github {
+                error: PostError::RateLimited { wait, .. },
+                failing_since_ms,
+            }) => (
                 "rate_limited",
                 wait + Duration::from_secs(1).mul_f64(jitter),
+                failing_since_ms,
             ),
-            Err(DeliverError::Github(PostError::Transient { reason, .. })) => {
-                (reason, backoff(delivered, jitter))
-            }
-            Err(DeliverError::Store(_)) => ("store", backoff(delivered, jitter)),
-            Err(DeliverError::Busy) => ("busy", backoff(delivered, jitter)),
+            Err(DeliverError::Github {
+                error: PostError::Transient { reason, .. },
+                failing_since_ms,
+            }) => (reason, backoff, failing_since_ms),
+            Err(DeliverError::Store(_)) => ("store", backoff, None),
+            Err(DeliverError::Busy) => ("busy", backoff, None),
+            Err(DeliverError::Undelivered(_)) => ("undelivered", backoff, None),
         };
         self.metrics.retry(reason);
-        if delivered >= REPORTER_MAX_DELIVER {
+        let failing_for = since(failing_since.unwrap_or(turn.stored_ms));
+        let delay = retry_delay(delay, failing_for, self.give_up_after, turn.delivered);
+        if turn.delivered >= REPORTER_MAX_DELIVER {
             tracing::error!(
                 context,
                 commit = %planned.commit,
-                attempts = delivered,
-                "giving up on the status after the last attempt"
+                attempts = turn.delivered,
+                reason,
+                "the status could neither be posted nor kept in {UNDELIVERED_STREAM} by the last delivery; it is lost"
             );
         } else {
             tracing::warn!(context, commit = %planned.commit, reason, retry_in = ?delay, "status not posted yet; retrying");
@@ -184,8 +267,13 @@ impl Reporter {
     }
 
     /// Takes the lease on (repository, commit, context) and posts, unless a newer status is
-    /// already claimed; gives the lease back once GitHub answered.
-    async fn deliver(&self, planned: &PlannedStatus, replayed: bool) -> Result<(), DeliverError> {
+    /// already claimed; gives the lease back once GitHub answered, recording a failure on the
+    /// claim, or giving the status up when its failures have lasted long enough.
+    pub async fn deliver(
+        &self,
+        planned: &PlannedStatus,
+        turn: Turn,
+    ) -> Result<Delivered, DeliverError> {
         let Some(github) = &self.github else {
             let status = &planned.status;
             tracing::info!(
@@ -197,12 +285,13 @@ impl Reporter {
                 "log-only mode (no GITHUB_TOKEN): would post this status"
             );
             self.metrics.skipped("log_only");
-            return Ok(());
+            return Ok(Delivered::Skipped("log_only"));
         };
         // Waiting for the gate happens before the lease, which only covers the request itself.
         if let Some(wait) = self.gate.remaining() {
             if wait > MAX_GATE_HOLD {
-                return Err(PostError::RateLimited { wait }.into());
+                let error = PostError::RateLimited { wait, code: None };
+                return Err(DeliverError::github(error, None));
             }
             tokio::time::sleep(wait).await;
         }
@@ -211,48 +300,122 @@ impl Reporter {
             &planned.commit,
             &planned.status.context,
         );
-        let Some((revision, leased)) = self.take_lease(&key, planned, replayed).await? else {
-            return Ok(());
+        let (revision, leased) = match self.take_lease(&key, planned, turn.replayed).await? {
+            Lease::Taken { revision, claim } => (revision, claim),
+            Lease::Skip(reason) => return Ok(Delivered::Skipped(reason)),
         };
         let result = self.post(github, planned, &leased.status).await;
-        match after_post(&result) {
-            AfterPost::Release { unconfirmed } => {
-                self.release(&key, revision, &leased.released(unconfirmed))
-                    .await;
+        let failing_since = leased.failing.as_ref().map(|a| a.first_ms);
+        let error = match (after_post(&result), result) {
+            (_, Ok(())) => {
+                self.release(&key, revision, &leased.released(false)).await;
+                return Ok(Delivered::Posted);
             }
-            AfterPost::Keep => tracing::warn!(
-                context = %leased.status.context,
-                commit = %planned.commit,
-                "GitHub did not answer; the status may still be applied, so nothing else is posted here until the lease expires"
-            ),
+            (AfterPost::Keep, Err(error)) => {
+                tracing::warn!(
+                    context = %leased.status.context,
+                    commit = %planned.commit,
+                    "GitHub did not answer; the status may still be applied, so nothing else is posted here until the lease expires"
+                );
+                return Err(DeliverError::github(error, failing_since));
+            }
+            (AfterPost::Release { .. }, Err(error)) => error,
+        };
+        let attempts = Attempts::after(
+            leased.failing.as_ref(),
+            now_ms(),
+            error.http_status(),
+            error.to_string(),
+        );
+        if turn.may_give_up && gives_up(&error, &attempts, self.give_up_after, turn.last_attempt())
+        {
+            // The dead letter first: a claim marked given up without one would lose the status.
+            let letter = UndeliveredStatus::new(&leased.planned(), &attempts);
+            if let Err(e) = self.keep_undelivered(&letter).await {
+                self.release(&key, revision, &leased.failed(attempts)).await;
+                return Err(e);
+            }
+            self.release(&key, revision, &leased.given_up(attempts))
+                .await;
+            return Ok(Delivered::GivenUp);
         }
-        Ok(result?)
+        let first_ms = attempts.first_ms;
+        self.release(&key, revision, &leased.failed(attempts)).await;
+        Err(DeliverError::github(error, Some(first_ms)))
+    }
+
+    /// At the last attempt, keeps a status whose failure left no record on its claim.
+    async fn give_up_unclaimed(
+        &self,
+        planned: &PlannedStatus,
+        error: DeliverError,
+        turn: Turn,
+    ) -> Result<Delivered, DeliverError> {
+        let (http_status, first_ms) = match &error {
+            DeliverError::Github {
+                error,
+                failing_since_ms,
+            } => (error.http_status(), *failing_since_ms),
+            _ => (None, None),
+        };
+        let attempts = Attempts {
+            count: u32::try_from(turn.delivered).unwrap_or(u32::MAX),
+            first_ms: first_ms.unwrap_or(turn.stored_ms),
+            last_ms: now_ms(),
+            last_http_status: http_status,
+            last_error: error.to_string(),
+        };
+        self.keep_undelivered(&UndeliveredStatus::new(planned, &attempts))
+            .await?;
+        Ok(Delivered::GivenUp)
+    }
+
+    /// Stores a dead letter in `IAC_UNDELIVERED`, counts and logs it.
+    async fn keep_undelivered(&self, letter: &UndeliveredStatus) -> Result<(), DeliverError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(MSG_ID_HEADER, letter.message_id().as_str());
+        let payload = serde_json::to_vec(letter).expect("a dead letter serializes");
+        let ack = self
+            .js
+            .publish_with_headers(UNDELIVERED_STATUS_SUBJECT, headers, payload.into())
+            .await
+            .map_err(|e| DeliverError::Undelivered(e.to_string()))?
+            .await
+            .map_err(|e| DeliverError::Undelivered(e.to_string()))?;
+        if !ack.duplicate {
+            self.metrics.undelivered();
+        }
+        tracing::error!(
+            repository = %letter.repository,
+            commit = %letter.commit,
+            context = %letter.context,
+            state = letter.state.as_str(),
+            attempts = letter.attempts,
+            last_http_status = letter.last_http_status,
+            last_error = %letter.last_error,
+            undelivered_seq = ack.sequence,
+            "gave up on the status; kept in {UNDELIVERED_STREAM} (`iac-reporter undelivered replay` posts it again)"
+        );
+        Ok(())
     }
 
     /// Waits until no post is in flight, then takes the lease (compare-and-set) with the claim
-    /// to post: the revision written and that claim, or `None` when there is nothing to post.
+    /// to post, or says why there is nothing to post.
     async fn take_lease(
         &self,
         key: &str,
         planned: &PlannedStatus,
         replayed: bool,
-    ) -> Result<Option<(u64, Claim)>, DeliverError> {
+    ) -> Result<Lease, DeliverError> {
         let mine = Claim::of(planned);
         let waiting_since = Instant::now();
         let mut pause = FIRST_LEASE_POLL;
         loop {
             let (revision, stored) = self.read(key).await?;
-            match decide(stored.as_ref(), &mine, now_ms(), replayed) {
-                Decision::Superseded => {
-                    tracing::debug!(context = %planned.status.context, "a newer status is already claimed; skipping");
-                    self.metrics.skipped("superseded");
-                    return Ok(None);
-                }
-                Decision::AlreadyPosted => {
-                    tracing::debug!(context = %planned.status.context, "GitHub already accepted this status; skipping");
-                    self.metrics.skipped("already_posted");
-                    return Ok(None);
-                }
+            let skip = match decide(stored.as_ref(), &mine, now_ms(), replayed) {
+                Decision::Superseded => "superseded",
+                Decision::AlreadyPosted => "already_posted",
+                Decision::GivenUp => "given_up",
                 Decision::Wait(left) => {
                     // Leases expire, so this only trips when others keep taking them.
                     if waiting_since.elapsed() > self.lease * 2 {
@@ -260,15 +423,25 @@ impl Reporter {
                     }
                     tokio::time::sleep(pause.min(left)).await;
                     pause = (pause * 2).min(LAST_LEASE_POLL);
+                    continue;
                 }
                 Decision::Post(claim) => {
                     let until = now_ms() + self.lease.as_millis() as u64;
-                    let leased = claim.leased(until);
-                    if let Some(taken) = self.write(key, revision, &leased).await? {
-                        return Ok(Some((taken, leased)));
+                    let leased = Box::new(claim.leased(until));
+                    match self.write(key, revision, &leased).await? {
+                        Some(revision) => {
+                            return Ok(Lease::Taken {
+                                revision,
+                                claim: leased,
+                            });
+                        }
+                        None => continue,
                     }
                 }
-            }
+            };
+            tracing::debug!(context = %planned.status.context, skip, "not posting the status");
+            self.metrics.skipped(skip);
+            return Ok(Lease::Skip(skip));
         }
     }
 
@@ -310,10 +483,11 @@ impl Reporter {
                     "posted status"
                 );
             }
-            Err(PostError::RateLimited { wait }) => {
+            Err(PostError::RateLimited { wait, .. }) => {
                 tracing::warn!(wait = ?wait, "GitHub rate limit reached; slowing every post");
                 self.gate.hold(*wait);
             }
+            Err(PostError::Refused { code, .. }) => self.metrics.refused(*code),
             Err(_) => {}
         }
         answer.result

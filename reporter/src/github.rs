@@ -1,5 +1,5 @@
 //! The GitHub commit status client: one `POST`, its failures sorted into retry, wait for the
-//! rate limit, or give up; and the shared gate that slows every post after a rate limit.
+//! rate limit, or refused; and the shared gate that slows every post after a rate limit.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,22 +23,40 @@ const SECONDARY_LIMIT_MESSAGE: &str = "exceeded a secondary rate limit";
 /// Why a status was not posted.
 #[derive(Debug, thiserror::Error)]
 pub enum PostError {
-    /// 401, 404, 422 and other refusals: posting again would not help.
+    /// 401, 404, 422 and other refusals. A 404 or 422 can be passing (a repository being
+    /// renamed or restored, a token's access being fixed), so these are retried until
+    /// `STATUS_GIVE_UP_AFTER`; a 401 is [final](PostError::is_final).
     #[error("GitHub refused the status ({code}): {message}")]
-    Permanent { code: u16, message: String },
+    Refused { code: u16, message: String },
     /// 403/429 with rate-limit headers, 429, or a 403 saying it is a secondary rate limit:
-    /// allowed again after `wait`.
+    /// allowed again after `wait`. `code` is `None` when this process held the post back
+    /// itself, after an earlier answer.
     #[error("GitHub rate limit reached, allowed again in {wait:?}")]
-    RateLimited { wait: Duration },
+    RateLimited { wait: Duration, code: Option<u16> },
     /// 5xx, timeouts and connection errors.
     #[error("GitHub did not accept the status ({reason}): {detail}")]
     Transient {
         reason: &'static str,
         detail: String,
+        code: Option<u16>,
     },
 }
 
 impl PostError {
+    /// A 401: the token itself is refused, and every attempt until an operator changes it
+    /// would be too, so the status is given up at once (kept in `IAC_UNDELIVERED`).
+    pub fn is_final(&self) -> bool {
+        matches!(self, PostError::Refused { code: 401, .. })
+    }
+
+    /// The HTTP status GitHub answered with, when it answered.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            PostError::Refused { code, .. } => Some(*code),
+            PostError::RateLimited { code, .. } | PostError::Transient { code, .. } => *code,
+        }
+    }
+
     fn transport(e: reqwest::Error) -> Self {
         let reason = if e.is_timeout() {
             "timeout"
@@ -51,6 +69,7 @@ impl PostError {
             reason,
             // The log line names repository and commit already; the URL would repeat them.
             detail: e.without_url().to_string(),
+            code: None,
         }
     }
 }
@@ -75,29 +94,35 @@ pub fn classify(
                 // GitHub asks for at least a minute after a secondary limit, whatever it says.
                 Some(wait) if secondary && code == 403 => Err(PostError::RateLimited {
                     wait: wait.max(SECONDARY_LIMIT_WAIT),
+                    code: Some(code),
                 }),
-                Some(wait) => Err(PostError::RateLimited { wait }),
+                Some(wait) => Err(PostError::RateLimited {
+                    wait,
+                    code: Some(code),
+                }),
                 None if code == 429 || secondary => Err(PostError::RateLimited {
                     wait: SECONDARY_LIMIT_WAIT,
+                    code: Some(code),
                 }),
-                None => Err(permanent(code, message)),
+                None => Err(refused(code, message)),
             }
         }
         408 | 500..=599 => Err(PostError::Transient {
             reason: "server_error",
             detail: format!("HTTP {code} {message}").trim().to_string(),
+            code: Some(code),
         }),
-        _ => Err(permanent(code, message)),
+        _ => Err(refused(code, message)),
     }
 }
 
-fn permanent(code: u16, message: &str) -> PostError {
+fn refused(code: u16, message: &str) -> PostError {
     let message = if message.is_empty() {
         "no reason given".to_string()
     } else {
         iac_shared::events::truncate_chars(message, 300)
     };
-    PostError::Permanent { code, message }
+    PostError::Refused { code, message }
 }
 
 /// How long GitHub asks us to wait: `Retry-After` seconds, or until `x-ratelimit-reset` when
@@ -136,11 +161,14 @@ pub fn now_epoch() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The longest [`backoff`].
+pub const BACKOFF_CAP: Duration = Duration::from_secs(120);
+
 /// Exponential backoff for the `attempt`-th delivery (1-based), half fixed and half `jitter`
-/// (0..1), capped at two minutes.
+/// (0..1), capped at [`BACKOFF_CAP`].
 pub fn backoff(attempt: i64, jitter: f64) -> Duration {
     const BASE: Duration = Duration::from_millis(250);
-    const CAP: Duration = Duration::from_secs(120);
+    const CAP: Duration = BACKOFF_CAP;
     let exponent = attempt.clamp(1, 20) as u32 - 1;
     let full = BASE.saturating_mul(2u32.saturating_pow(exponent)).min(CAP);
     full / 2 + full.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
@@ -231,7 +259,7 @@ impl GithubClient {
         let Ok(mut authorization) =
             HeaderValue::try_from(format!("Bearer {}", self.token.expose_secret()))
         else {
-            return Answer::failed(permanent(
+            return Answer::failed(refused(
                 401,
                 "GITHUB_TOKEN holds characters a header cannot carry",
             ));
@@ -305,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn server_errors_are_retried_and_refusals_are_not() {
+    fn refusals_are_sorted_apart_from_server_errors_and_only_a_401_is_final() {
         let none = HeaderMap::new();
         assert!(classify(StatusCode::CREATED, &none, "", 0).is_ok());
         assert!(matches!(
@@ -316,9 +344,11 @@ mod tests {
             let err =
                 classify(StatusCode::from_u16(code).unwrap(), &none, "Not Found", 0).unwrap_err();
             assert!(
-                matches!(err, PostError::Permanent { code: c, ref message } if c == code && message == "Not Found"),
+                matches!(err, PostError::Refused { code: c, ref message } if c == code && message == "Not Found"),
                 "{err}"
             );
+            assert_eq!(err.is_final(), code == 401, "{err}");
+            assert_eq!(err.http_status(), Some(code));
         }
     }
 
@@ -327,7 +357,7 @@ mod tests {
         let retry_after = headers(&[("retry-after", "7")]);
         assert!(matches!(
             classify(StatusCode::TOO_MANY_REQUESTS, &retry_after, "", 0),
-            Err(PostError::RateLimited { wait }) if wait == Duration::from_secs(7)
+            Err(PostError::RateLimited { wait, .. }) if wait == Duration::from_secs(7)
         ));
         let exhausted = headers(&[
             ("x-ratelimit-remaining", "0"),
@@ -335,7 +365,7 @@ mod tests {
         ]);
         assert!(matches!(
             classify(StatusCode::FORBIDDEN, &exhausted, "", 1000),
-            Err(PostError::RateLimited { wait }) if wait == Duration::from_secs(30)
+            Err(PostError::RateLimited { wait, .. }) if wait == Duration::from_secs(30)
         ));
         assert!(matches!(
             classify(
@@ -344,11 +374,11 @@ mod tests {
                 "Resource not accessible",
                 0
             ),
-            Err(PostError::Permanent { code: 403, .. })
+            Err(PostError::Refused { code: 403, .. })
         ));
         assert!(matches!(
             classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), "", 0),
-            Err(PostError::RateLimited { wait }) if wait == SECONDARY_LIMIT_WAIT
+            Err(PostError::RateLimited { wait, .. }) if wait == SECONDARY_LIMIT_WAIT
         ));
     }
 
@@ -357,14 +387,14 @@ mod tests {
         let message = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.";
         assert!(matches!(
             classify(StatusCode::FORBIDDEN, &HeaderMap::new(), message, 0),
-            Err(PostError::RateLimited { wait }) if wait >= Duration::from_secs(60)
+            Err(PostError::RateLimited { wait, .. }) if wait >= Duration::from_secs(60)
         ));
         // Headers may ask for longer, never for less.
         for (seconds, wait) in [("90", 90), ("5", 60)] {
             let retry_after = headers(&[("retry-after", seconds)]);
             assert!(matches!(
                 classify(StatusCode::FORBIDDEN, &retry_after, message, 0),
-                Err(PostError::RateLimited { wait: w }) if w == Duration::from_secs(wait)
+                Err(PostError::RateLimited { wait: w, .. }) if w == Duration::from_secs(wait)
             ));
         }
     }

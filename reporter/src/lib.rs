@@ -7,7 +7,9 @@
 //!   newer one, with the lease that allows one post in flight at a time, and the decisions
 //!   taken on it (pure).
 //! - [`github`]: the commit status client, its error kinds, backoff and the rate-limit gate.
-//! - [`deliver`]: one message end to end: plan, claim, post, ack or retry.
+//! - [`deliver`]: one message end to end: plan, claim, post, ack, retry or give up.
+//! - [`undelivered`]: the statuses given up, kept in `IAC_UNDELIVERED`: when to give up (pure),
+//!   and `iac-reporter undelivered list|replay`.
 //! - [`metrics`]: the Prometheus metrics.
 
 pub mod config;
@@ -16,6 +18,7 @@ pub mod github;
 pub mod metrics;
 pub mod order;
 pub mod status;
+pub mod undelivered;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -23,12 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
 use iac_shared::names::*;
 use iac_shared::nats::{
-    ProvisionError, REPORTER_DEFAULT_ACK_WAIT, connect, ensure_status_bucket,
-    reporter_consumer_config, reporter_events_consumer_config,
+    ProvisionError, REPORTER_DEFAULT_ACK_WAIT, connect, ensure_status_bucket, ensure_stream,
+    reporter_consumer_config, reporter_events_consumer_config, undelivered_stream_config,
 };
 use iac_shared::runtime::{retry_until_shutdown, start_consumers};
 use iac_shared::shutdown::Shutdown;
@@ -38,27 +41,20 @@ use tokio::task::JoinSet;
 
 pub use config::Config;
 use deliver::Reporter;
-use github::{Gate, GithubClient};
+use github::Gate;
 use metrics::Metrics;
 
 /// Runs the reporter until `shutdown`, then finishes the messages in hand.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let github = match &config.github_token {
-        Some(token) => Some(
-            GithubClient::new(
-                config.github_api_url.clone(),
-                token.clone(),
-                config.github_timeout,
-            )
-            .context("building the GitHub client")?,
-        ),
-        None => {
-            tracing::warn!(
-                "GITHUB_TOKEN is not set: log-only mode, each status is logged instead of posted"
-            );
-            None
-        }
-    };
+    let github = config
+        .github
+        .client()
+        .context("building the GitHub client")?;
+    if github.is_none() {
+        tracing::warn!(
+            "GITHUB_TOKEN is not set: log-only mode, each status is logged instead of posted"
+        );
+    }
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
@@ -93,7 +89,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     else {
         return Ok(());
     };
-    let statuses = status_bucket(&js, &config, &shutdown).await?;
+    let Some(statuses) = when_ready(&shutdown, STATUS_BUCKET, || {
+        ensure_status_bucket(&js, &config.nats.streams)
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let undelivered = undelivered_stream_config(&config.nats.streams);
+    if when_ready(&shutdown, UNDELIVERED_STREAM, || {
+        ensure_stream(&js, undelivered.clone())
+    })
+    .await?
+    .is_none()
+    {
+        return Ok(());
+    }
 
     let reporter = Arc::new(Reporter {
         settings: config.status_settings(),
@@ -101,7 +112,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         statuses,
         gate: Gate::default(),
         metrics,
-        lease: config.github_timeout + order::LEASE_MARGIN,
+        lease: config.github.lease(),
+        give_up_after: config.give_up_after,
+        js,
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.into()));
     ready.store(true, Ordering::Relaxed);
@@ -117,27 +130,30 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `IAC_STATUSES`: the newest claimed status per (repository, commit, context). Created here
-/// when missing and NATS lets this user (local mode); else provisioned by the operator.
-async fn status_bucket(
-    js: &jetstream::Context,
-    config: &Config,
+/// What the reporter keeps besides its consumers (`IAC_STATUSES`, `IAC_UNDELIVERED`), created
+/// by `ensure` when missing and NATS lets this user (local mode), else provisioned by the
+/// operator: retried until there. `Ok(None)` when shutdown came first.
+async fn when_ready<T, Fut>(
     shutdown: &Shutdown,
-) -> anyhow::Result<kv::Store> {
-    retry_until_shutdown(
-        shutdown,
-        Duration::from_millis(200),
-        || ensure_status_bucket(js, &config.nats.streams),
-        |e, delay| {
-            if matches!(e, ProvisionError::Drift { .. }) {
-                return false;
-            }
-            tracing::warn!(error = %e, retry_in = ?delay, "status bucket {STATUS_BUCKET} not ready yet");
-            true
-        },
-    )
-    .await
-    .with_context(|| format!("checking the {STATUS_BUCKET} bucket"))
+    what: &str,
+    ensure: impl FnMut() -> Fut,
+) -> anyhow::Result<Option<T>>
+where
+    Fut: std::future::Future<Output = Result<T, ProvisionError>>,
+{
+    let ready = retry_until_shutdown(shutdown, Duration::from_millis(200), ensure, |e, delay| {
+        if matches!(e, ProvisionError::Drift { .. }) {
+            return false;
+        }
+        tracing::warn!(error = %e, retry_in = ?delay, "{what} not ready yet");
+        true
+    })
+    .await;
+    match ready {
+        Ok(value) => Ok(Some(value)),
+        Err(_) if shutdown.is_triggered() => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("checking {what}")),
+    }
 }
 
 /// Pulls from `consumer` and hands each message to a task, at most as many at once as there

@@ -12,7 +12,8 @@ pub struct Metrics {
     posted: Family<Labels, Counter>,
     skipped: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
-    permanent_failures: Family<Labels, Counter>,
+    refusals: Family<Labels, Counter>,
+    undelivered: Counter,
     rate_limit_remaining: Gauge,
     replays: Counter,
 }
@@ -36,9 +37,14 @@ impl Metrics {
             metrics.retries.clone(),
         );
         registry.register(
-            "iac_reporter_permanent_failures",
-            "Statuses GitHub refused for good, by HTTP code",
-            metrics.permanent_failures.clone(),
+            "iac_reporter_refusals",
+            "GitHub answers refusing a status (4xx other than rate limits), by HTTP code",
+            metrics.refusals.clone(),
+        );
+        registry.register(
+            "iac_reporter_statuses_undelivered",
+            "Statuses given up (a 401, or STATUS_GIVE_UP_AFTER of attempts) and kept in IAC_UNDELIVERED",
+            metrics.undelivered.clone(),
         );
         registry.register(
             "iac_reporter_github_rate_limit_remaining",
@@ -75,8 +81,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn permanent_failure(&self, code: u16) {
-        self.permanent_failures
+    pub fn undelivered(&self) {
+        self.undelivered.inc();
+    }
+
+    pub fn refused(&self, code: u16) {
+        self.refusals
             .get_or_create(&vec![("code", code.to_string())])
             .inc();
     }

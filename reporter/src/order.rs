@@ -9,7 +9,10 @@
 //! plus [`LEASE_MARGIN`], so the post has ended (answered or timed out) before the lease can
 //! expire; a post that timed out keeps its lease until then, because GitHub may still apply it.
 //! While a post may have failed, the claim stays `unconfirmed`, and whoever reads it next posts
-//! it again.
+//! it again. The claim also counts the failed posts of its status since the first, whoever made
+//! them, so that a status is given up after `STATUS_GIVE_UP_AFTER` of attempts however many
+//! messages and reporters tried it; a status given up stays claimed, so older ones still lose to
+//! it, and only an operator's replay posts it again.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,12 +34,57 @@ pub struct Claim {
     pub repository: String,
     pub commit: String,
     pub status: Status,
+    /// The event the status is about (empty in claims written before it was recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub event_id: String,
     /// GitHub may show an older status than this one: post it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unconfirmed: bool,
     /// A post of `status` may be in flight until this moment (milliseconds since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leased_until: Option<u64>,
+    /// The failed posts of `status` so far; cleared once GitHub accepts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing: Option<Attempts>,
+    /// `status` was given up and kept in `IAC_UNDELIVERED`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub given_up: bool,
+}
+
+/// The failed posts of one status, across reporters and redeliveries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempts {
+    pub count: u32,
+    /// Milliseconds since the epoch.
+    pub first_ms: u64,
+    pub last_ms: u64,
+    /// GitHub's answer to the last one, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_http_status: Option<u16>,
+    pub last_error: String,
+}
+
+impl Attempts {
+    /// `previous` and one more failure at `now_ms`.
+    pub fn after(
+        previous: Option<&Attempts>,
+        now_ms: u64,
+        last_http_status: Option<u16>,
+        last_error: String,
+    ) -> Self {
+        Attempts {
+            count: previous.map_or(0, |p| p.count) + 1,
+            first_ms: previous.map_or(now_ms, |p| p.first_ms),
+            last_ms: now_ms,
+            last_http_status,
+            last_error,
+        }
+    }
+
+    /// How long the status has been failing, by the attempts' own clock.
+    pub fn span(&self) -> Duration {
+        Duration::from_millis(self.last_ms.saturating_sub(self.first_ms))
+    }
 }
 
 impl Claim {
@@ -46,8 +94,22 @@ impl Claim {
             repository: planned.repository.clone(),
             commit: planned.commit.clone(),
             status: planned.status.clone(),
+            event_id: planned.event_id.clone(),
             unconfirmed: false,
             leased_until: None,
+            failing: None,
+            given_up: false,
+        }
+    }
+
+    /// The status this claim is for, to post (or keep as a dead letter).
+    pub fn planned(&self) -> PlannedStatus {
+        PlannedStatus {
+            repository: self.repository.clone(),
+            commit: self.commit.clone(),
+            order: self.order,
+            status: self.status.clone(),
+            event_id: self.event_id.clone(),
         }
     }
 
@@ -56,6 +118,7 @@ impl Claim {
         Claim {
             unconfirmed: true,
             leased_until: Some(until_ms),
+            given_up: false,
             ..self.clone()
         }
     }
@@ -65,6 +128,31 @@ impl Claim {
         Claim {
             unconfirmed,
             leased_until: None,
+            failing: if unconfirmed {
+                self.failing.clone()
+            } else {
+                None
+            },
+            ..self.clone()
+        }
+    }
+
+    /// This claim with its lease given back after a failed post: to be posted again.
+    pub fn failed(&self, attempts: Attempts) -> Self {
+        Claim {
+            failing: Some(attempts),
+            ..self.released(true)
+        }
+    }
+
+    /// This claim with its lease given back, its status given up: nothing posts it again but
+    /// an operator's replay, and older statuses still lose to it.
+    pub fn given_up(&self, attempts: Attempts) -> Self {
+        Claim {
+            unconfirmed: false,
+            leased_until: None,
+            failing: Some(attempts),
+            given_up: true,
             ..self.clone()
         }
     }
@@ -77,35 +165,44 @@ pub enum Decision {
     Superseded,
     /// This very status was posted and GitHub accepted it (a redelivery): no request.
     AlreadyPosted,
+    /// This very status was given up (and kept in `IAC_UNDELIVERED`): no request.
+    GivenUp,
     /// A post is in flight: read again within this time (when the lease expires at the latest).
     Wait(Duration),
     /// Take the lease with this claim (compare-and-set), then post its status: mine when it is
     /// the newest, or a newer stored one that GitHub may not show.
-    Post(Claim),
+    Post(Box<Claim>),
 }
 
-/// `replayed`: the message was replayed by an operator (`iac-reporter replay`), who asks for
-/// its statuses to be posted again: the very status already accepted is posted once more, but
-/// never an older one.
+/// `replayed`: the message was replayed by an operator (`iac-reporter replay`, or
+/// `iac-reporter undelivered replay`), who asks for its statuses to be posted again: the very
+/// status already accepted or given up is posted once more, with a fresh budget of attempts,
+/// but never an older one.
 pub fn decide(stored: Option<&Claim>, mine: &Claim, now_ms: u64, replayed: bool) -> Decision {
     let Some(stored) = stored else {
-        return Decision::Post(mine.clone());
+        return Decision::Post(Box::new(mine.clone()));
     };
     if !stored.unconfirmed {
         if stored.order > mine.order {
             return Decision::Superseded;
         }
         if stored.order == mine.order && !replayed {
-            return Decision::AlreadyPosted;
+            return if stored.given_up {
+                Decision::GivenUp
+            } else {
+                Decision::AlreadyPosted
+            };
         }
     }
     if let Some(until) = stored.leased_until.filter(|&until| until > now_ms) {
         return Decision::Wait(Duration::from_millis(until - now_ms));
     }
-    if stored.order >= mine.order {
-        Decision::Post(stored.clone())
+    if stored.order == mine.order && replayed {
+        Decision::Post(Box::new(mine.clone()))
+    } else if stored.order >= mine.order {
+        Decision::Post(Box::new(stored.clone()))
     } else {
-        Decision::Post(mine.clone())
+        Decision::Post(Box::new(mine.clone()))
     }
 }
 
@@ -126,8 +223,6 @@ pub fn after_post(result: &Result<(), PostError>) -> AfterPost {
             reason: "timeout" | "transport",
             ..
         }) => AfterPost::Keep,
-        // Posting a refused status again would be refused again.
-        Err(PostError::Permanent { .. }) => AfterPost::Release { unconfirmed: false },
         Err(_) => AfterPost::Release { unconfirmed: true },
     }
 }
@@ -165,8 +260,11 @@ mod tests {
                 context: "IaC Runner / Sync".into(),
                 target_url: None,
             },
+            event_id: "e-1".into(),
             unconfirmed: false,
             leased_until: None,
+            failing: None,
+            given_up: false,
         }
     }
 
@@ -192,18 +290,18 @@ mod tests {
         let mine = claim(key(5, Phase::Finished));
         assert_eq!(
             decide(None, &mine, NOW, false),
-            Decision::Post(mine.clone())
+            Decision::Post(Box::new(mine.clone()))
         );
         let older = claim(key(5, Phase::Started));
         assert_eq!(
             decide(Some(&older), &mine, NOW, false),
-            Decision::Post(mine.clone())
+            Decision::Post(Box::new(mine.clone()))
         );
         // A lease whose holder died has expired.
         let expired = older.leased(NOW - 1);
         assert_eq!(
             decide(Some(&expired), &mine, NOW, false),
-            Decision::Post(mine)
+            Decision::Post(Box::new(mine))
         );
     }
 
@@ -217,19 +315,19 @@ mod tests {
         );
         assert_eq!(
             decide(Some(&accepted), &mine, NOW, true),
-            Decision::Post(accepted.clone()),
+            Decision::Post(Box::new(accepted.clone())),
             "a replay posts the accepted status again"
         );
         let failed = mine.leased(NOW - 1).released(true);
         assert_eq!(
             decide(Some(&failed), &mine, NOW, false),
-            Decision::Post(failed.clone())
+            Decision::Post(Box::new(failed.clone()))
         );
         // A holder that died before the answer left its lease to expire, unconfirmed.
         let abandoned = mine.leased(NOW - 1);
         assert_eq!(
             decide(Some(&abandoned), &mine, NOW, false),
-            Decision::Post(abandoned.clone())
+            Decision::Post(Box::new(abandoned.clone()))
         );
     }
 
@@ -250,7 +348,7 @@ mod tests {
         let mine = claim(key(5, Phase::Started));
         assert_eq!(
             decide(Some(&stored), &mine, NOW, false),
-            Decision::Post(stored.clone())
+            Decision::Post(Box::new(stored.clone()))
         );
         // Unless it is being posted right now.
         let leased = stored.leased(NOW + 10);
@@ -276,6 +374,7 @@ mod tests {
             Err(PostError::Transient {
                 reason,
                 detail: String::new(),
+                code: None,
             })
         };
         assert_eq!(
@@ -289,17 +388,59 @@ mod tests {
         );
         assert_eq!(
             after_post(&Err(PostError::RateLimited {
-                wait: Duration::from_secs(60)
+                wait: Duration::from_secs(60),
+                code: Some(429),
             })),
             AfterPost::Release { unconfirmed: true }
         );
         assert_eq!(
-            after_post(&Err(PostError::Permanent {
+            after_post(&Err(PostError::Refused {
                 code: 422,
                 message: "No commit found".into()
             })),
-            AfterPost::Release { unconfirmed: false }
+            AfterPost::Release { unconfirmed: true },
+            "a refused status is tried again until it is given up"
         );
+    }
+
+    #[test]
+    fn a_given_up_status_is_not_posted_again_unless_replayed_and_older_ones_still_lose() {
+        let mine = claim(key(5, Phase::Finished));
+        let attempts = Attempts::after(None, NOW, Some(404), "Not Found".into());
+        let given_up = mine.leased(NOW - 1).given_up(attempts);
+        assert_eq!(
+            decide(Some(&given_up), &mine, NOW, false),
+            Decision::GivenUp
+        );
+        assert_eq!(
+            decide(Some(&given_up), &claim(key(5, Phase::Started)), NOW, true),
+            Decision::Superseded,
+            "a replayed older status"
+        );
+        // A replay starts a fresh budget; a newer status replaces it.
+        assert_eq!(
+            decide(Some(&given_up), &mine, NOW, true),
+            Decision::Post(Box::new(mine.clone()))
+        );
+        let newer = claim(key(6, Phase::Queued));
+        assert_eq!(
+            decide(Some(&given_up), &newer, NOW, false),
+            Decision::Post(Box::new(newer))
+        );
+        assert!(!given_up.leased(NOW).given_up);
+    }
+
+    #[test]
+    fn failed_attempts_add_up_from_the_first_and_clear_once_accepted() {
+        let first = Attempts::after(None, NOW, Some(422), "No commit found".into());
+        let second = Attempts::after(Some(&first), NOW + 90_000, None, "timeout".into());
+        assert_eq!((second.count, second.first_ms), (2, NOW));
+        assert_eq!(second.span(), Duration::from_secs(90));
+        assert_eq!(second.last_http_status, None);
+        let failed = claim(key(1, Phase::Queued)).leased(NOW).failed(second);
+        assert!(failed.unconfirmed && failed.leased_until.is_none());
+        assert_eq!(failed.leased(NOW).failing, failed.failing);
+        assert_eq!(failed.released(false).failing, None);
     }
 
     #[test]

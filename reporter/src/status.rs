@@ -74,6 +74,8 @@ pub struct PlannedStatus {
     pub commit: String,
     pub order: OrderKey,
     pub status: Status,
+    /// The event the status is about, for the log and for a dead letter.
+    pub event_id: String,
 }
 
 /// Why a message asks for no status at all.
@@ -206,6 +208,7 @@ impl Builder<'_> {
                     .settings
                     .target_url(&self.repository, &self.commit, self.event_id),
             },
+            event_id: self.event_id.to_string(),
         }
     }
 

@@ -47,3 +47,11 @@ pub const REPLAY_OF_HEADER: &str = "Iac-Replay-Of";
 pub const FORCE_HEADER: &str = "Iac-Force";
 /// JetStream's de-duplication header.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// Stream holding every status the reporter gave up on (a 401, or its retries ran out), with
+/// what is needed to post it again (`iac-reporter undelivered list|replay`).
+pub const UNDELIVERED_STREAM: &str = "IAC_UNDELIVERED";
+/// Subjects of [`UNDELIVERED_STREAM`].
+pub const UNDELIVERED_SUBJECTS: &str = "iac.undelivered.>";
+/// A commit status given up (`UndeliveredStatus`).
+pub const UNDELIVERED_STATUS_SUBJECT: &str = "iac.undelivered.status";

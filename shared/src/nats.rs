@@ -312,6 +312,17 @@ pub fn results_stream_config(settings: &StreamSettings) -> stream::Config {
     )
 }
 
+/// `IAC_UNDELIVERED`: the statuses the reporter gave up on, kept as long as the results they
+/// came from, for an operator to list and post again.
+pub fn undelivered_stream_config(settings: &StreamSettings) -> stream::Config {
+    stream_config(
+        UNDELIVERED_STREAM,
+        UNDELIVERED_SUBJECTS,
+        "iac-runner statuses the reporter gave up on",
+        settings,
+    )
+}
+
 fn stream_config(
     name: &str,
     subjects: &str,
@@ -696,8 +707,8 @@ impl Default for ConsumerSettings {
     }
 }
 
-/// Everything the services rely on, created or corrected: both streams, the three consumers
-/// and the status bucket. The operator's provisioning (`iac-worker provision`, as the admin
+/// Everything the services rely on, created or corrected: the streams, the three consumers,
+/// the status bucket and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
 /// user), so unlike [`provision`] it corrects every consumer.
 pub async fn provision_all(
     js: &jetstream::Context,
@@ -710,6 +721,7 @@ pub async fn provision_all(
         ensure_consumer(js, stream, config, true).await?;
     }
     ensure_status_bucket(js, streams).await?;
+    ensure_stream(js, undelivered_stream_config(streams)).await?;
     Ok(())
 }
 
@@ -757,6 +769,10 @@ mod tests {
         assert_eq!(results.subjects, ["iac.results.>"]);
         assert!(stream_drift(&events, &events).is_empty());
         assert_eq!(stream_drift(&events, &results), ["subjects"]);
+        let undelivered = undelivered_stream_config(&settings);
+        assert_eq!(undelivered.name, "IAC_UNDELIVERED");
+        assert_eq!(undelivered.subjects, ["iac.undelivered.>"]);
+        assert_eq!(undelivered.max_age, events.max_age);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `iac-worker provision`: the operator creates, or brings back to the expected configuration,
-//! everything the services rely on (both streams, the three durable consumers and the status
-//! bucket), as the NATS admin user, before the services start. The services' own NATS users may
+//! everything the services rely on (both streams, the three durable consumers, the status
+//! bucket and the reporter's dead-letter stream), as the NATS admin user, before the services start. The services' own NATS users may
 //! only check that it is there (see `deploy/nats/permissions.conf`).
 
 use std::time::Duration;
@@ -72,8 +72,8 @@ impl ProvisionCommand {
             .await
             .map_err(|_| ProvisionCommandError::NotReady(READY_WITHIN))??;
         println!(
-            "provisioned: streams IAC_EVENTS and IAC_RESULTS ({} replicas, kept {}), consumers \
-             iac-worker, iac-reporter and iac-reporter-events, bucket IAC_STATUSES",
+            "provisioned: streams IAC_EVENTS, IAC_RESULTS and IAC_UNDELIVERED ({} replicas, kept \
+             {}), consumers iac-worker, iac-reporter and iac-reporter-events, bucket IAC_STATUSES",
             nats.streams.replicas,
             humantime::format_duration(nats.streams.max_age),
         );

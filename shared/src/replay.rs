@@ -73,7 +73,8 @@ pub struct ReplayArgs {
     pub dry_run: bool,
 }
 
-fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+/// `--since`: an RFC 3339 time, or a duration ago (`2h`).
+pub fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
     parse_time_at(s, OffsetDateTime::now_utc())
 }
 

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
+use iac_reporter::undelivered::{Selection, read};
 use iac_shared::names::*;
 use iac_shared::nats::{
     ConsumerSettings, ProvisionError, StreamSettings, events_stream_config, provision,
-    provision_all,
+    provision_all, undelivered_stream_config,
 };
 use iac_tests::fake_github::FakeGithub;
 use iac_tests::nats::NatsServer;
@@ -369,6 +370,68 @@ async fn only_the_reporter_touches_the_status_bucket_and_it_cannot_reconfigure_i
         .await
         .unwrap();
     let info = kv_stream.info().await.unwrap();
+    assert_eq!(info.config.max_age, StreamSettings::default().max_age);
+}
+
+/// Whether this connection can read the dead letters back (`iac-reporter undelivered list`).
+async fn reads_dead_letters(js: &jetstream::Context) -> bool {
+    let all = Selection {
+        since: None,
+        seq: None,
+    };
+    read(js, &all).await.is_ok_and(|kept| !kept.is_empty())
+}
+
+#[tokio::test]
+async fn only_the_reporter_keeps_and_reads_dead_letters_and_it_cannot_remove_them() {
+    let server = provisioned_server().await;
+    let reporter = connect_as(&server, "reporter").await;
+    assert!(can_store(&reporter, UNDELIVERED_STATUS_SUBJECT).await);
+    assert!(reads_dead_letters(&reporter).await);
+    for user in ["gateway", "worker"] {
+        let js = connect_as(&server, user).await;
+        assert!(
+            !can_store(&js, UNDELIVERED_STATUS_SUBJECT).await,
+            "{user} wrote a dead letter"
+        );
+        assert!(
+            !reads_dead_letters(&js).await,
+            "{user} read the dead letters"
+        );
+    }
+    let mut shrunk = undelivered_stream_config(&StreamSettings::default());
+    shrunk.max_age = Duration::from_secs(60);
+    assert!(
+        reporter.update_stream(&shrunk).await.is_err(),
+        "the reporter shortened IAC_UNDELIVERED"
+    );
+    assert!(
+        purge(&reporter, UNDELIVERED_STREAM).await,
+        "the reporter purged IAC_UNDELIVERED"
+    );
+    assert!(
+        reporter.delete_stream(UNDELIVERED_STREAM).await.is_err(),
+        "the reporter deleted IAC_UNDELIVERED"
+    );
+    for user in SERVICE_USERS {
+        assert!(
+            !receives(
+                &server,
+                user,
+                UNDELIVERED_SUBJECTS,
+                UNDELIVERED_STATUS_SUBJECT
+            )
+            .await,
+            "{user} subscribed to the dead letters"
+        );
+    }
+
+    // What an operator would notice: the reporter's dead letter and the admin's probes are all
+    // there, and the stream is as provisioned.
+    let admin = connect_as(&server, "admin").await;
+    let mut stream = admin.get_stream(UNDELIVERED_STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 1 + SERVICE_USERS.len() as u64);
     assert_eq!(info.config.max_age, StreamSettings::default().max_age);
 }
 

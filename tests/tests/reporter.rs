@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use iac_reporter::Config;
+use iac_reporter::undelivered::{Selection, UndeliveredStatus, read};
 use iac_shared::events::*;
 use iac_shared::names::*;
 use iac_shared::nats::{StreamSettings, provision};
@@ -140,6 +141,59 @@ impl TestApp {
             }
         })
         .await;
+    }
+
+    /// The statuses given up, as `IAC_UNDELIVERED` holds them, with their sequences.
+    async fn undelivered(&self) -> Vec<(u64, UndeliveredStatus)> {
+        let all = Selection {
+            since: None,
+            seq: None,
+        };
+        read(&self.js, &all)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|kept| (kept.seq, kept.status.unwrap()))
+            .collect()
+    }
+
+    /// Waits until `IAC_UNDELIVERED` holds `n` statuses.
+    async fn wait_for_undelivered(&self, n: usize) -> Vec<(u64, UndeliveredStatus)> {
+        wait_for(&format!("{n} undelivered status(es)"), TIMEOUT, || {
+            self.assert_reporters_alive();
+            async move {
+                let kept = read(
+                    &self.js,
+                    &Selection {
+                        since: None,
+                        seq: None,
+                    },
+                )
+                .await
+                .ok()?;
+                (kept.len() >= n).then_some(())
+            }
+        })
+        .await;
+        self.undelivered().await
+    }
+
+    /// Runs `iac-reporter undelivered <args>` against this app: (success, stdout, stderr).
+    fn undelivered_command(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(iac_tests::tools::project_binary("iac-reporter"))
+            .arg("undelivered")
+            .args(args)
+            .env_clear()
+            .env("NATS_URL", self.nats.url())
+            .env("GITHUB_API_URL", self.github.url())
+            .env("GITHUB_TOKEN", TOKEN)
+            .output()
+            .expect("running iac-reporter undelivered");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     async fn consumer(&self, stream: &str, name: &str) -> PullConsumer {
@@ -618,7 +672,7 @@ async fn a_secondary_rate_limit_403_is_retried_later_not_given_up() {
         .await
         .unwrap();
     assert!(
-        !metrics.contains("iac_reporter_permanent_failures_total{"),
+        !metrics.contains("iac_reporter_refusals_total{"),
         "{metrics}"
     );
     assert!(
@@ -700,7 +754,14 @@ async fn metrics_count_what_was_posted_skipped_and_refused() {
         ..Faults::default()
     });
     let port = iac_tests::free_port().to_string();
-    app.spawn_reporter(&["--metrics-port", &port, "--reporter-concurrency", "1"]);
+    app.spawn_reporter(&[
+        "--metrics-port",
+        &port,
+        "--reporter-concurrency",
+        "1",
+        "--status-give-up-after",
+        "1",
+    ]);
     let commit = sha(1);
     app.finished(&finished(2, &commit, synced(&["platform/postgres"])))
         .await;
@@ -719,16 +780,33 @@ async fn metrics_count_what_was_posted_skipped_and_refused() {
     for line in [
         "iac_reporter_statuses_posted_total{state=\"success\"} 1",
         "iac_reporter_statuses_skipped_total{reason=\"superseded\"} 1",
-        "iac_reporter_permanent_failures_total{code=\"422\"} 1",
+        "iac_reporter_statuses_undelivered_total 1",
         "iac_reporter_github_rate_limit_remaining 4999",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
+    let refusals = app
+        .github
+        .requests()
+        .iter()
+        .filter(|r| r.answered == 422)
+        .count();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("iac_reporter_refusals_total{{code=\"422\"}} {refusals}")),
+        "{refusals} refusals in\n{metrics}"
+    );
+    assert!(
+        metrics.contains("iac_reporter_retries_total{reason=\"refused\"}"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
 #[tokio::test]
-async fn a_refused_status_is_not_retried_and_does_not_block_later_ones() {
+async fn a_refused_status_is_retried_for_its_budget_then_kept_undelivered_without_blocking_later_ones()
+ {
     let mut app = TestApp::start().await;
     let refused = sha(1);
     app.github.set_faults(Faults {
@@ -738,7 +816,14 @@ async fn a_refused_status_is_not_retried_and_does_not_block_later_ones() {
         )]),
         ..Faults::default()
     });
-    app.spawn_reporter(&["--reporter-concurrency", "1"]);
+    app.spawn_reporter(&[
+        "--reporter-concurrency",
+        "1",
+        "--status-give-up-after",
+        "2s",
+        "--status-target-url",
+        "https://ci.example.com/{commit}",
+    ]);
     app.finished(&finished(1, &refused, synced(&["platform/postgres"])))
         .await;
     let later = sha(2);
@@ -746,14 +831,172 @@ async fn a_refused_status_is_not_retried_and_does_not_block_later_ones() {
         .await;
 
     app.wait_for_shown(&later, "success").await;
+    let kept = app.wait_for_undelivered(1).await;
     app.wait_until_drained().await;
-    let refused_requests = app
+    let attempts: Vec<StatusRequest> = app
         .github
         .requests()
-        .iter()
+        .into_iter()
         .filter(|r| r.commit == refused)
-        .count();
-    assert_eq!(refused_requests, 1);
+        .collect();
+    assert!(attempts.len() >= 3, "retried: {attempts:#?}");
+    let tried_for = attempts.last().unwrap().arrived - attempts[0].arrived;
+    assert!(
+        tried_for >= Duration::from_secs(2),
+        "given up after {tried_for:?}"
+    );
+
+    let [(_, letter)] = &kept[..] else {
+        panic!("one dead letter expected: {kept:#?}");
+    };
+    assert_eq!(
+        (letter.repository.as_str(), letter.commit.as_str()),
+        (REPO, refused.as_str())
+    );
+    assert_eq!(
+        (letter.context.as_str(), letter.state.as_str()),
+        (SYNC, "success")
+    );
+    assert_eq!(letter.description, "1 service(s) synced successfully");
+    assert_eq!(
+        letter.target_url.as_deref(),
+        Some(format!("https://ci.example.com/{refused}").as_str())
+    );
+    assert_eq!((letter.event_id.as_str(), letter.event_seq), ("event-1", 1));
+    assert_eq!(letter.last_http_status, Some(422));
+    assert!(letter.last_error.contains("No commit found"), "{letter:?}");
+    assert_eq!(letter.attempts as usize, attempts.len());
+    assert!(
+        letter.first_attempt_at < letter.last_attempt_at,
+        "{letter:?}"
+    );
+    // Given up once: a redelivery does not post it again nor keep it twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.undelivered().await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_401_is_given_up_at_once_and_kept_without_the_token() {
+    let mut app = TestApp::start().await;
+    let commit = sha(1);
+    app.github.set_faults(Faults {
+        refused_commits: HashMap::from([(commit.clone(), (401, "Bad credentials".to_string()))]),
+        ..Faults::default()
+    });
+    let port = iac_tests::free_port().to_string();
+    app.spawn_reporter(&["--metrics-port", &port]);
+    app.finished(&finished(1, &commit, synced(&["platform/postgres"])))
+        .await;
+
+    let kept = app.wait_for_undelivered(1).await;
+    app.wait_until_drained().await;
+    assert_eq!(app.github.requests().len(), 1, "a 401 was retried");
+    let (seq, letter) = &kept[0];
+    assert_eq!((letter.last_http_status, letter.attempts), (Some(401), 1));
+    let raw = app
+        .js
+        .get_stream(UNDELIVERED_STREAM)
+        .await
+        .unwrap()
+        .get_raw_message(*seq)
+        .await
+        .unwrap();
+    assert_eq!(raw.subject.as_str(), UNDELIVERED_STATUS_SUBJECT);
+    let payload = String::from_utf8_lossy(&raw.payload);
+    assert!(!payload.contains(TOKEN), "{payload}");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "iac_reporter_statuses_undelivered_total 1"),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn undelivered_list_shows_a_given_up_status_and_replay_posts_it_once_github_answers() {
+    let mut app = TestApp::start().await;
+    let commit = sha(1);
+    app.github.set_faults(Faults {
+        refused_commits: HashMap::from([(commit.clone(), (404, "Not Found".to_string()))]),
+        ..Faults::default()
+    });
+    app.spawn_reporter(&["--status-give-up-after", "1s"]);
+    app.finished(&finished(1, &commit, synced(&["platform/postgres"])))
+        .await;
+    let kept = app.wait_for_undelivered(1).await;
+    app.wait_until_drained().await;
+    let seq = kept[0].0.to_string();
+
+    let (ok, out, err) = app.undelivered_command(&["list", "--since", "1h"]);
+    assert!(ok, "{out}\n{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&commit))
+        .unwrap_or_else(|| panic!("{out}"));
+    for field in [seq.as_str(), REPO, SYNC, "success", "404", "Not Found"] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    assert!(!out.contains(TOKEN) && !err.contains(TOKEN));
+
+    // GitHub refuses still: the replay says so and fails.
+    let (ok, out, _) = app.undelivered_command(&["replay", "--seq", &seq]);
+    assert!(!ok && out.contains("failed"), "{out}");
+    assert!(app.github.accepted().is_empty());
+
+    app.github.set_faults(Faults::default());
+    let (ok, out, err) = app.undelivered_command(&["replay", "--seq", &seq]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("posted"), "{out}");
+    let shown = app.wait_for_shown(&commit, "success").await;
+    assert_eq!(shown.description(), "1 service(s) synced successfully");
+    assert_eq!(app.github.accepted().len(), 1);
+    // The reporter still running does not take it up again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.github.accepted().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_replayed_dead_letter_never_overwrites_a_newer_status() {
+    let mut app = TestApp::start().await;
+    let commit = sha(1);
+    app.github.set_faults(Faults {
+        refused_commits: HashMap::from([(commit.clone(), (404, "Not Found".to_string()))]),
+        ..Faults::default()
+    });
+    app.spawn_reporter(&["--status-give-up-after", "1s"]);
+    app.started(&started(1, &commit, &["platform/postgres"]))
+        .await;
+    let kept = app.wait_for_undelivered(1).await;
+    app.wait_until_drained().await;
+    assert_eq!(kept[0].1.state.as_str(), "pending");
+
+    // GitHub answers again and the sync's final status is posted.
+    app.github.set_faults(Faults::default());
+    app.finished(&finished(1, &commit, synced(&["platform/postgres"])))
+        .await;
+    app.wait_for_shown(&commit, "success").await;
+    app.wait_until_drained().await;
+
+    let (ok, out, err) = app.undelivered_command(&["replay", "--since", "1h"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("not posted: superseded"), "{out}");
+    let accepted: Vec<String> = app
+        .github
+        .accepted()
+        .iter()
+        .map(|r| r.state().to_string())
+        .collect();
+    assert_eq!(accepted, ["success"]);
+    assert_eq!(app.github.shown(&commit, SYNC).unwrap().state(), "success");
     app.stop().await;
 }
 
