@@ -233,6 +233,12 @@ async fn an_unmerged_commit_is_refused_with_nothing_run_and_a_failed_summary() {
         "the summary names the rule"
     );
 
+    // A deployment naming a branch instead of a commit is refused before anything is fetched.
+    let (seq, id) = h.deploy("staging", "main", None).await;
+    let error = h.finished_for(seq).await.error.unwrap_or_default();
+    assert!(error.contains("not an exact commit"), "{error}");
+    assert_eq!(h.final_summary(&id).await.status, DeploymentStatus::Failed);
+
     // A manual sync may not name it either: not by id, not by its branch.
     for git_ref in [unmerged.as_str(), "feature", "refs/pull/1/head"] {
         let body = format!(r#"{{"all": true, "ref": "{git_ref}"}}"#);

@@ -127,13 +127,14 @@ fn parse_deploy(env: &str, payload: &[u8]) -> Result<DeployRequest, EventError> 
     Ok(request)
 }
 
-/// The deployment a refused message on a deploy subject was, when it still names one (a
-/// deployment with a bad commit, or for another environment): its summary must end `failed`.
+/// The deployment a refused message on a deploy subject was, when it still names one of that
+/// environment (a deployment with a bad commit): its summary must end `failed`. A request for
+/// another environment names no summary this consumer may touch.
 pub fn refused_deployment(subject: &str, payload: &[u8]) -> Option<DeployRequest> {
-    env_of_subject(subject)?;
+    let env = env_of_subject(subject)?;
     serde_json::from_slice::<DeployRequest>(payload)
         .ok()
-        .filter(|request| is_deployment_id(&request.deployment_id))
+        .filter(|request| request.env == env && is_deployment_id(&request.deployment_id))
 }
 
 /// The final summary of `request` once `finished` is stored: `completed` when it succeeded,
@@ -815,11 +816,20 @@ mod tests {
         assert_eq!(event.target(), Target::Ref("c".repeat(40)));
         let err = parse_event("iac.events.deploy.production", &body).unwrap_err();
         assert!(err.to_string().contains("staging"), "{err}");
+        assert_eq!(
+            refused_deployment("iac.events.deploy.production", &body),
+            None
+        );
         let mut short = deploy(&["redis"]);
         short.commit = "main".into();
         let body = serde_json::to_vec(&short).unwrap();
         let err = parse_event("iac.events.deploy.staging", &body).unwrap_err();
         assert!(err.to_string().contains("exact commit"), "{err}");
+        assert_eq!(
+            refused_deployment("iac.events.deploy.staging", &body),
+            Some(short),
+            "a refused deployment still gets its failed summary"
+        );
         assert_eq!(trigger_of("iac.events.deploy.staging"), Trigger::Deploy);
     }
 
