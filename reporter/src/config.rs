@@ -247,5 +247,24 @@ mod tests {
         assert!(config.status_target_url.is_none());
         assert_eq!(config.status_context, "IaC Runner / Sync");
         assert_eq!(config.github_timeout, Duration::from_secs(10));
+        // The one exception: `PUSH_ENV=` means "no push environment", as for the worker.
+        assert_eq!(config.status_settings().push_env, None);
+    }
+
+    #[test]
+    fn pushes_deploy_to_production_unless_told_otherwise() {
+        let parse = |args: &[&str]| {
+            Config::from_args([&["iac-reporter"][..], args].concat())
+                .unwrap()
+                .status_settings()
+                .push_env
+        };
+        assert_eq!(parse(&[]).as_deref(), Some("production"));
+        assert_eq!(
+            parse(&["--push-env", "staging"]).as_deref(),
+            Some("staging")
+        );
+        let err = Config::from_args(["iac-reporter", "--push-env", "Staging"]).unwrap_err();
+        assert!(err.to_string().contains("PUSH_ENV"), "{err}");
     }
 }
