@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser};
+use iac_shared::deploy::{DEFAULT_PUSH_ENV, PushEnv, parse_push_env};
 use iac_shared::nats::{NatsArgs, parse_positive_duration, parse_secret};
 use iac_shared::telemetry::LogArgs;
 use reqwest::Url;
@@ -42,6 +43,17 @@ pub struct Config {
         value_parser = parse_context
     )]
     pub status_context: String,
+
+    /// The environment pushes deploy to, as the worker's; results in any other environment
+    /// name it in their contexts (`IaC Runner / Sync (staging)`). Empty for none.
+    #[arg(
+        long = "push-env",
+        env = "PUSH_ENV",
+        value_name = "PUSH_ENV",
+        default_value = DEFAULT_PUSH_ENV,
+        value_parser = parse_push_env
+    )]
+    pub push_env: PushEnv,
 
     /// Also post one status per service (`IaC Runner / <service>`).
     #[arg(
@@ -161,6 +173,7 @@ impl Config {
             per_service: self.status_per_service,
             target_url: self.status_target_url.clone(),
             default_repository: self.github_repo.clone(),
+            push_env: self.push_env.0.clone(),
         }
     }
 }
@@ -274,11 +287,30 @@ mod tests {
         assert_eq!(config.status_context, "IaC Runner / Sync");
         assert_eq!(config.github.timeout, Duration::from_secs(10));
         assert_eq!(config.give_up_after, Duration::from_secs(30 * 60));
+        // The one exception: `PUSH_ENV=` means "no push environment", as for the worker.
+        assert_eq!(config.status_settings().push_env, None);
     }
 
     #[test]
     fn the_give_up_budget_takes_bare_seconds_like_the_other_durations() {
         let config = parse(&["--status-give-up-after", "90"]).unwrap();
         assert_eq!(config.give_up_after, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn pushes_deploy_to_production_unless_told_otherwise() {
+        let parse = |args: &[&str]| {
+            Config::from_args([&["iac-reporter"][..], args].concat())
+                .unwrap()
+                .status_settings()
+                .push_env
+        };
+        assert_eq!(parse(&[]).as_deref(), Some("production"));
+        assert_eq!(
+            parse(&["--push-env", "staging"]).as_deref(),
+            Some("staging")
+        );
+        let err = Config::from_args(["iac-reporter", "--push-env", "Staging"]).unwrap_err();
+        assert!(err.to_string().contains("PUSH_ENV"), "{err}");
     }
 }

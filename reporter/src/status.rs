@@ -110,9 +110,20 @@ pub struct StatusSettings {
     pub target_url: Option<String>,
     /// Repository used when an event does not name one.
     pub default_repository: Option<String>,
+    /// `PUSH_ENV`: results in another environment name it in their contexts.
+    pub push_env: Option<String>,
 }
 
 impl StatusSettings {
+    /// ` (staging)` for a result in an environment other than the push environment, so its
+    /// statuses stand beside those of pushes instead of replacing them; empty otherwise.
+    pub fn env_suffix(&self, env: Option<&str>) -> String {
+        match env {
+            Some(env) if Some(env) != self.push_env.as_deref() => format!(" ({env})"),
+            _ => String::new(),
+        }
+    }
+
     /// `IaC Runner / {service}`: the whole-sync context with its last part replaced.
     pub fn service_context(&self, service: &str) -> String {
         let prefix = self
@@ -169,6 +180,8 @@ pub fn is_postable_commit(commit: &str) -> bool {
 
 struct Builder<'a> {
     settings: &'a StatusSettings,
+    /// Appended to every context (see [`StatusSettings::env_suffix`]).
+    env_suffix: String,
     repository: String,
     commit: String,
     event_id: &'a str,
@@ -187,6 +200,7 @@ impl Builder<'_> {
             .filter(|c| is_postable_commit(c))
             .ok_or(SkipReason::NoCommit)?;
         Ok(Builder {
+            env_suffix: String::new(),
             repository: settings.repository(repository)?,
             commit: commit.to_string(),
             settings,
@@ -212,12 +226,25 @@ impl Builder<'_> {
         }
     }
 
+    fn in_env(self, env: Option<&str>) -> Self {
+        Builder {
+            env_suffix: self.settings.env_suffix(env),
+            ..self
+        }
+    }
+
     fn sync(&self, state: StatusState, description: &str) -> PlannedStatus {
-        self.status(self.settings.context.clone(), state, description)
+        let context = format!("{}{}", self.settings.context, self.env_suffix);
+        self.status(context, state, description)
     }
 
     fn service(&self, service: &str, state: StatusState, description: &str) -> PlannedStatus {
-        self.status(self.settings.service_context(service), state, description)
+        let context = format!(
+            "{}{}",
+            self.settings.service_context(service),
+            self.env_suffix
+        );
+        self.status(context, state, description)
     }
 }
 
@@ -255,7 +282,8 @@ pub fn for_started(started: &SyncStarted, settings: &StatusSettings) -> Plan {
         Some(&started.commit),
         &started.event_id,
         order,
-    )?;
+    )?
+    .in_env(started.env.as_deref());
     let description = format!("Syncing {} service(s)...", started.services.len());
     let mut plan = vec![b.sync(StatusState::Pending, &description)];
     if settings.per_service {
@@ -282,7 +310,8 @@ pub fn for_finished(finished: &SyncFinished, settings: &StatusSettings) -> Plan 
         finished.commit.as_deref(),
         &finished.event_id,
         order,
-    )?;
+    )?
+    .in_env(finished.env.as_deref());
     let (state, description) = finished_summary(finished);
     let mut plan = vec![b.sync(state, &description)];
     if settings.per_service {
@@ -354,6 +383,7 @@ mod tests {
             per_service: false,
             target_url: None,
             default_repository: None,
+            push_env: Some("production".into()),
         }
     }
 
@@ -532,6 +562,36 @@ mod tests {
         let description = only(for_finished(&error, &settings())).status.description;
         assert_eq!(description.chars().count(), 140);
         assert!(description.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn results_in_another_environment_than_pushes_name_it_in_their_contexts() {
+        let per_service = StatusSettings {
+            per_service: true,
+            ..settings()
+        };
+        let in_env = |env: Option<&str>| SyncStarted {
+            env: env.map(str::to_string),
+            trigger: Trigger::Deploy,
+            ..started(&["platform/redis"])
+        };
+        let plan = for_started(&in_env(Some("staging")), &per_service).unwrap();
+        assert_eq!(plan[0].status.context, "IaC Runner / Sync (staging)");
+        assert_eq!(
+            plan[1].status.context,
+            "IaC Runner / platform/redis (staging)"
+        );
+        let plan = for_started(&in_env(Some("production")), &per_service).unwrap();
+        assert_eq!(plan[0].status.context, "IaC Runner / Sync");
+        let plan = for_started(&in_env(None), &per_service).unwrap();
+        assert_eq!(plan[0].status.context, "IaC Runner / Sync");
+        // With `PUSH_ENV=` every named environment is named.
+        let no_push_env = StatusSettings {
+            push_env: None,
+            ..per_service
+        };
+        let plan = for_started(&in_env(Some("production")), &no_push_env).unwrap();
+        assert_eq!(plan[0].status.context, "IaC Runner / Sync (production)");
     }
 
     #[test]

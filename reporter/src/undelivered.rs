@@ -264,6 +264,7 @@ async fn replaying_reporter(
             per_service: false,
             target_url: None,
             default_repository: None,
+            push_env: None,
         },
         github: Some(client),
         statuses,

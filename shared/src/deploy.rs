@@ -61,6 +61,94 @@ pub fn parse_env_list(s: &str) -> Result<Vec<String>, String> {
     Ok(envs)
 }
 
+/// `PUSH_ENV`: the environment pushes to `GIT_BRANCH` and `/sync` requests deploy to, or
+/// `None` when set empty (`PUSH_ENV=`): then they get no `DEPLOY_ENV`, as before environments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushEnv(pub Option<String>);
+
+/// Parses `PUSH_ENV`: empty (or blank) is "no push environment", anything else an environment
+/// name as [`parse_env`] reads it.
+pub fn parse_push_env(s: &str) -> Result<PushEnv, String> {
+    if s.trim().is_empty() {
+        Ok(PushEnv(None))
+    } else {
+        parse_env(s).map(|env| PushEnv(Some(env)))
+    }
+}
+
+/// The environments of one installation (`DEPLOY_ENVS` and `PUSH_ENV`, equal in every service),
+/// and how the worker's consumers divide them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environments {
+    /// `DEPLOY_ENVS`: where `/deploy` may deploy.
+    pub deploy: Vec<String>,
+    /// `PUSH_ENV`.
+    pub push: Option<String>,
+}
+
+/// `DEPLOY_ENVS` and `PUSH_ENV`, read alike by the worker and `iac-worker provision`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnvironmentArgs {
+    /// Comma-separated environments `/deploy` may deploy to, each served by the worker apart
+    /// from the others; equal in every service.
+    #[arg(
+        long = "deploy-envs",
+        env = "DEPLOY_ENVS",
+        value_name = "DEPLOY_ENVS",
+        default_value = DEFAULT_DEPLOY_ENVS,
+        value_parser = parse_env_list_arg
+    )]
+    pub deploy_envs: EnvList,
+
+    /// The environment pushes to `GIT_BRANCH` and `/sync` requests deploy to; empty
+    /// (`PUSH_ENV=`) for none: their tasks then get no `DEPLOY_ENV`. Equal in every service.
+    #[arg(
+        long = "push-env",
+        env = "PUSH_ENV",
+        value_name = "PUSH_ENV",
+        default_value = DEFAULT_PUSH_ENV,
+        value_parser = parse_push_env
+    )]
+    pub push_env: PushEnv,
+}
+
+/// `DEPLOY_ENVS` as parsed (a newtype: clap would read a `Vec` as one value per item).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvList(pub Vec<String>);
+
+fn parse_env_list_arg(s: &str) -> Result<EnvList, String> {
+    parse_env_list(s).map(EnvList)
+}
+
+impl EnvironmentArgs {
+    pub fn environments(&self) -> Environments {
+        Environments {
+            deploy: self.deploy_envs.0.clone(),
+            push: self.push_env.0.clone(),
+        }
+    }
+}
+
+impl Default for Environments {
+    fn default() -> Self {
+        Environments {
+            deploy: parse_env_list(DEFAULT_DEPLOY_ENVS).expect("the default environments"),
+            push: Some(DEFAULT_PUSH_ENV.to_string()),
+        }
+    }
+}
+
+impl Environments {
+    /// The environments served apart from pushes, each by its own consumer and workspace:
+    /// every deploy environment but the push environment.
+    pub fn separate(&self) -> impl Iterator<Item = &str> {
+        self.deploy
+            .iter()
+            .map(String::as_str)
+            .filter(|env| Some(*env) != self.push.as_deref())
+    }
+}
+
 /// The subject a deployment to `env` is stored on: `iac.events.deploy.<env>`.
 pub fn deploy_subject(env: &str) -> String {
     format!("{DEPLOY_SUBJECT_PREFIX}.{env}")
@@ -251,6 +339,23 @@ mod tests {
         assert_eq!(env_of_subject("iac.events.deploy.staging"), Some("staging"));
         assert_eq!(env_of_subject("iac.events.deploy"), None);
         assert_eq!(env_of_subject("iac.events.push"), None);
+    }
+
+    #[test]
+    fn an_empty_push_environment_is_none_and_other_environments_are_served_apart() {
+        assert_eq!(parse_push_env("").unwrap(), PushEnv(None));
+        assert_eq!(
+            parse_push_env("prod").unwrap(),
+            PushEnv(Some("production".into()))
+        );
+        assert!(parse_push_env("Prod").is_err());
+        let envs = Environments::default();
+        assert_eq!(envs.separate().collect::<Vec<_>>(), ["staging"]);
+        let none = Environments { push: None, ..envs };
+        assert_eq!(
+            none.separate().collect::<Vec<_>>(),
+            ["staging", "production"]
+        );
     }
 
     #[test]

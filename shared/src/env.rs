@@ -2,8 +2,14 @@
 //!
 //! Compose files pass `NAME: ${NAME:-}` for optional settings, so an unset variable arrives
 //! as `""`; clap would parse that as a value and fail with `invalid value ''`.
+//!
+//! One variable is the exception: `PUSH_ENV=` (empty) means "pushes deploy to no named
+//! environment", which differs from unset (the default, `production`).
 
 use clap::Command;
+
+/// Variables whose empty value is a value, read by the argument's own parser.
+const EMPTY_IS_A_VALUE: &[&str] = &["PUSH_ENV"];
 
 /// `command` with every argument whose variable is set but empty no longer reading it, in
 /// subcommands too, so the argument falls back to its default or stays absent.
@@ -12,6 +18,7 @@ pub fn empty_is_unset(command: Command) -> Command {
         .mut_args(|arg| {
             let empty = arg
                 .get_env()
+                .filter(|name| !EMPTY_IS_A_VALUE.iter().any(|v| **name == **v))
                 .and_then(std::env::var_os)
                 .is_some_and(|value| value.is_empty());
             if empty {

@@ -8,6 +8,7 @@ use async_nats::{ConnectOptions, ServerAddr};
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::deploy::{Environments, deploy_subject};
 use crate::names::*;
 use crate::shutdown::Shutdown;
 
@@ -421,11 +422,67 @@ pub async fn ensure_stream(
     }
 }
 
-/// `iac-worker` on `IAC_EVENTS`: explicit ack, one message in flight across all workers.
-pub fn worker_consumer_config(ack_wait: Duration, max_deliver: i64) -> consumer::pull::Config {
+/// `iac-worker` on `IAC_EVENTS`, serving the push environment: pushes, manual syncs and
+/// deployments to `PUSH_ENV`. Explicit ack, one message in flight across all workers.
+pub fn worker_consumer_config(
+    ack_wait: Duration,
+    max_deliver: i64,
+    envs: &Environments,
+) -> consumer::pull::Config {
+    let mut subjects = vec![PUSH_SUBJECT.to_string(), SYNC_SUBJECT.to_string()];
+    subjects.extend(envs.push.as_deref().map(deploy_subject));
     consumer::pull::Config {
         durable_name: Some(WORKER_CONSUMER.to_string()),
         description: Some("iac-runner worker: one sync at a time".into()),
+        filter_subjects: subjects,
+        ..worker_consumer_base(ack_wait, max_deliver)
+    }
+}
+
+/// `iac-worker-<env>` on `IAC_EVENTS`: deployments to `env`, an environment other than the
+/// push environment, one at a time, beside those of every other environment.
+pub fn worker_env_consumer_config(
+    ack_wait: Duration,
+    max_deliver: i64,
+    env: &str,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(worker_env_consumer(env)),
+        description: Some(format!(
+            "iac-runner worker: deployments to {env}, one at a time"
+        )),
+        filter_subject: deploy_subject(env),
+        ..worker_consumer_base(ack_wait, max_deliver)
+    }
+}
+
+/// Every consumer the worker reads, the push environment's first, each with the environment
+/// it serves (`None`: the push consumer when `PUSH_ENV=`).
+pub fn worker_consumer_configs(
+    ack_wait: Duration,
+    max_deliver: i64,
+    envs: &Environments,
+) -> Vec<(Option<String>, consumer::pull::Config)> {
+    let push = (
+        envs.push.clone(),
+        worker_consumer_config(ack_wait, max_deliver, envs),
+    );
+    let separate = envs.separate().map(|env| {
+        (
+            Some(env.to_string()),
+            worker_env_consumer_config(ack_wait, max_deliver, env),
+        )
+    });
+    std::iter::once(push).chain(separate).collect()
+}
+
+/// The durable name of the consumer of deployments to `env`: `iac-worker-<env>`.
+pub fn worker_env_consumer(env: &str) -> String {
+    format!("{WORKER_CONSUMER}-{env}")
+}
+
+fn worker_consumer_base(ack_wait: Duration, max_deliver: i64) -> consumer::pull::Config {
+    consumer::pull::Config {
         deliver_policy: consumer::DeliverPolicy::New,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait,
@@ -491,6 +548,9 @@ fn consumer_drift(want: &consumer::pull::Config, have: &consumer::Config) -> Vec
     if want.filter_subject != have.filter_subject {
         fields.push("filter_subject");
     }
+    if want.filter_subjects != have.filter_subjects {
+        fields.push("filter_subjects");
+    }
     if have.deliver_subject.is_some() {
         fields.push("deliver_subject (a push consumer)");
     }
@@ -549,35 +609,52 @@ pub async fn ensure_consumer(
     }
 }
 
-/// Creates or corrects both streams and creates every missing consumer with its defaults.
+/// Creates or corrects both streams, and creates every missing consumer (for the default
+/// environments) and bucket with its defaults.
 pub async fn provision(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<(), ProvisionError> {
+    provision_with(js, settings, &ConsumerSettings::default()).await
+}
+
+/// [`provision`] with the consumers of `consumers` (its environments): a service that knows
+/// `DEPLOY_ENVS` and `PUSH_ENV` creates the consumers those need before it stores an event.
+pub async fn provision_with(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    consumers: &ConsumerSettings,
+) -> Result<(), ProvisionError> {
     ensure_stream(js, events_stream_config(settings)).await?;
     ensure_stream(js, results_stream_config(settings)).await?;
-    for (stream, config) in consumer_configs(&ConsumerSettings::default()) {
+    for (stream, config) in consumer_configs(consumers) {
         ensure_consumer(js, stream, config, false).await?;
     }
+    ensure_deployments_bucket(js, settings).await?;
     Ok(())
 }
 
-/// The three durable consumers, each with the stream it reads.
-fn consumer_configs(settings: &ConsumerSettings) -> [(&'static str, consumer::pull::Config); 3] {
-    [
-        (
-            EVENTS_STREAM,
-            worker_consumer_config(settings.worker_ack_wait, settings.worker_max_deliver),
-        ),
-        (
-            RESULTS_STREAM,
-            reporter_consumer_config(settings.reporter_ack_wait),
-        ),
-        (
-            EVENTS_STREAM,
-            reporter_events_consumer_config(settings.reporter_ack_wait),
-        ),
-    ]
+/// The durable consumers (the worker's, one per environment served apart, and the reporter's
+/// two), each with the stream it reads.
+fn consumer_configs(settings: &ConsumerSettings) -> Vec<(&'static str, consumer::pull::Config)> {
+    let workers = worker_consumer_configs(
+        settings.worker_ack_wait,
+        settings.worker_max_deliver,
+        &settings.environments,
+    );
+    let mut configs: Vec<_> = workers
+        .into_iter()
+        .map(|(_, config)| (EVENTS_STREAM, config))
+        .collect();
+    configs.push((
+        RESULTS_STREAM,
+        reporter_consumer_config(settings.reporter_ack_wait),
+    ));
+    configs.push((
+        EVENTS_STREAM,
+        reporter_events_consumer_config(settings.reporter_ack_wait),
+    ));
+    configs
 }
 
 /// `IAC_STATUSES`: the newest status claimed per (repository, commit, context), kept as long as
@@ -593,15 +670,42 @@ pub fn status_bucket_config(settings: &StreamSettings) -> kv::Config {
     }
 }
 
+/// `IAC_DEPLOYMENTS`: the summary of each deployment by id, kept as long as the streams.
+pub fn deployments_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: DEPLOYMENTS_BUCKET.to_string(),
+        description: "iac-runner: deployment summaries by deployment id".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        max_age: settings.max_age,
+        ..Default::default()
+    }
+}
+
 /// Creates the status bucket, or corrects its drifted limits, like [`ensure_stream`].
 pub async fn ensure_status_bucket(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<kv::Store, ProvisionError> {
+    ensure_bucket(js, status_bucket_config(settings)).await
+}
+
+/// Creates the deployments bucket, or corrects its drifted limits, like [`ensure_stream`].
+pub async fn ensure_deployments_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<kv::Store, ProvisionError> {
+    ensure_bucket(js, deployments_bucket_config(settings)).await
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    want: kv::Config,
+) -> Result<kv::Store, ProvisionError> {
     use jetstream::context::CreateKeyValueErrorKind;
-    let want = status_bucket_config(settings);
-    let what = format!("bucket {STATUS_BUCKET}");
-    match js.get_stream(format!("KV_{STATUS_BUCKET}")).await {
+    let bucket = want.bucket.clone();
+    let what = format!("bucket {bucket}");
+    match js.get_stream(format!("KV_{bucket}")).await {
         Ok(existing) => {
             let have = &existing.cached_info().config;
             let mut drift = Vec::new();
@@ -616,10 +720,19 @@ pub async fn ensure_status_bucket(
             }
             if !drift.is_empty() {
                 let fields = drift.join(", ");
-                let updated = js.create_or_update_key_value(want).await;
-                let timed_out = CreateKeyValueErrorKind::TimedOut;
+                // The bucket's stream, updated as a stream: a refused update then ends as a
+                // timed-out request, which `correct_drift` recognizes (the key-value call
+                // reports it as any JetStream error).
+                let corrected = stream::Config {
+                    max_age: want.max_age,
+                    num_replicas: want.num_replicas,
+                    max_messages_per_subject: want.history,
+                    ..have.clone()
+                };
+                let updated = js.update_stream(&corrected).await;
+                let timed_out = jetstream::context::UpdateStreamErrorKind::TimedOut;
                 if correct_drift(updated, timed_out, &what, &fields)?.is_some() {
-                    tracing::warn!(bucket = STATUS_BUCKET, %fields, "corrected bucket configuration drift");
+                    tracing::warn!(%bucket, %fields, "corrected bucket configuration drift");
                 }
             }
         }
@@ -637,11 +750,11 @@ pub async fn ensure_status_bucket(
                     js_err(&what, e)
                 }
             })?;
-            tracing::info!(bucket = STATUS_BUCKET, "created bucket");
+            tracing::info!(%bucket, "created bucket");
         }
         Err(e) => return Err(js_err(&what, e)),
     }
-    js.get_key_value(STATUS_BUCKET)
+    js.get_key_value(&bucket)
         .await
         .map_err(|e| js_err(&what, e))
 }
@@ -695,6 +808,8 @@ pub struct ConsumerSettings {
     pub worker_ack_wait: Duration,
     pub worker_max_deliver: i64,
     pub reporter_ack_wait: Duration,
+    /// Which worker consumers there are and what each filters.
+    pub environments: Environments,
 }
 
 impl Default for ConsumerSettings {
@@ -703,12 +818,13 @@ impl Default for ConsumerSettings {
             worker_ack_wait: WORKER_DEFAULT_ACK_WAIT,
             worker_max_deliver: WORKER_DEFAULT_ATTEMPTS + 1,
             reporter_ack_wait: REPORTER_DEFAULT_ACK_WAIT,
+            environments: Environments::default(),
         }
     }
 }
 
-/// Everything the services rely on, created or corrected: the streams, the three consumers,
-/// the status bucket and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
+/// Everything the services rely on, created or corrected: both streams, the consumers, both
+/// buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
 /// user), so unlike [`provision`] it corrects every consumer.
 pub async fn provision_all(
     js: &jetstream::Context,
@@ -722,6 +838,7 @@ pub async fn provision_all(
     }
     ensure_status_bucket(js, streams).await?;
     ensure_stream(js, undelivered_stream_config(streams)).await?;
+    ensure_deployments_bucket(js, streams).await?;
     Ok(())
 }
 
@@ -732,10 +849,20 @@ pub async fn provision_until_ready(
     settings: &StreamSettings,
     shutdown: &Shutdown,
 ) -> Result<(), ProvisionError> {
+    provision_until_ready_with(js, settings, &ConsumerSettings::default(), shutdown).await
+}
+
+/// [`provision_with`], retried like [`provision_until_ready`].
+pub async fn provision_until_ready_with(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    consumers: &ConsumerSettings,
+    shutdown: &Shutdown,
+) -> Result<(), ProvisionError> {
     crate::runtime::retry_until_shutdown(
         shutdown,
         Duration::from_millis(200),
-        || provision(js, settings),
+        || provision_with(js, settings, consumers),
         |e, delay| {
             if matches!(e, ProvisionError::Drift { .. }) {
                 return false;

@@ -1,6 +1,6 @@
 //! `iac-worker provision`: the operator creates, or brings back to the expected configuration,
-//! everything the services rely on (both streams, the three durable consumers, the status
-//! bucket and the reporter's dead-letter stream), as the NATS admin user, before the services start. The services' own NATS users may
+//! everything the services rely on (both streams, the durable consumers, both buckets and the
+//! reporter's dead-letter stream), as the NATS admin user, before the services start. The services' own NATS users may
 //! only check that it is there (see `deploy/nats/permissions.conf`).
 
 use std::time::Duration;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use clap::Args;
 
+use crate::deploy::EnvironmentArgs;
 use crate::nats::{
     ConnectError, ConsumerSettings, NatsArgs, ProvisionError, REPORTER_DEFAULT_ACK_WAIT,
     WorkerConsumerArgs, provision_all,
@@ -23,6 +24,9 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 pub struct ProvisionCommand {
     #[command(flatten)]
     pub worker: WorkerConsumerArgs,
+
+    #[command(flatten)]
+    pub environments: EnvironmentArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,7 @@ impl ProvisionCommand {
             worker_ack_wait: self.worker.ack_wait,
             worker_max_deliver: self.worker.max_deliver(),
             reporter_ack_wait: REPORTER_DEFAULT_ACK_WAIT,
+            environments: self.environments.environments(),
         }
     }
 
@@ -71,11 +76,20 @@ impl ProvisionCommand {
         tokio::time::timeout(READY_WITHIN, attempts)
             .await
             .map_err(|_| ProvisionCommandError::NotReady(READY_WITHIN))??;
+        let mut workers = vec![crate::names::WORKER_CONSUMER.to_string()];
+        workers.extend(
+            consumers
+                .environments
+                .separate()
+                .map(crate::nats::worker_env_consumer),
+        );
         println!(
             "provisioned: streams IAC_EVENTS, IAC_RESULTS and IAC_UNDELIVERED ({} replicas, kept \
-             {}), consumers iac-worker, iac-reporter and iac-reporter-events, bucket IAC_STATUSES",
+             {}), consumers {}, iac-reporter and iac-reporter-events, buckets IAC_STATUSES and \
+             IAC_DEPLOYMENTS",
             nats.streams.replicas,
             humantime::format_duration(nats.streams.max_age),
+            workers.join(", "),
         );
         Ok(())
     }

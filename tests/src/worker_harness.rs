@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
+use iac_shared::deploy::{
+    DeployRequest, DeploymentSummary, deploy_subject, deployment_id, normalize_services,
+};
 use iac_shared::events::{PushEvent, SyncFinished, SyncStarted};
 use iac_shared::names::*;
 use iac_shared::nats::{StreamSettings, provision};
@@ -153,6 +156,59 @@ impl WorkerHarness {
             .await
             .unwrap()
             .sequence
+    }
+
+    /// A deployment of `commit` to `env` as the gateway stores it (services as given, `None`
+    /// for every service); returns its stream sequence and deployment id.
+    pub async fn deploy(
+        &self,
+        env: &str,
+        commit: &str,
+        services: Option<&[&str]>,
+    ) -> (u64, String) {
+        let services: Option<Vec<String>> =
+            services.map(|s| s.iter().map(|s| s.to_string()).collect());
+        let services = normalize_services(services.as_deref());
+        let id = deployment_id(env, commit, &services);
+        let request = DeployRequest {
+            deployment_id: id.clone(),
+            env: env.to_string(),
+            commit: commit.to_string(),
+            services,
+            triggered_by: Some("ci".into()),
+            force: false,
+        };
+        let event_id = format!("deploy-{id}-{}", free_port());
+        let message = PublishMessage::build()
+            .payload(serde_json::to_vec(&request).unwrap().into())
+            .message_id(&event_id)
+            .header(EVENT_ID_HEADER, event_id.as_str());
+        let seq = self
+            .js
+            .send_publish(deploy_subject(env), message)
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence;
+        (seq, id)
+    }
+
+    /// The summary of deployment `id` in `IAC_DEPLOYMENTS`, if there is one.
+    pub async fn summary(&self, id: &str) -> Option<DeploymentSummary> {
+        let bucket = self.js.get_key_value(DEPLOYMENTS_BUCKET).await.ok()?;
+        let value = bucket.get(id).await.ok()??;
+        Some(serde_json::from_slice(&value).expect("a summary in the contract"))
+    }
+
+    /// Waits until the summary of deployment `id` is final (`completed` or `failed`).
+    pub async fn final_summary(&self, id: &str) -> DeploymentSummary {
+        self.wait_for(&format!("the final summary of {id}"), WAIT, || async {
+            self.summary(id)
+                .await
+                .filter(|s| s.status != iac_shared::deploy::DeploymentStatus::InProgress)
+        })
+        .await
     }
 
     /// An event replayed by an operator: a copy of `body` naming the original's sequence.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use iac_reporter::undelivered::{Selection, read};
+use iac_shared::deploy::{Environments, deploy_subject};
 use iac_shared::names::*;
 use iac_shared::nats::{
     ConsumerSettings, ProvisionError, StreamSettings, events_stream_config, provision,
@@ -160,7 +161,11 @@ async fn forbidden_acts_allowed(server: &NatsServer, user: &str) -> Vec<String> 
             .await
             .is_err(),
     );
-    let mut parallel = iac_shared::nats::worker_consumer_config(Duration::from_secs(30), 4);
+    let mut parallel = iac_shared::nats::worker_consumer_config(
+        Duration::from_secs(30),
+        4,
+        &Environments::default(),
+    );
     parallel.max_ack_pending = 50;
     check(
         "update a consumer",
@@ -250,8 +255,9 @@ async fn every_forbidden_act_is_refused_for_every_service_user() {
         1 + SERVICE_USERS.len() as u64,
         "IAC_EVENTS was purged"
     );
+    // iac-worker, iac-worker-staging and iac-reporter-events.
     assert_eq!(
-        info.state.consumer_count, 2,
+        info.state.consumer_count, 3,
         "a consumer was added or removed"
     );
     let worker = events.consumer_info(WORKER_CONSUMER).await.unwrap();
@@ -344,6 +350,81 @@ async fn each_service_user_pulls_only_from_its_own_consumers() {
     assert!(take_one(&worker, EVENTS_STREAM, WORKER_CONSUMER).await);
     assert!(take_one(&reporter, EVENTS_STREAM, REPORTER_EVENTS_CONSUMER).await);
     assert!(take_one(&reporter, RESULTS_STREAM, REPORTER_CONSUMER).await);
+}
+
+/// Whether this connection can take a message from the durable `name` on `stream` and have
+/// its acknowledgement confirmed.
+async fn take_and_ack(js: &jetstream::Context, stream: &str, name: &str) -> bool {
+    let Ok(stream) = js.get_stream(stream).await else {
+        return false;
+    };
+    let Ok(consumer) = stream.get_consumer::<consumer::pull::Config>(name).await else {
+        return false;
+    };
+    let Ok(mut messages) = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+    else {
+        return false;
+    };
+    match messages.next().await {
+        Some(Ok(message)) => message.double_ack().await.is_ok(),
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn the_worker_takes_and_acknowledges_each_environments_deployments_and_nobody_else_does() {
+    let server = provisioned_server().await;
+    let admin = connect_as(&server, "admin").await;
+    let staging = iac_shared::nats::worker_env_consumer("staging");
+    for _ in 0..3 {
+        admin
+            .publish(deploy_subject("staging"), "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for user in ["gateway", "reporter"] {
+        let js = connect_as(&server, user).await;
+        assert!(
+            !take_one(&js, EVENTS_STREAM, &staging).await,
+            "{user} took a deployment"
+        );
+    }
+    let worker = connect_as(&server, "worker").await;
+    assert!(take_and_ack(&worker, EVENTS_STREAM, &staging).await);
+    assert!(take_and_ack(&worker, EVENTS_STREAM, &staging).await);
+    let events = admin.get_stream(EVENTS_STREAM).await.unwrap();
+    let info = events.consumer_info(&staging).await.unwrap();
+    assert_eq!(info.ack_floor.consumer_sequence, 2, "{info:#?}");
+}
+
+#[tokio::test]
+async fn only_the_worker_writes_deployment_summaries_and_it_cannot_reconfigure_their_bucket() {
+    let server = provisioned_server().await;
+    let worker = connect_as(&server, "worker").await;
+    let bucket = worker.get_key_value(DEPLOYMENTS_BUCKET).await.unwrap();
+    bucket
+        .put("0123456789abcdef", r#"{"status":"completed"}"#.into())
+        .await
+        .unwrap();
+    let read = bucket.entry("0123456789abcdef").await.unwrap();
+    assert!(read.is_some(), "the worker cannot read its summary back");
+    let mut shrunk = iac_shared::nats::deployments_bucket_config(&StreamSettings::default());
+    shrunk.max_age = Duration::from_secs(60);
+    assert!(worker.create_or_update_key_value(shrunk).await.is_err());
+    assert!(worker.delete_key_value(DEPLOYMENTS_BUCKET).await.is_err());
+    let reporter = connect_as(&server, "reporter").await;
+    let written = match reporter.get_key_value(DEPLOYMENTS_BUCKET).await {
+        Ok(bucket) => bucket.put("0123456789abcdef", "{}".into()).await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!written, "the reporter wrote a deployment summary");
 }
 
 #[tokio::test]

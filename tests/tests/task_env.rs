@@ -80,6 +80,10 @@ async fn a_task_gets_the_base_the_passed_names_and_the_env_file_and_never_the_wo
         "IAC_TASK",
         "IAC_COMMIT",
         "IAC_FORCE",
+        // Pushes deploy to PUSH_ENV (production by default).
+        "DEPLOY_ENV",
+        "ENV_SUFFIX",
+        "ENV_DOMAIN_SUFFIX",
     ]
     .into();
     let unexpected: Vec<&String> = names

@@ -429,43 +429,6 @@ async fn an_unknown_commit_is_reported_as_an_error_and_the_next_event_still_runs
 }
 
 #[tokio::test]
-async fn a_sync_at_a_tag_object_or_at_a_commit_off_the_branch_reports_the_commit_it_ran() {
-    let h = Harness::new().await;
-    let worker = h.start(&h.workspace("ws"), &[]);
-    let work = h.fixture.work_tree().to_path_buf();
-    let git = |args: &[&str]| iac_tests::fixture::git(&work, args).trim().to_string();
-    let tagged = h.fixture.head();
-    git(&["tag", "-a", "-m", "release 1", "v1", &tagged]);
-    git(&["push", "-q", "origin", "v1"]);
-    let tag_object = git(&["rev-parse", "v1"]);
-    assert_ne!(tag_object, tagged);
-    // A commit only on another branch: the worker fetches `main`, so it must ask for it by id.
-    git(&["checkout", "-q", "-b", "side"]);
-    std::fs::write(work.join("side.txt"), "side\n").unwrap();
-    git(&["add", "-A"]);
-    git(&["commit", "-q", "-m", "side"]);
-    git(&["push", "-q", "origin", "side"]);
-    let side = git(&["rev-parse", "HEAD"]);
-
-    for (git_ref, commit) in [(&tag_object, &tagged), (&side, &side)] {
-        let body = format!(r#"{{"services":["platform/postgres"],"ref":"{git_ref}"}}"#);
-        let seq = h.publish_bare(SYNC_SUBJECT, &body).await;
-        let finished = h.finished_for(seq).await;
-        assert_eq!(finished.state, FinishedState::Success, "{finished:#?}");
-        assert_eq!(
-            finished.commit.as_deref(),
-            Some(commit.as_str()),
-            "{git_ref}"
-        );
-        assert_eq!(h.started_for(seq).await.commit, *commit);
-    }
-    let runs = task_runs(&h.fixture);
-    let ran_at: Vec<&str> = runs.iter().map(|r| r.commit.as_str()).collect();
-    assert_eq!(ran_at, [tagged.as_str(), side.as_str()]);
-    worker.stop().await;
-}
-
-#[tokio::test]
 async fn a_malformed_request_is_reported_as_an_error_and_the_next_message_flows() {
     let h = Harness::new().await;
     let worker = h.start(&h.workspace("ws"), &[]);

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
+use iac_shared::deploy::EnvironmentArgs;
 use iac_shared::events::parse_branch;
 use iac_shared::nats::{NatsArgs, WorkerConsumerArgs, parse_duration, parse_positive_duration};
 use iac_shared::telemetry::LogArgs;
@@ -87,6 +88,20 @@ pub struct Config {
     #[command(flatten)]
     pub consumer: WorkerConsumerArgs,
 
+    #[command(flatten)]
+    pub environments: EnvironmentArgs,
+
+    /// Tags whose commits may be deployed besides those on `GIT_BRANCH`: a git glob over the
+    /// tag's name (`v*` matches `v1.2.0`).
+    #[arg(
+        long = "deploy-tag-pattern",
+        env = "DEPLOY_TAG_PATTERN",
+        value_name = "DEPLOY_TAG_PATTERN",
+        default_value = "v*",
+        value_parser = parse_tag_pattern
+    )]
+    pub deploy_tag_pattern: String,
+
     /// On SIGTERM, how long a running sync may go on before it is killed and handed back.
     #[arg(
         long = "shutdown-grace",
@@ -126,6 +141,19 @@ pub struct Config {
         value_parser = parse_pass_name
     )]
     pub task_env_pass: Vec<String>,
+}
+
+/// A glob over tag names: what a tag name may hold, plus the glob characters `*`, `?`, `[`, `]`.
+fn parse_tag_pattern(s: &str) -> Result<String, String> {
+    let pattern = s.trim();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "*?[]!-_./+@".contains(c);
+    if pattern.is_empty() || pattern.starts_with(['-', '/']) || !pattern.chars().all(allowed) {
+        return Err(format!(
+            "{pattern:?} is not a tag pattern: expected a glob such as v* (letters, digits, \
+             - _ . / + @ and the glob characters * ? [ ] !)"
+        ));
+    }
+    Ok(pattern.to_string())
 }
 
 // Never fails: clap would quote the raw value, credentials included, in its error. The URL is
@@ -236,6 +264,46 @@ mod tests {
         assert_eq!(config.shutdown_grace, Duration::from_secs(25));
         assert!(config.task_env_file.is_none() && config.task_env_pass.is_empty());
         assert!(config.nats.token.is_none());
+        assert_eq!(config.deploy_tag_pattern, "v*");
+        assert_eq!(
+            config.environments.environments().deploy,
+            ["staging", "production"]
+        );
+        // The one exception: an empty PUSH_ENV means "no push environment".
+        assert_eq!(config.environments.environments().push, None);
+    }
+
+    #[test]
+    fn environments_default_to_staging_and_production_with_pushes_to_production() {
+        let config =
+            Config::from_args(["iac-worker", "--git-repo-url", "https://x/acme/infra.git"])
+                .unwrap();
+        let envs = config.environments.environments();
+        assert_eq!(envs.push.as_deref(), Some("production"));
+        assert_eq!(envs.separate().collect::<Vec<_>>(), ["staging"]);
+        let parse = |flag: &str, value: &str| {
+            Config::try_parse_from([
+                "iac-worker",
+                "--git-repo-url",
+                "https://x/acme/infra.git",
+                flag,
+                value,
+            ])
+        };
+        let err = parse("--deploy-envs", "staging,Prod")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DEPLOY_ENVS"), "{err}");
+        let err = parse("--deploy-tag-pattern", "v* --all")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DEPLOY_TAG_PATTERN"), "{err}");
+        assert_eq!(
+            parse("--deploy-tag-pattern", "release-*")
+                .unwrap()
+                .deploy_tag_pattern,
+            "release-*"
+        );
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The worker's decisions, as pure functions over plain types: which event a message is,
 //! which commit to check out, which services to run, and what the results say.
 
+use iac_shared::deploy::{
+    DeployRequest, DeploymentResult, DeploymentStatus, DeploymentSummary, ServiceSummary,
+    env_of_subject, is_deployment_id, is_exact_commit,
+};
 use iac_shared::events::{
     FinishedState, PushEvent, RequestError, ServiceResult, SyncFinished, SyncOutcome, SyncRequest,
     SyncStarted, Totals, Trigger, is_null_commit, now_rfc3339,
@@ -65,6 +69,7 @@ impl Delivery {
 pub enum Event {
     Push(PushEvent),
     Sync(SyncRequest),
+    Deploy(DeployRequest),
 }
 
 /// Why a message is not an event the worker can act on (never retried).
@@ -76,6 +81,8 @@ pub enum EventError {
     BadPush(String),
     #[error("Invalid sync request: {0}")]
     BadRequest(#[from] RequestError),
+    #[error("Invalid deployment: {0}")]
+    BadDeploy(String),
 }
 
 /// Parses a message by its subject.
@@ -85,9 +92,85 @@ pub fn parse_event(subject: &str, payload: &[u8]) -> Result<Event, EventError> {
             .map(Event::Push)
             .map_err(|e| EventError::BadPush(e.to_string())),
         SYNC_SUBJECT => Ok(Event::Sync(SyncRequest::parse(payload)?)),
+        other if env_of_subject(other).is_some() => {
+            parse_deploy(env_of_subject(other).unwrap_or_default(), payload).map(Event::Deploy)
+        }
         other => Err(EventError::UnknownSubject(
             iac_shared::events::truncate_chars(other, 200),
         )),
+    }
+}
+
+/// A deployment stored on the subject of `env`: well formed, for that environment, an exact
+/// commit.
+fn parse_deploy(env: &str, payload: &[u8]) -> Result<DeployRequest, EventError> {
+    let bad = |reason: String| EventError::BadDeploy(reason);
+    let request: DeployRequest = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+    if request.env != env {
+        return Err(bad(format!(
+            "env {:?} stored on the subject of {env:?}",
+            iac_shared::events::truncate_chars(&request.env, 40)
+        )));
+    }
+    if !is_exact_commit(&request.commit) {
+        return Err(bad(format!(
+            "ref {:?} is not an exact commit (40 lowercase hex digits)",
+            iac_shared::events::truncate_chars(&request.commit, 60)
+        )));
+    }
+    if !is_deployment_id(&request.deployment_id) {
+        return Err(bad("deployment_id is not 16 lowercase hex digits".into()));
+    }
+    if request.services.is_empty() {
+        return Err(bad("no services named".into()));
+    }
+    Ok(request)
+}
+
+/// The deployment a refused message on a deploy subject was, when it still names one of that
+/// environment (a deployment with a bad commit): its summary must end `failed`. A request for
+/// another environment names no summary this consumer may touch.
+pub fn refused_deployment(subject: &str, payload: &[u8]) -> Option<DeployRequest> {
+    let env = env_of_subject(subject)?;
+    serde_json::from_slice::<DeployRequest>(payload)
+        .ok()
+        .filter(|request| request.env == env && is_deployment_id(&request.deployment_id))
+}
+
+/// The final summary of `request` once `finished` is stored: `completed` when it succeeded,
+/// else `failed`; the result without any task output. What the accepting gateway wrote
+/// (`accepted_at`, `triggered_by`, the requested services) is kept from `previous`.
+pub fn final_summary(
+    request: &DeployRequest,
+    finished: &SyncFinished,
+    previous: Option<&DeploymentSummary>,
+) -> DeploymentSummary {
+    let success = finished.state == FinishedState::Success;
+    let now = now_rfc3339();
+    DeploymentSummary {
+        status: if success {
+            DeploymentStatus::Completed
+        } else {
+            DeploymentStatus::Failed
+        },
+        deployment_id: request.deployment_id.clone(),
+        env: request.env.clone(),
+        commit: request.commit.clone(),
+        triggered_by: previous
+            .and_then(|p| p.triggered_by.clone())
+            .or_else(|| request.triggered_by.clone()),
+        requested_services: previous
+            .map(|p| p.requested_services.clone())
+            .unwrap_or_else(|| request.services.clone()),
+        accepted_at: previous.map_or_else(|| now.clone(), |p| p.accepted_at.clone()),
+        updated_at: now,
+        result: Some(DeploymentResult {
+            success,
+            commit: finished.commit.clone(),
+            services: finished.services.iter().map(ServiceSummary::from).collect(),
+            error: finished.error.clone(),
+            duration_ms: finished.duration_ms,
+        }),
     }
 }
 
@@ -96,9 +179,10 @@ pub fn parse_event(subject: &str, payload: &[u8]) -> Result<Event, EventError> {
 pub enum Target {
     /// The deployed branch's head at the time the sync runs.
     BranchHead,
-    /// A full commit id.
+    /// A full commit id a push named, fetched by id when the branch no longer holds it.
     Commit(String),
-    /// A branch, tag or abbreviated commit named by a manual request.
+    /// What a manual request or a deployment names (the branch, a tag, a commit id): run only
+    /// when its commit is on the branch or on a tag matching `DEPLOY_TAG_PATTERN`.
     Ref(String),
 }
 
@@ -106,6 +190,8 @@ pub enum Target {
 pub fn trigger_of(subject: &str) -> Trigger {
     if subject == PUSH_SUBJECT {
         Trigger::Push
+    } else if env_of_subject(subject).is_some() {
+        Trigger::Deploy
     } else {
         Trigger::Sync
     }
@@ -116,6 +202,7 @@ impl Event {
         match self {
             Event::Push(_) => Trigger::Push,
             Event::Sync(_) => Trigger::Sync,
+            Event::Deploy(_) => Trigger::Deploy,
         }
     }
 
@@ -130,11 +217,12 @@ impl Event {
             },
             Event::Sync(request) => match request.git_ref.as_deref() {
                 Some(r) if r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                    Target::Commit(r.to_ascii_lowercase())
+                    Target::Ref(r.to_ascii_lowercase())
                 }
                 Some(r) => Target::Ref(r.to_string()),
                 None => Target::BranchHead,
             },
+            Event::Deploy(request) => Target::Ref(request.commit.clone()),
         }
     }
 
@@ -150,7 +238,19 @@ impl Event {
     }
 
     pub fn force(&self) -> bool {
-        matches!(self, Event::Sync(request) if request.force)
+        match self {
+            Event::Sync(request) => request.force,
+            Event::Deploy(request) => request.force,
+            Event::Push(_) => false,
+        }
+    }
+
+    /// The deployment this event is, if it is one.
+    pub fn deployment(&self) -> Option<&DeployRequest> {
+        match self {
+            Event::Deploy(request) => Some(request),
+            _ => None,
+        }
     }
 }
 
@@ -200,6 +300,45 @@ pub fn requested_services(
     (found, unknown)
 }
 
+/// The services a deployment runs, in key order, and the names it gave that match no service.
+///
+/// A name is a `layer/name` key, or the original runner's short name (`redis`) when exactly one
+/// service has it; a short name several services share is reported unknown, as is a name no
+/// service has.
+pub fn deploy_services(
+    request: &DeployRequest,
+    discovered: &[Service],
+) -> (Vec<Service>, Vec<String>) {
+    if request.all() {
+        return (discovered.to_vec(), Vec::new());
+    }
+    let mut found: Vec<Service> = Vec::new();
+    let mut unknown = Vec::new();
+    for name in &request.services {
+        let by_key = discovered.iter().find(|s| s.key == *name);
+        let mut by_short = discovered.iter().filter(|s| short_name(&s.key) == name);
+        let service = by_key.or_else(|| match (by_short.next(), by_short.next()) {
+            (Some(only), None) => Some(only),
+            _ => None,
+        });
+        match service {
+            Some(service) if !found.iter().any(|s| s.key == service.key) => {
+                found.push(service.clone())
+            }
+            Some(_) => {}
+            None => unknown.push(name.clone()),
+        }
+    }
+    found.sort_by(|a, b| a.key.cmp(&b.key));
+    (found, unknown)
+}
+
+/// The original runner's name of a service: its key without the layer (`platform/redis` →
+/// `redis`).
+fn short_name(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(_, name)| name)
+}
+
 /// The result a task end reports.
 pub fn service_result(service: &Service, end: TaskEnd, duration: Duration) -> ServiceResult {
     let (outcome, exit_code, output_tail) = match end {
@@ -243,12 +382,21 @@ pub struct ResultHeader {
     pub replay_of: Option<u64>,
     /// The commit a push's queued status is on: where an error before checkout is shown.
     pub status_commit: Option<String>,
+    /// The environment the event deploys to (`None`: a push or sync with `PUSH_ENV=`).
+    pub env: Option<String>,
+    pub deployment_id: Option<String>,
 }
 
 impl ResultHeader {
     /// The header of results about `event` (`None` when it cannot be parsed); `configured` is
-    /// the repository derived from `GIT_REPO_URL`.
-    pub fn new(delivery: &Delivery, event: Option<&Event>, configured: Option<&str>) -> Self {
+    /// the repository derived from `GIT_REPO_URL`, `env` the environment the consumer that
+    /// delivered it serves.
+    pub fn new(
+        delivery: &Delivery,
+        event: Option<&Event>,
+        configured: Option<&str>,
+        env: Option<&str>,
+    ) -> Self {
         ResultHeader {
             event_id: delivery.event_id.clone(),
             event_seq: delivery.seq,
@@ -260,8 +408,14 @@ impl ResultHeader {
             replay_of: delivery.replay_of,
             status_commit: match event {
                 Some(Event::Push(push)) => push.status_commit().map(str::to_string),
+                // A refused deployment's error is shown on the commit it named.
+                Some(Event::Deploy(request)) => Some(request.commit.clone()),
                 _ => None,
             },
+            env: env.map(str::to_string),
+            deployment_id: event
+                .and_then(Event::deployment)
+                .map(|d| d.deployment_id.clone()),
         }
     }
 
@@ -277,8 +431,8 @@ impl ResultHeader {
             services: keys,
             replay_of: self.replay_of,
             started_at: now_rfc3339(),
-            env: None,
-            deployment_id: None,
+            env: self.env.clone(),
+            deployment_id: self.deployment_id.clone(),
         }
     }
 
@@ -357,8 +511,8 @@ impl ResultHeader {
             duration_ms,
             replay_of: self.replay_of,
             finished_at: now_rfc3339(),
-            env: None,
-            deployment_id: None,
+            env: self.env.clone(),
+            deployment_id: self.deployment_id.clone(),
         }
     }
 }
@@ -635,12 +789,111 @@ mod tests {
         let sha = "ABCDEF0123456789abcdef0123456789abcdef01";
         assert_eq!(
             request(Some(sha)).target(),
-            Target::Commit(sha.to_ascii_lowercase())
+            Target::Ref(sha.to_ascii_lowercase())
         );
         assert_eq!(
             request(None).repository(Some("acme/infra")).as_deref(),
             Some("acme/infra")
         );
+    }
+
+    fn deploy(services: &[&str]) -> DeployRequest {
+        DeployRequest {
+            deployment_id: "0123456789abcdef".into(),
+            env: "staging".into(),
+            commit: "c".repeat(40),
+            services: services.iter().map(|s| s.to_string()).collect(),
+            triggered_by: None,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn a_deployment_is_parsed_from_its_environments_subject_and_checks_out_its_commit() {
+        let body = serde_json::to_vec(&deploy(&["__all__"])).unwrap();
+        let event = parse_event("iac.events.deploy.staging", &body).unwrap();
+        assert_eq!(event.trigger(), Trigger::Deploy);
+        assert_eq!(event.target(), Target::Ref("c".repeat(40)));
+        let err = parse_event("iac.events.deploy.production", &body).unwrap_err();
+        assert!(err.to_string().contains("staging"), "{err}");
+        assert_eq!(
+            refused_deployment("iac.events.deploy.production", &body),
+            None
+        );
+        let mut short = deploy(&["redis"]);
+        short.commit = "main".into();
+        let body = serde_json::to_vec(&short).unwrap();
+        let err = parse_event("iac.events.deploy.staging", &body).unwrap_err();
+        assert!(err.to_string().contains("exact commit"), "{err}");
+        assert_eq!(
+            refused_deployment("iac.events.deploy.staging", &body),
+            Some(short),
+            "a refused deployment still gets its failed summary"
+        );
+        assert_eq!(trigger_of("iac.events.deploy.staging"), Trigger::Deploy);
+    }
+
+    #[test]
+    fn a_final_summary_keeps_what_the_gateway_accepted_and_drops_the_output() {
+        let request = deploy(&["redis"]);
+        let delivery = Delivery::new("iac.events.deploy.staging", 3, 1, |_| None);
+        let event = Event::Deploy(request.clone());
+        let header = ResultHeader::new(&delivery, Some(&event), None, Some("staging"));
+        let mut failed = service_result(
+            &discovered()[0],
+            TaskEnd::Exited {
+                code: Some(2),
+                tail: vec!["secret output".into()],
+            },
+            Duration::from_millis(5),
+        );
+        failed.service = "platform/redis".into();
+        let finished = header.finished(&request.commit, vec![failed], 7);
+        assert_eq!(finished.env.as_deref(), Some("staging"));
+        assert_eq!(finished.deployment_id.as_deref(), Some("0123456789abcdef"));
+        let accepted = DeploymentSummary {
+            status: DeploymentStatus::InProgress,
+            triggered_by: Some("ci".into()),
+            accepted_at: "2026-01-01T00:00:00Z".into(),
+            result: None,
+            ..final_summary(&request, &finished, None)
+        };
+        let summary = final_summary(&request, &finished, Some(&accepted));
+        assert_eq!(summary.status, DeploymentStatus::Failed);
+        assert_eq!(summary.accepted_at, "2026-01-01T00:00:00Z");
+        assert_eq!(summary.triggered_by.as_deref(), Some("ci"));
+        let json = serde_json::to_string(&summary).unwrap();
+        assert!(!json.contains("secret output"), "{json}");
+        let ok = header.finished(&request.commit, Vec::new(), 1);
+        assert_eq!(
+            final_summary(&request, &ok, None).status,
+            DeploymentStatus::Completed
+        );
+    }
+
+    #[test]
+    fn a_deployment_names_services_by_key_or_by_a_unique_short_name() {
+        let (found, unknown) = deploy_services(
+            &deploy(&["redis", "platform/postgres", "app"]),
+            &discovered(),
+        );
+        assert_eq!(
+            keys(&found),
+            ["finance_report/app", "platform/postgres", "platform/redis"]
+        );
+        assert!(unknown.is_empty());
+        let (found, unknown) = deploy_services(&deploy(&["mongo", "redis"]), &discovered());
+        assert_eq!(keys(&found), ["platform/redis"]);
+        assert_eq!(unknown, ["mongo"]);
+        let mut twice = discovered();
+        let mut other = twice[0].clone();
+        other.key = "other/redis".into();
+        twice.push(other);
+        let (found, unknown) = deploy_services(&deploy(&["redis"]), &twice);
+        assert!(found.is_empty(), "an ambiguous short name ran {found:?}");
+        assert_eq!(unknown, ["redis"]);
+        let (all, _) = deploy_services(&deploy(&["__all__"]), &discovered());
+        assert_eq!(all, discovered());
     }
 
     #[test]
@@ -736,7 +989,7 @@ mod tests {
         let delivery = Delivery::new(PUSH_SUBJECT, 4, 2, |_| None);
         let mut event = push(&[], false);
         event.after = Some("b".repeat(40));
-        let header = ResultHeader::new(&delivery, Some(&Event::Push(event)), None);
+        let header = ResultHeader::new(&delivery, Some(&Event::Push(event)), None, None);
         assert_eq!(header.repository.as_deref(), Some("acme/infra"));
         let error = header.error(None, "Failed to update git repository: x".into(), 1);
         assert_eq!(
@@ -776,14 +1029,19 @@ mod tests {
 
         // A manual sync names no commit before it runs.
         let manual = Delivery::new(SYNC_SUBJECT, 5, 2, |_| None);
-        let header = ResultHeader::new(&manual, Some(&Event::Sync(SyncRequest::default())), None);
+        let header = ResultHeader::new(
+            &manual,
+            Some(&Event::Sync(SyncRequest::default())),
+            None,
+            None,
+        );
         assert_eq!(header.error(None, "x".into(), 1).commit, None);
     }
 
     #[test]
     fn results_carry_the_event_and_their_state_follows_the_outcomes() {
         let delivery = Delivery::new(SYNC_SUBJECT, 9, 1, |_| None);
-        let header = ResultHeader::new(&delivery, None, Some("acme/infra"));
+        let header = ResultHeader::new(&delivery, None, Some("acme/infra"), None);
         let ok = ServiceResult {
             outcome: SyncOutcome::Synced,
             ..unknown_service("platform/redis")
@@ -850,7 +1108,12 @@ mod tests {
     }
 
     fn result_with_tails(tails: &[Vec<String>]) -> SyncFinished {
-        let header = ResultHeader::new(&Delivery::new(PUSH_SUBJECT, 9, 1, |_| None), None, None);
+        let header = ResultHeader::new(
+            &Delivery::new(PUSH_SUBJECT, 9, 1, |_| None),
+            None,
+            None,
+            None,
+        );
         let services = tails
             .iter()
             .enumerate()

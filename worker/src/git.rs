@@ -32,19 +32,39 @@ pub enum GitError {
     BadRef(String),
     #[error("cannot prepare the checkout directory: {0}")]
     Workspace(String),
+    /// The rule of what may be deployed: its text is the whole error a user sees.
+    #[error(
+        "{what} is not on {branch} nor on a tag matching {pattern}: only commits on the \
+         branch or on such a tag are deployed"
+    )]
+    NotDeployable {
+        what: String,
+        branch: String,
+        pattern: String,
+    },
 }
 
 /// A working copy of the monorepo at `dir`, cloned from `url`.
+///
+/// Only the branch and the tags are ever fetched for a manual sync or a deployment (never
+/// `refs/pull/*` or another ref), and what they name runs only when its commit is on the
+/// branch or on a tag matching `tag_pattern`.
 #[derive(Debug, Clone)]
 pub struct Checkout {
     url: RepoUrl,
     branch: String,
+    tag_pattern: String,
     dir: PathBuf,
 }
 
 impl Checkout {
-    pub fn new(url: RepoUrl, branch: String, dir: PathBuf) -> Self {
-        Checkout { url, branch, dir }
+    pub fn new(url: RepoUrl, branch: String, tag_pattern: String, dir: PathBuf) -> Self {
+        Checkout {
+            url,
+            branch,
+            tag_pattern,
+            dir,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -59,17 +79,25 @@ impl Checkout {
         // the workspace lock, so no other git runs here.
         let _ = tokio::fs::remove_file(self.dir.join(".git/index.lock")).await;
         let branch_ref = format!("+refs/heads/{0}:refs/remotes/origin/{0}", self.branch);
-        self.git(&[
+        let mut fetch = vec![
             "fetch",
             "--quiet",
             "--force",
             "--prune",
             "origin",
             &branch_ref,
-        ])
-        .await?;
+        ];
+        if matches!(target, Target::Ref(_)) {
+            fetch.push("+refs/tags/*:refs/tags/*");
+        }
+        self.git(&fetch).await?;
         let commit = match target {
             Target::Commit(id) if is_full_commit_id(id) => self.check_out_full_id(id).await?,
+            Target::Ref(name) => {
+                let commit = self.resolve_deployable(name).await?;
+                self.check_out(&commit).await?;
+                commit
+            }
             _ => {
                 let commit = self.resolve(target).await?;
                 self.check_out(&commit).await?;
@@ -111,6 +139,74 @@ impl Checkout {
         }
     }
 
+    /// The commit `name` (the branch, a tag, a commit id) names among the fetched branch and
+    /// tags, when it is on the branch or on a tag matching the pattern.
+    async fn resolve_deployable(&self, name: &str) -> Result<String, GitError> {
+        if !is_valid_git_ref(name) {
+            return Err(GitError::BadRef(name.to_string()));
+        }
+        let not_deployable = |what: String| GitError::NotDeployable {
+            what,
+            branch: self.branch.clone(),
+            pattern: self.tag_pattern.clone(),
+        };
+        let remote_branch = format!("refs/remotes/origin/{}", self.branch);
+        let branch_names = [
+            self.branch.clone(),
+            format!("refs/heads/{}", self.branch),
+            format!("origin/{}", self.branch),
+            remote_branch.clone(),
+        ];
+        let tag = format!("refs/tags/{name}");
+        let is_commit_id = name.len() >= 4 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        // Never a local branch: the clone's own `main` stays where it was cloned.
+        let candidate = if branch_names.iter().any(|b| b == name) {
+            remote_branch.clone()
+        } else if name.starts_with("refs/tags/") {
+            name.to_string()
+        } else if self.rev_parse(&tag).await.is_ok() {
+            tag
+        } else if is_commit_id {
+            name.to_string()
+        } else {
+            return Err(not_deployable(format!("ref {name:?}")));
+        };
+        let what = if is_commit_id {
+            format!("commit {name}")
+        } else {
+            format!("ref {name:?}")
+        };
+        let commit = self
+            .rev_parse(&candidate)
+            .await
+            .map_err(|_| not_deployable(what.clone()))?;
+        let on_branch = self
+            .git(&["merge-base", "--is-ancestor", &commit, &remote_branch])
+            .await
+            .is_ok();
+        if on_branch || self.on_matching_tag(&commit).await? {
+            Ok(commit)
+        } else {
+            Err(not_deployable(what))
+        }
+    }
+
+    /// Whether a tag matching the pattern contains `commit`.
+    async fn on_matching_tag(&self, commit: &str) -> Result<bool, GitError> {
+        let tags = format!("refs/tags/{}", self.tag_pattern);
+        let out = self
+            .git(&[
+                "for-each-ref",
+                "--count=1",
+                "--format=%(refname)",
+                "--contains",
+                commit,
+                &tags,
+            ])
+            .await?;
+        Ok(!out.trim().is_empty())
+    }
+
     async fn resolve(&self, target: &Target) -> Result<String, GitError> {
         match target {
             Target::BranchHead => {
@@ -132,16 +228,7 @@ impl Checkout {
                     .await
                     .map_err(|_| GitError::UnknownCommit(commit.clone()))
             }
-            Target::Ref(name) => {
-                if !is_valid_git_ref(name) {
-                    return Err(GitError::BadRef(name.clone()));
-                }
-                match self.git(&["fetch", "--quiet", "origin", name]).await {
-                    Ok(_) => self.rev_parse("FETCH_HEAD").await,
-                    // A short commit id cannot be fetched by name, but may already be here.
-                    Err(e) => self.rev_parse(name).await.map_err(|_| e),
-                }
-            }
+            Target::Ref(name) => self.resolve_deployable(name).await,
         }
     }
 

@@ -1,6 +1,8 @@
-//! The iac-runner worker: takes events from `IAC_EVENTS` one at a time through the durable
-//! consumer `iac-worker`, checks out the exact commit, runs the affected services' tasks and
-//! publishes what happened to `IAC_RESULTS`.
+//! The iac-runner worker: takes events from `IAC_EVENTS` one at a time per environment, through
+//! the durable consumer `iac-worker` (pushes, manual syncs and deployments to `PUSH_ENV`) and one
+//! `iac-worker-<env>` per other environment, each with its own workspace; checks out the exact
+//! commit, runs the affected services' tasks, publishes what happened to `IAC_RESULTS` and
+//! writes each deployment's final summary to `IAC_DEPLOYMENTS`.
 //!
 //! - [`config`]: the settings (`GIT_REPO_URL`, `SYNC_COMMAND`, timeouts, ...).
 //! - [`repo_url`]: `GIT_REPO_URL` and its credentials: parsed once, shown only redacted.
@@ -12,7 +14,7 @@
 //! - [`workspace`]: the workspace lock and the record of the running task.
 //! - [`metrics`]: the Prometheus metrics served on `METRICS_PORT`.
 //!
-//! This file holds start-up and the pull and acknowledge loop.
+//! This file holds start-up and the pull and acknowledge loops, one per consumer.
 
 pub mod config;
 pub mod decide;
@@ -30,12 +32,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
 use futures::StreamExt;
-use iac_shared::names::EVENTS_STREAM;
-use iac_shared::nats::{connect, worker_consumer_config};
+use iac_shared::deploy::Environments;
+use iac_shared::names::{DEPLOYMENTS_BUCKET, EVENTS_STREAM};
+use iac_shared::nats::{
+    ConsumerSettings, ProvisionError, REPORTER_DEFAULT_ACK_WAIT, connect, ensure_consumer,
+    ensure_deployments_bucket, provision_until_ready_with, worker_consumer_configs,
+};
 use iac_shared::rules::Rules;
-use iac_shared::runtime::{Envelope, start_consumers, with_progress};
+use iac_shared::runtime::{Envelope, retry_until_shutdown, with_progress};
 use iac_shared::shutdown::Shutdown;
 use tracing::Instrument;
 
@@ -115,57 +121,51 @@ async fn serve_events(
 ) -> anyhow::Result<()> {
     let client = connect(&config.nats, "iac-worker").await?;
     let js = jetstream::new(client.clone());
-    let wanted = [(
-        EVENTS_STREAM,
-        worker_consumer_config(config.consumer.ack_wait, config.consumer.max_deliver()),
-    )];
-    let Some([consumer]) = start_consumers(&js, &config.nats.streams, wanted, &shutdown).await?
-    else {
+    let Some(consumers) = start_consumers(&js, &config, &shutdown).await? else {
         return Ok(());
     };
-    let workspace = Workspace::new(config.workspace.clone());
-    let ctx = Context {
-        checkout: Checkout::new(
-            config.repo_url.clone(),
-            config.branch.clone(),
-            workspace.checkout(&config.repo_url.repo_name()),
-        ),
-        runner: TaskRunner {
-            command: config.sync_command.clone(),
-            timeout: config.sync_timeout,
-            tail_lines: config.output_tail_lines.into(),
-            pgid_file: workspace.pgid_file(),
-        },
-        task_env: config.task_env(),
-        repository: config.repo_url.owner_and_name(),
-        workspace,
-        rules,
-        js,
-        metrics,
-        shutdown: shutdown.clone(),
-        config,
+    let Some(deployments) = deployments_bucket(&js, &config, &shutdown).await? else {
+        return Ok(());
     };
-    ready.store(true, Ordering::Relaxed);
-    tracing::info!(
-        repository = %ctx.config.repo_url,
-        branch = %ctx.config.branch,
-        workspace = %ctx.workspace.root().display(),
-        "worker ready, waiting for events"
-    );
-    while !shutdown.is_triggered() {
-        // Everything before an event is in hand gives way to shutdown (NATS may be gone).
-        let next = async {
-            refresh_queue_depth(&consumer, &ctx.metrics).await;
-            next_message(&consumer).await
+    let root = Workspace::new(config.workspace.clone());
+    let mut loops = Vec::with_capacity(consumers.len());
+    for (index, (env, consumer)) in consumers.into_iter().enumerate() {
+        // The push environment keeps the workspace as it always was, so an upgrade keeps its
+        // checkout; every other environment gets its own beside it.
+        let workspace = match &env {
+            Some(env) if index > 0 => root.environment(env),
+            _ => root.clone(),
         };
-        let message = tokio::select! {
-            message = next => message,
-            _ = shutdown.wait() => break,
+        let ctx = Context {
+            checkout: Checkout::new(
+                config.repo_url.clone(),
+                config.branch.clone(),
+                config.deploy_tag_pattern.clone(),
+                workspace.checkout(&config.repo_url.repo_name()),
+            ),
+            runner: TaskRunner {
+                command: config.sync_command.clone(),
+                timeout: config.sync_timeout,
+                tail_lines: config.output_tail_lines.into(),
+                pgid_file: workspace.pgid_file(),
+            },
+            task_env: config.task_env(),
+            repository: config.repo_url.owner_and_name(),
+            env,
+            deployments: deployments.clone(),
+            workspace,
+            rules: rules.clone(),
+            js: js.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            config: config.clone(),
         };
-        if let Some(message) = message {
-            handle(&ctx, message).await;
-        }
+        loops.push(consume(ctx, consumer));
     }
+    ready.store(true, Ordering::Relaxed);
+    // Every consumer's loop in this task, side by side: one environment's long sync never
+    // holds another's events.
+    futures::future::join_all(loops).await;
     ready.store(false, Ordering::Relaxed);
     // Acknowledgements are sent in the background: make sure they left before exiting, but
     // do not wait for a NATS server that is gone (unacknowledged work comes back to a worker).
@@ -178,6 +178,94 @@ async fn serve_events(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Provisions what is missing (retrying while NATS starts), then starts every consumer of
+/// [`worker_consumer_configs`], correcting drift; each with the environment it serves.
+/// `Ok(None)` when shutdown came first.
+async fn start_consumers(
+    js: &jetstream::Context,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> Result<Option<Vec<(Option<String>, PullConsumer)>>, ProvisionError> {
+    let envs: Environments = config.environments.environments();
+    let settings = ConsumerSettings {
+        worker_ack_wait: config.consumer.ack_wait,
+        worker_max_deliver: config.consumer.max_deliver(),
+        reporter_ack_wait: REPORTER_DEFAULT_ACK_WAIT,
+        environments: envs.clone(),
+    };
+    if let Err(e) = provision_until_ready_with(js, &config.nats.streams, &settings, shutdown).await
+    {
+        return if shutdown.is_triggered() {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    let wanted = worker_consumer_configs(
+        config.consumer.ack_wait,
+        config.consumer.max_deliver(),
+        &envs,
+    );
+    let mut started = Vec::with_capacity(wanted.len());
+    for (env, want) in wanted {
+        started.push((env, ensure_consumer(js, EVENTS_STREAM, want, true).await?));
+    }
+    Ok(Some(started))
+}
+
+/// The deployments bucket, waited for like the consumers; `None` when shutdown came first.
+async fn deployments_bucket(
+    js: &jetstream::Context,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<kv::Store>> {
+    let bucket = retry_until_shutdown(
+        shutdown,
+        Duration::from_millis(200),
+        || ensure_deployments_bucket(js, &config.nats.streams),
+        |e, delay| {
+            if matches!(e, ProvisionError::Drift { .. }) {
+                return false;
+            }
+            tracing::warn!(error = %e, retry_in = ?delay, "bucket {DEPLOYMENTS_BUCKET} not ready yet");
+            true
+        },
+    )
+    .await;
+    match bucket {
+        Ok(bucket) => Ok(Some(bucket)),
+        Err(_) if shutdown.is_triggered() => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("checking the {DEPLOYMENTS_BUCKET} bucket")),
+    }
+}
+
+/// Takes the events of one consumer one at a time until shutdown.
+async fn consume(ctx: Context, consumer: PullConsumer) {
+    let name = consumer.cached_info().name.clone();
+    tracing::info!(
+        repository = %ctx.config.repo_url,
+        branch = %ctx.config.branch,
+        consumer = %name,
+        env = ctx.env.as_deref().unwrap_or("-"),
+        workspace = %ctx.workspace.root().display(),
+        "worker ready, waiting for events"
+    );
+    while !ctx.shutdown.is_triggered() {
+        // Everything before an event is in hand gives way to shutdown (NATS may be gone).
+        let next = async {
+            refresh_queue_depth(&consumer, &name, &ctx.metrics).await;
+            next_message(&consumer).await
+        };
+        let message = tokio::select! {
+            message = next => message,
+            _ = ctx.shutdown.wait() => break,
+        };
+        if let Some(message) = message {
+            handle(&ctx, message).await;
+        }
+    }
 }
 
 /// Pulls at most one event, waiting up to [`PULL_EXPIRY`].
@@ -207,9 +295,9 @@ async fn next_message(consumer: &PullConsumer) -> Option<jetstream::Message> {
     }
 }
 
-async fn refresh_queue_depth(consumer: &PullConsumer, metrics: &Metrics) {
+async fn refresh_queue_depth(consumer: &PullConsumer, name: &str, metrics: &Metrics) {
     if let Ok(info) = consumer.get_info().await {
-        metrics.set_queue_depth(info.num_pending);
+        metrics.set_queue_depth(name, info.num_pending);
     }
 }
 
@@ -225,6 +313,7 @@ async fn handle(ctx: &Context, message: jetstream::Message) {
     let span = tracing::info_span!(
         "event",
         event_id = %delivery.event_id,
+        env = ctx.env.as_deref().unwrap_or("-"),
         seq = delivery.seq,
         subject = %delivery.subject,
         delivered = delivery.delivered

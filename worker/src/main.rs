@@ -1,6 +1,6 @@
 //! `iac-worker`: parses the configuration, sets up logging and runs the worker until SIGTERM;
 //! `iac-worker replay …` publishes stored events again, `iac-worker status` shows the last syncs,
-//! `iac-worker provision` creates the streams, consumers and bucket (as the NATS admin user).
+//! `iac-worker provision` creates the streams, consumers and buckets (as the NATS admin user).
 
 use std::process::ExitCode;
 
@@ -21,7 +21,7 @@ enum Operation {
     Replay(ReplayCommand),
     /// Show the last syncs (time, commit, trigger, per-service outcome, duration) and the queue.
     Status(StatusCommand),
-    /// Create the streams, the consumers and the status bucket, or bring them back to the
+    /// Create the streams, the consumers and the buckets, or bring them back to the
     /// expected configuration (run once as the NATS admin user, before the services start).
     Provision(ProvisionCommand),
 }

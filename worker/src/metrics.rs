@@ -19,12 +19,17 @@ struct OutcomeLabel {
     outcome: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabel {
+    consumer: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     syncs: Family<StateLabel, Counter>,
     tasks: Family<OutcomeLabel, Counter>,
     task_duration: Histogram,
-    queue_depth: Gauge,
+    queue_depth: Family<ConsumerLabel, Gauge>,
     replays: Counter,
 }
 
@@ -36,7 +41,7 @@ impl Metrics {
             tasks: Family::default(),
             // 0.25 s .. about 2.3 h
             task_duration: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
-            queue_depth: Gauge::default(),
+            queue_depth: Family::default(),
             replays: Counter::default(),
         };
         let mut registry = Registry::with_prefix("iac_worker");
@@ -57,7 +62,7 @@ impl Metrics {
         );
         registry.register(
             "queue_depth",
-            "Events waiting for the worker",
+            "Events waiting for the worker, by consumer (one per environment served apart)",
             metrics.queue_depth.clone(),
         );
         registry.register(
@@ -100,7 +105,11 @@ impl Metrics {
         self.task_duration.observe(seconds);
     }
 
-    pub fn set_queue_depth(&self, pending: u64) {
-        self.queue_depth.set(pending.try_into().unwrap_or(i64::MAX));
+    pub fn set_queue_depth(&self, consumer: &str, pending: u64) {
+        self.queue_depth
+            .get_or_create(&ConsumerLabel {
+                consumer: consumer.into(),
+            })
+            .set(pending.try_into().unwrap_or(i64::MAX));
     }
 }

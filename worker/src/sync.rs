@@ -4,7 +4,8 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_nats::jetstream::{self, context::PublishErrorKind, kv, message::PublishMessage};
+use iac_shared::deploy::{DeployRequest, DeploymentSummary};
 use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, SyncStarted};
 use iac_shared::history::newest_results;
 use iac_shared::names::{EVENT_ID_HEADER, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT};
@@ -30,8 +31,11 @@ const STARTED_SCAN_BOUND: Duration = Duration::from_secs(5);
 /// The first wait before storing a result again; it doubles up to a bound.
 const PUBLISH_RETRY_DELAY: Duration = Duration::from_millis(100);
 
-/// What one event's handling needs, shared by every event.
+/// What one event's handling needs, shared by every event of one consumer.
 pub(crate) struct Context {
+    /// The environment this consumer's events deploy to (`None`: pushes with `PUSH_ENV=`).
+    pub env: Option<String>,
+    pub deployments: kv::Store,
     pub config: Config,
     pub rules: Rules,
     pub js: jetstream::Context,
@@ -54,41 +58,91 @@ pub(crate) enum Handled {
     HandedBack,
 }
 
-/// Handles one delivered event to the end: its `finished` result is stored unless shutdown
-/// came first.
+/// Handles one delivered event to the end: its `finished` result, and for a deployment its
+/// final summary, are stored unless shutdown came first.
 pub(crate) async fn process(ctx: &Context, delivery: &Delivery, payload: &[u8]) -> Handled {
     let started = Instant::now();
     let event = decide::parse_event(&delivery.subject, payload);
-    let header = ResultHeader::new(delivery, event.as_ref().ok(), ctx.repository.as_deref());
+    let deployment = match &event {
+        Ok(event) => event.deployment().cloned(),
+        Err(_) => decide::refused_deployment(&delivery.subject, payload),
+    };
+    let mut header = ResultHeader::new(
+        delivery,
+        event.as_ref().ok(),
+        ctx.repository.as_deref(),
+        ctx.env.as_deref(),
+    );
+    header.deployment_id = deployment.as_ref().map(|d| d.deployment_id.clone());
 
-    if delivery.attempts_exhausted(ctx.config.consumer.max_attempts) {
+    let (finished, handled) = if delivery.attempts_exhausted(ctx.config.consumer.max_attempts) {
         let reason = decide::gave_up_reason(ctx.config.consumer.max_attempts);
         tracing::error!("{reason}; giving up on this event");
         let last_started = last_started(ctx, delivery.seq).await;
         let finished = header.given_up(last_started.as_ref(), reason, elapsed_ms(started));
-        return match publish_finished(ctx, delivery, &finished).await {
-            Some(()) => Handled::GaveUp,
-            None => Handled::HandedBack,
-        };
-    }
-    let event = match event {
-        Ok(event) => event,
-        Err(e) => {
-            tracing::warn!(error = %e, "refusing a malformed event");
-            let finished = header.error(None, e.to_string(), elapsed_ms(started));
-            return match publish_finished(ctx, delivery, &finished).await {
-                Some(()) => Handled::Done,
-                None => Handled::HandedBack,
-            };
+        (finished, Handled::GaveUp)
+    } else {
+        match event {
+            Ok(event) => match sync(ctx, delivery, &event, &header, started).await {
+                Some(finished) => (finished, Handled::Done),
+                None => return Handled::HandedBack,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing a malformed event");
+                let finished = header.error(None, e.to_string(), elapsed_ms(started));
+                (finished, Handled::Done)
+            }
         }
     };
-    let Some(finished) = sync(ctx, delivery, &event, &header, started).await else {
+    if publish_finished(ctx, delivery, &finished).await.is_none() {
         return Handled::HandedBack;
-    };
-    match publish_finished(ctx, delivery, &finished).await {
-        Some(()) => Handled::Done,
-        None => Handled::HandedBack,
     }
+    if let Some(request) = &deployment {
+        // Until the summary is written the deployment shows `in_progress`: hand it back rather
+        // than leave it so.
+        if write_summary(ctx, request, &finished).await.is_none() {
+            return Handled::HandedBack;
+        }
+    }
+    handled
+}
+
+/// Writes the final summary of `request` to `IAC_DEPLOYMENTS`, retrying while NATS is away;
+/// `None` when shutdown came first.
+async fn write_summary(
+    ctx: &Context,
+    request: &DeployRequest,
+    finished: &SyncFinished,
+) -> Option<()> {
+    let key = request.deployment_id.as_str();
+    let written = retry_until_shutdown(
+        &ctx.shutdown,
+        PUBLISH_RETRY_DELAY,
+        || async {
+            let previous = ctx
+                .deployments
+                .entry(key)
+                .await
+                .map_err(|e| e.to_string())?;
+            let previous: Option<DeploymentSummary> =
+                previous.and_then(|entry| serde_json::from_slice(&entry.value).ok());
+            let summary = decide::final_summary(request, finished, previous.as_ref());
+            let value = serde_json::to_vec(&summary).expect("summaries serialize to JSON");
+            ctx.deployments
+                .put(key, value.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(summary.status)
+        },
+        |e, _| {
+            tracing::warn!(error = %e, "cannot write the deployment summary yet; retrying");
+            true
+        },
+    )
+    .await;
+    let status = written.ok()?;
+    tracing::info!(deployment_id = key, ?status, "deployment summary written");
+    Some(())
 }
 
 /// The newest `started` result of the event at `event_seq`, looked for among the last
@@ -148,7 +202,7 @@ async fn sync(
         |name| std::env::var(name).ok(),
         &ctx.config.repo_url.secrets(),
     ) {
-        Ok(env) => env,
+        Ok(env) => env.for_environment(ctx.env.as_deref()),
         Err(e) => {
             let reason = format!("Cannot build the task environment: {e}");
             tracing::error!("{reason}");
@@ -158,6 +212,11 @@ async fn sync(
 
     let commit = match ctx.checkout.update(&event.target()).await {
         Ok(commit) => commit,
+        Err(e @ git::GitError::NotDeployable { .. }) => {
+            let reason = e.to_string();
+            tracing::warn!("refusing to run: {reason}");
+            return Some(header.error(None, reason, elapsed_ms(started)));
+        }
         Err(e) => {
             let reason = format!("Failed to update git repository: {e}");
             tracing::error!("{reason}");
@@ -193,7 +252,8 @@ async fn sync(
     Some(header.finished(&commit, results, elapsed_ms(started)))
 }
 
-/// The services the event runs at `commit` and, for a manual sync, the unknown names.
+/// The services the event runs at `commit` and, for a manual sync or a deployment, the unknown
+/// names.
 async fn decide_services(
     ctx: &Context,
     event: &Event,
@@ -226,6 +286,11 @@ async fn decide_services(
             let files = ctx.checkout.files().await?;
             let discovered = ctx.rules.discover(files.iter().map(String::as_str));
             Ok(decide::requested_services(request, &discovered))
+        }
+        Event::Deploy(request) => {
+            let files = ctx.checkout.files().await?;
+            let discovered = ctx.rules.discover(files.iter().map(String::as_str));
+            Ok(decide::deploy_services(request, &discovered))
         }
     }
 }

@@ -129,6 +129,22 @@ impl TaskEnvSettings {
     }
 }
 
+impl TaskEnv {
+    /// Adds the isolation variables of `env` (`DEPLOY_ENV`, `ENV_SUFFIX`, `ENV_DOMAIN_SUFFIX`),
+    /// over any the file set: they name where the task deploys, which only the event decides.
+    /// `None` (pushes with `PUSH_ENV=`) adds nothing.
+    pub fn for_environment(mut self, env: Option<&str>) -> Self {
+        for (name, value) in env
+            .map(iac_shared::deploy::isolation_vars)
+            .into_iter()
+            .flatten()
+        {
+            self.vars.insert(name.to_string(), value);
+        }
+        self
+    }
+}
+
 /// Reads a dotenv file (`NAME=value`, quotes, `#` comments, `export` allowed).
 fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, TaskEnvError> {
     let fail = |reason: String| TaskEnvError::File {

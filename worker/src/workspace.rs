@@ -1,5 +1,5 @@
 //! The workspace directory: the checkout, the lock that keeps two syncs out of it, and the
-//! record of the running task's process group.
+//! record of the running task's process group; one per environment the worker serves apart.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,12 @@ impl Workspace {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The workspace of an environment served apart from pushes: `@<env>` in this one, a name
+    /// no repository host gives a repository, so it never meets the checkout.
+    pub fn environment(&self, env: &str) -> Workspace {
+        Workspace::new(self.root.join(format!("@{env}")))
     }
 
     pub fn checkout(&self, repo_name: &str) -> PathBuf {
