@@ -9,6 +9,8 @@
 //! - [`git`]: the checkout and what changed, with credentials kept out of every message.
 //! - [`task`]: running one task in its own process group, with a timeout and an output tail.
 //! - [`task_env`]: the environment a task gets, built not inherited, and the masking of secrets.
+//! - [`requirements`]: the repository's own Python packages (`TASK_REQUIREMENTS`), installed
+//!   into a virtual environment the tasks run from.
 //! - [`workspace`]: the workspace lock and the record of the running task.
 //! - [`metrics`]: the Prometheus metrics served on `METRICS_PORT`.
 //!
@@ -19,6 +21,7 @@ pub mod decide;
 pub mod git;
 pub mod metrics;
 pub mod repo_url;
+pub mod requirements;
 pub mod sync;
 pub mod task;
 pub mod task_env;
@@ -137,6 +140,7 @@ async fn serve_events(
             pgid_file: workspace.pgid_file(),
         },
         task_env: config.task_env(),
+        requirements: config.task_requirements(workspace.root()),
         repository: config.repo_url.owner_and_name(),
         workspace,
         rules,
