@@ -247,7 +247,7 @@ impl TaskRequirements {
             OsStr::new("--python"),
         ];
         venv.extend([python.run.as_os_str(), building.as_os_str()]);
-        self.run("uv venv", &self.uv, &venv, &self.envs, &[], env)
+        self.run("uv venv", &self.uv(), &venv, &self.envs, &[], env)
             .await?;
         self.install(inputs, &building, env).await?;
         if python.runs_invoke {
@@ -282,7 +282,7 @@ impl TaskRequirements {
         if inputs.project {
             let args = ["sync", "--frozen", "--no-install-project"].map(OsStr::new);
             let target = [("UV_PROJECT_ENVIRONMENT", venv.as_os_str())];
-            self.run("uv sync", &self.uv, &args, dir, &target, env)
+            self.run("uv sync", &self.uv(), &args, dir, &target, env)
                 .await?;
         } else {
             let python = venv.join("bin/python");
@@ -292,7 +292,7 @@ impl TaskRequirements {
                 OsStr::new("-r"),
                 inputs.path.as_os_str(),
             ]);
-            self.run("uv pip install", &self.uv, &args, dir, &[], env)
+            self.run("uv pip install", &self.uv(), &args, dir, &[], env)
                 .await?;
         }
         Ok(())
@@ -379,6 +379,14 @@ impl TaskRequirements {
             return Err(failed(output.status.to_string(), tail));
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// uv as configured, found on the worker's own `PATH` (a `TASK_ENV_FILE` may change the
+    /// tasks').
+    fn uv(&self) -> PathBuf {
+        let path = std::env::var("PATH").ok();
+        task::resolve_program(&self.uv.to_string_lossy(), &self.envs, path.as_deref())
+            .unwrap_or_else(|| self.uv.clone())
     }
 
     /// Takes the lock that one build at a time holds, waiting for another worker's build.
