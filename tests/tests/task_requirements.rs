@@ -32,30 +32,9 @@ def sync(c):
     run_sync(__file__)
 "#;
 
-/// Writes a wheel of the package `name` (a module whose `VERSION` is `version`) into the
-/// fixture's `wheels/`, with the standard library's zipfile.
+/// Writes a wheel of the package `name` into the fixture's `wheels/`.
 fn wheel(h: &Harness, name: &str, version: &str) {
-    const SCRIPT: &str = r#"
-import sys, zipfile
-name, version, out = sys.argv[1:]
-info = f"{name}-{version}.dist-info"
-files = {
-    f"{name}/__init__.py": f"VERSION = {version!r}\n",
-    f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-    f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-}
-with zipfile.ZipFile(f"{out}/{name}-{version}-py3-none-any.whl", "w") as z:
-    for path, text in files.items():
-        z.writestr(path, text)
-    z.writestr(f"{info}/RECORD", "".join(f"{p},,\n" for p in [*files, f"{info}/RECORD"]))
-"#;
-    let out = h.fixture.work_tree().join("wheels");
-    std::fs::create_dir_all(&out).unwrap();
-    let status = Command::new("python3")
-        .args(["-c", SCRIPT, name, version, out.to_str().unwrap()])
-        .status()
-        .expect("running python3");
-    assert!(status.success(), "building the wheel of {name}");
+    iac_tests::wheel::wheel(&h.fixture.work_tree().join("wheels"), name, version);
 }
 
 /// The requirements file offline, requiring `packages`, and the greeter importing them.
