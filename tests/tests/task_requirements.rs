@@ -191,7 +191,16 @@ async fn an_install_failure_ends_the_sync_in_error_with_the_installer_s_last_lin
         "{reason}"
     );
     assert!(h.fixture.runs().is_empty(), "{:?}", h.fixture.runs());
-    assert!(environments(&workspace).is_empty());
+    let left: Vec<_> = std::fs::read_dir(workspace.join(".iac-task-envs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|name| name != ".build.lock" && name != ".uv-cache")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "nothing of the failed build is left: {left:?}"
+    );
     worker.stop().await;
 }
 

@@ -239,19 +239,9 @@ impl TaskRequirements {
         let started = Instant::now();
         tracing::info!(file = %inputs.file, environment = key, "building the tasks' Python environment");
         let building = self.envs.join(format!("{BUILD_PREFIX}{key}"));
-        let mut venv = vec![
-            OsStr::new("venv"),
-            OsStr::new("--quiet"),
-            OsStr::new("--relocatable"),
-            OsStr::new("--no-python-downloads"),
-            OsStr::new("--python"),
-        ];
-        venv.extend([python.run.as_os_str(), building.as_os_str()]);
-        self.run("uv venv", &self.uv(), &venv, &self.envs, &[], env)
-            .await?;
-        self.install(inputs, &building, env).await?;
-        if python.runs_invoke {
-            self.add_invoke(python, &building, env).await?;
+        if let Err(e) = self.populate(inputs, python, &building, env).await {
+            let _ = std::fs::remove_dir_all(&building);
+            return Err(e);
         }
         let workspace = |what: &str, e: std::io::Error| {
             RequirementsError::Workspace(format!("cannot {what} {}: {e}", building.display()))
@@ -269,6 +259,33 @@ impl TaskRequirements {
         );
         prune(&self.envs, KEPT_ENVIRONMENTS);
         Ok(in_use)
+    }
+
+    /// Creates the environment at `venv` and installs everything into it.
+    async fn populate(
+        &self,
+        inputs: &Inputs,
+        python: &Python,
+        venv: &Path,
+        env: &TaskEnv,
+    ) -> Result<(), RequirementsError> {
+        let mut args = [
+            "venv",
+            "--quiet",
+            "--relocatable",
+            "--no-python-downloads",
+            "--python",
+        ]
+        .map(OsStr::new)
+        .to_vec();
+        args.extend([python.run.as_os_str(), venv.as_os_str()]);
+        self.run("uv venv", &self.uv(), &args, &self.envs, &[], env)
+            .await?;
+        self.install(inputs, venv, env).await?;
+        if python.runs_invoke {
+            self.add_invoke(python, venv, env).await?;
+        }
+        Ok(())
     }
 
     /// Installs the packages into the environment at `venv` with uv, from the checkout.
