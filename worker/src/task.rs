@@ -78,9 +78,15 @@ impl SyncCommand {
 /// script) is started as it is.
 pub fn launch_argv(argv: &[String], script_head: Option<&str>) -> Vec<String> {
     let interpreter = script_head.and_then(python_interpreter);
-    let (true, Some(interpreter)) = (is_invoke(argv), interpreter) else {
-        return argv.to_vec();
-    };
+    match (is_invoke(argv), interpreter) {
+        (true, Some(interpreter)) => invoke_through(&interpreter, argv),
+        _ => argv.to_vec(),
+    }
+}
+
+/// `argv` (invoke's script and its arguments) started as `<interpreter> -P -c
+/// INVOKE_BOOTSTRAP <arguments>`.
+fn invoke_through(interpreter: &[&str], argv: &[String]) -> Vec<String> {
     interpreter
         .iter()
         .map(|word| word.to_string())
@@ -187,11 +193,16 @@ impl TaskRunner {
         }
         let argv = self.command.for_task(&service.task);
         let path = env.vars.get("PATH").map(String::as_str);
-        // A TASK_REQUIREMENTS environment runs invoke on its own Python (see `requirements`).
-        let head = crate::requirements::active_python(&env.vars)
-            .map(|python| format!("#!{}", python.display()))
-            .or_else(|| resolve_program(&argv[0], checkout, path).and_then(|p| script_head(&p)));
-        let argv = launch_argv(&argv, head.as_deref());
+        let argv = match crate::requirements::active_python(&env.vars) {
+            // A TASK_REQUIREMENTS environment runs invoke on its own Python (see `requirements`).
+            Some(python) if is_invoke(&argv) => {
+                invoke_through(&[python.to_string_lossy().as_ref()], &argv)
+            }
+            _ => {
+                let head = resolve_program(&argv[0], checkout, path).and_then(|p| script_head(&p));
+                launch_argv(&argv, head.as_deref())
+            }
+        };
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(checkout)
