@@ -287,3 +287,58 @@ async fn a_pyproject_is_installed_from_its_uv_lock() {
     assert_eq!(h.fixture.finished_tasks(), ["greeter.sync"]);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn two_syncs_preparing_the_same_environment_at_once_build_it_once_with_invoke_importable() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkout = dir.path().join("infra");
+    iac_tests::wheel::wheel(&checkout.join("wheels"), "greet", "1.0");
+    std::fs::write(
+        checkout.join("requirements.txt"),
+        "--no-index\n--find-links ./wheels\ngreet==1.0\n",
+    )
+    .unwrap();
+    let workspace = dir.path();
+    let (uv, invoke) = (uv(), iac_tests::tools::invoke());
+    let config = iac_worker::Config::from_args([
+        "iac-worker",
+        "--git-repo-url",
+        "https://x/acme/infra.git",
+        "--workspace",
+        workspace.to_str().unwrap(),
+        "--sync-command",
+        &format!("{} {{task}}", invoke.display()),
+        "--task-requirements",
+        "requirements.txt",
+        "--task-uv",
+        uv.to_str().unwrap(),
+    ])
+    .unwrap();
+    let requirements = config.task_requirements(workspace);
+    let env = config
+        .task_env()
+        .build(|name| std::env::var(name).ok(), &[])
+        .unwrap();
+    let (mut env_a, mut env_b) = (env.clone(), env);
+
+    // Each holds its own lock file descriptors, as two worker processes would.
+    let (a, b) = tokio::join!(
+        requirements.prepare(&checkout, &mut env_a, std::future::pending()),
+        requirements.prepare(&checkout, &mut env_b, std::future::pending()),
+    );
+    let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
+    assert_eq!(a.dir(), b.dir());
+    assert_eq!(environments(workspace).len(), 1);
+    assert_eq!(env_a.vars["VIRTUAL_ENV"], a.dir().display().to_string());
+    // invoke is not among the requirements, yet the environment's Python imports it.
+    let imports = Command::new(a.dir().join("bin/python"))
+        .args(["-P", "-c", "import greet, invoke.main"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        imports.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imports.stderr)
+    );
+}
