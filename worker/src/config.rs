@@ -10,6 +10,7 @@ use iac_shared::nats::{NatsArgs, WorkerConsumerArgs, parse_duration, parse_posit
 use iac_shared::telemetry::LogArgs;
 
 use crate::repo_url::RepoUrl;
+use crate::requirements::{self, ENVS_DIR, TaskRequirements};
 use crate::task::SyncCommand;
 use crate::task_env::{TaskEnvSettings, parse_pass_name};
 
@@ -141,6 +142,26 @@ pub struct Config {
         value_parser = parse_pass_name
     )]
     pub task_env_pass: Vec<String>,
+
+    /// Repository-relative requirements file, or `pyproject.toml` beside its `uv.lock`, whose
+    /// packages the tasks get: installed with uv into an environment under `WORKSPACE`, built
+    /// again only when the file changes.
+    #[arg(
+        long = "task-requirements",
+        env = "TASK_REQUIREMENTS",
+        value_name = "TASK_REQUIREMENTS",
+        value_parser = requirements::parse_path
+    )]
+    pub task_requirements: Option<String>,
+
+    /// The uv program that builds the `TASK_REQUIREMENTS` environments.
+    #[arg(
+        long = "task-uv",
+        env = "TASK_UV",
+        value_name = "TASK_UV",
+        default_value = "uv"
+    )]
+    pub task_uv: PathBuf,
 }
 
 /// A glob over tag names: what a tag name may hold, plus the glob characters `*`, `?`, `[`, `]`.
@@ -186,6 +207,18 @@ impl Config {
         TaskEnvSettings {
             file: self.task_env_file.clone(),
             pass: self.task_env_pass.clone(),
+        }
+    }
+
+    /// How each sync gets its tasks' Python packages, in the workspace at `workspace`.
+    pub fn task_requirements(&self, workspace: &std::path::Path) -> TaskRequirements {
+        TaskRequirements {
+            file: self.task_requirements.clone(),
+            uv: self.task_uv.clone(),
+            envs: workspace.join(ENVS_DIR),
+            command: self.sync_command.clone(),
+            timeout: self.sync_timeout,
+            tail_lines: self.output_tail_lines.into(),
         }
     }
 

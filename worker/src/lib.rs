@@ -11,6 +11,8 @@
 //! - [`git`]: the checkout and what changed, with credentials kept out of every message.
 //! - [`task`]: running one task in its own process group, with a timeout and an output tail.
 //! - [`task_env`]: the environment a task gets, built not inherited, and the masking of secrets.
+//! - [`requirements`]: the repository's own Python packages (`TASK_REQUIREMENTS`), installed
+//!   into a virtual environment the tasks run from.
 //! - [`workspace`]: the workspace lock and the record of the running task.
 //! - [`metrics`]: the Prometheus metrics served on `METRICS_PORT`.
 //!
@@ -21,6 +23,7 @@ pub mod decide;
 pub mod git;
 pub mod metrics;
 pub mod repo_url;
+pub mod requirements;
 pub mod sync;
 pub mod task;
 pub mod task_env;
@@ -150,6 +153,9 @@ async fn serve_events(
                 pgid_file: workspace.pgid_file(),
             },
             task_env: config.task_env(),
+            // One set of task environments for every deployment environment: they are keyed
+            // by the requirements' hash, built under a lock and pruned only when unused.
+            requirements: config.task_requirements(root.root()),
             repository: config.repo_url.owner_and_name(),
             env,
             deployments: deployments.clone(),

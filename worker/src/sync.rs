@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::decide::{self, Delivery, Event, ResultHeader};
 use crate::git::{self, Checkout};
 use crate::metrics::Metrics;
+use crate::requirements::{RequirementsError, TaskRequirements};
 use crate::task::{self, TaskEnd, TaskRunner};
 use crate::task_env::{TaskEnv, TaskEnvSettings};
 use crate::workspace::Workspace;
@@ -44,6 +45,7 @@ pub(crate) struct Context {
     pub checkout: Checkout,
     pub runner: TaskRunner,
     pub task_env: TaskEnvSettings,
+    pub requirements: TaskRequirements,
     pub repository: Option<String>,
     pub shutdown: Shutdown,
 }
@@ -198,7 +200,7 @@ async fn sync(
     };
     task::kill_orphaned_task(&ctx.workspace.pgid_file()).await;
     // Read before anything runs, so a missing secrets file stops the whole sync.
-    let env = match ctx.task_env.build(
+    let mut env = match ctx.task_env.build(
         |name| std::env::var(name).ok(),
         &ctx.config.repo_url.secrets(),
     ) {
@@ -221,6 +223,19 @@ async fn sync(
             let reason = format!("Failed to update git repository: {e}");
             tracing::error!("{reason}");
             return Some(header.error(None, reason, elapsed_ms(started)));
+        }
+    };
+    // Held until the tasks are done, so no other sync removes the environment under them.
+    let _python_env = match (ctx.requirements)
+        .prepare(ctx.checkout.dir(), &mut env, ctx.shutdown.wait())
+        .await
+    {
+        Ok(in_use) => in_use,
+        Err(RequirementsError::Interrupted) => return None,
+        Err(e) => {
+            let reason = format!("Cannot prepare the tasks' Python packages: {e}");
+            tracing::error!(%commit, "{reason}");
+            return Some(header.error(Some(&commit), reason, elapsed_ms(started)));
         }
     };
     let (services, unknown) = match decide_services(ctx, event, &commit).await {

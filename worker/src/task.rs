@@ -2,7 +2,8 @@
 //! own process group, its output streamed to the log, killed on timeout or with the worker.
 //!
 //! When the command's program is invoke's script, the worker starts invoke itself through the
-//! script's Python with [`INVOKE_BOOTSTRAP`], so that the checkout's modules are importable
+//! script's Python (or the Python of the `TASK_REQUIREMENTS` environment, which sees invoke
+//! too) with [`INVOKE_BOOTSTRAP`], so that the checkout's modules are importable
 //! but never ahead of the standard library (a repository's `platform/` package must not hide
 //! Python's `platform`). Any other command runs as written, with nothing added to its
 //! `PYTHONPATH`.
@@ -76,26 +77,16 @@ impl SyncCommand {
 /// [`INVOKE_BOOTSTRAP`]. Anything else (another program, an invoke that is not a Python
 /// script) is started as it is.
 pub fn launch_argv(argv: &[String], script_head: Option<&str>) -> Vec<String> {
-    let program = argv.first().map(|p| Path::new(p.as_str()));
-    let is_invoke = program
-        .and_then(Path::file_name)
-        .and_then(|name| name.to_str())
-        .is_some_and(|name| INVOKE_SCRIPTS.contains(&name));
-    // The words up to the Python interpreter: `/usr/bin/env python3` or `/opt/venv/bin/python`.
-    let words: Vec<&str> = script_head
-        .and_then(|head| head.strip_prefix("#!"))
-        .map(|rest| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let python = words.iter().position(|word| {
-        Path::new(word)
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with("python"))
-    });
-    let (true, Some(python)) = (is_invoke, python) else {
-        return argv.to_vec();
-    };
-    let interpreter = &words[..=python];
+    let interpreter = script_head.and_then(python_interpreter);
+    match (is_invoke(argv), interpreter) {
+        (true, Some(interpreter)) => invoke_through(&interpreter, argv),
+        _ => argv.to_vec(),
+    }
+}
+
+/// `argv` (invoke's script and its arguments) started as `<interpreter> -P -c
+/// INVOKE_BOOTSTRAP <arguments>`.
+fn invoke_through(interpreter: &[&str], argv: &[String]) -> Vec<String> {
     interpreter
         .iter()
         .map(|word| word.to_string())
@@ -104,10 +95,31 @@ pub fn launch_argv(argv: &[String], script_head: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// Whether `argv` runs invoke's script (a program named `invoke` or `inv`).
+pub(crate) fn is_invoke(argv: &[String]) -> bool {
+    argv.first()
+        .and_then(|program| Path::new(program).file_name())
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| INVOKE_SCRIPTS.contains(&name))
+}
+
+/// The words of a script's first line up to its Python interpreter (`/usr/bin/env python3`
+/// or `/opt/venv/bin/python`); `None` when the script is not run by Python.
+pub(crate) fn python_interpreter(script_head: &str) -> Option<Vec<&str>> {
+    let words: Vec<&str> = script_head.strip_prefix("#!")?.split_whitespace().collect();
+    let python = words.iter().position(|word| {
+        Path::new(word)
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("python"))
+    })?;
+    Some(words[..=python].to_vec())
+}
+
 /// The file `program` starts: a path with a `/` taken from `dir` (where the command runs),
 /// else the first executable of that name on `path` (the task's `PATH`, as the task will be
 /// started with it).
-fn resolve_program(program: &str, dir: &Path, path: Option<&str>) -> Option<PathBuf> {
+pub(crate) fn resolve_program(program: &str, dir: &Path, path: Option<&str>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |path: &Path| {
         path.metadata()
@@ -122,7 +134,7 @@ fn resolve_program(program: &str, dir: &Path, path: Option<&str>) -> Option<Path
 }
 
 /// The first line of a script, if it starts with `#!`.
-fn script_head(path: &Path) -> Option<String> {
+pub(crate) fn script_head(path: &Path) -> Option<String> {
     use std::io::Read;
     let mut head = [0u8; 256];
     let read = std::fs::File::open(path)
@@ -181,8 +193,16 @@ impl TaskRunner {
         }
         let argv = self.command.for_task(&service.task);
         let path = env.vars.get("PATH").map(String::as_str);
-        let head = resolve_program(&argv[0], checkout, path).and_then(|p| script_head(&p));
-        let argv = launch_argv(&argv, head.as_deref());
+        let argv = match crate::requirements::active_python(&env.vars) {
+            // A TASK_REQUIREMENTS environment runs invoke on its own Python (see `requirements`).
+            Some(python) if is_invoke(&argv) => {
+                invoke_through(&[python.to_string_lossy().as_ref()], &argv)
+            }
+            _ => {
+                let head = resolve_program(&argv[0], checkout, path).and_then(|p| script_head(&p));
+                launch_argv(&argv, head.as_deref())
+            }
+        };
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(checkout)
