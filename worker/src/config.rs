@@ -126,6 +126,29 @@ pub struct Config {
         value_parser = parse_pass_name
     )]
     pub task_env_pass: Vec<String>,
+
+    /// Repository-relative path of the dependency manifest, read at each synced commit: which
+    /// services a shared path reaches, and which services run after which.
+    #[arg(
+        long = "dependencies-file",
+        env = "DEPENDENCIES_FILE",
+        value_name = "DEPENDENCIES_FILE",
+        value_parser = parse_repository_path
+    )]
+    pub dependencies_file: Option<String>,
+}
+
+/// A path inside the repository: relative, without `.` or `..` components, so that it cannot
+/// name a file outside the checkout.
+fn parse_repository_path(s: &str) -> Result<String, String> {
+    let path = s.trim();
+    let components_ok = path
+        .split('/')
+        .all(|part| !part.is_empty() && part != "." && part != "..");
+    if path.is_empty() || path.starts_with('/') || !components_ok {
+        return Err("must be a path inside the repository, like deploy-dependencies.yaml".into());
+    }
+    Ok(path.to_string())
 }
 
 // Never fails: clap would quote the raw value, credentials included, in its error. The URL is
@@ -236,6 +259,28 @@ mod tests {
         assert_eq!(config.shutdown_grace, Duration::from_secs(25));
         assert!(config.task_env_file.is_none() && config.task_env_pass.is_empty());
         assert!(config.nats.token.is_none());
+    }
+
+    #[test]
+    fn the_dependency_manifest_must_be_inside_the_repository() {
+        let parse = |path: &str| {
+            Config::try_parse_from([
+                "iac-worker",
+                "--git-repo-url",
+                "https://x/acme/infra.git",
+                "--dependencies-file",
+                path,
+            ])
+        };
+        for bad in ["/etc/passwd", "../x.yaml", "docs/../../x", "a//b", "./x"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("DEPENDENCIES_FILE"), "{bad}: {err}");
+        }
+        let ok = parse("docs/ssot/deploy-dependencies.yaml").unwrap();
+        assert_eq!(
+            ok.dependencies_file.as_deref(),
+            Some("docs/ssot/deploy-dependencies.yaml")
+        );
     }
 
     #[test]

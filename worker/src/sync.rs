@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use iac_shared::dependencies::{Dependencies, Reason};
 use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, SyncStarted};
 use iac_shared::history::newest_results;
 use iac_shared::names::{EVENT_ID_HEADER, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT};
@@ -164,28 +165,22 @@ async fn sync(
             return Some(header.error(None, reason, elapsed_ms(started)));
         }
     };
-    let (services, unknown) = match decide_services(ctx, event, &commit).await {
+    let decided = match decide_services(ctx, event, &commit).await {
         Ok(decided) => decided,
         Err(e) => {
-            let reason = format!("Failed to read git repository: {e}");
+            let reason = e.to_string();
             tracing::error!(%commit, "{reason}");
             return Some(header.error(Some(&commit), reason, elapsed_ms(started)));
         }
     };
-    let keys: Vec<&str> = services.iter().map(|s| s.key.as_str()).collect();
-    tracing::info!(%commit, services = ?keys, unknown = ?unknown, "sync started");
-    let started_result = header.started(&commit, &services, &unknown);
+    decided.log(&commit);
+    let started_result = header.started(&commit, &decided.selected, &decided.unknown);
     publish(ctx, STARTED_SUBJECT, delivery, "started", &started_result).await?;
 
     let force = event.force() || delivery.force;
-    let mut results: Vec<ServiceResult> = Vec::with_capacity(services.len() + unknown.len());
-    for service in &services {
-        if ctx.shutdown.is_triggered() {
-            return None;
-        }
-        results.push(run_task(ctx, service, &commit, force, &env).await?);
-    }
-    for key in &unknown {
+    let mut results = run_services(ctx, &decided, &commit, force, &env).await?;
+    let unknown = &decided.unknown;
+    for key in unknown {
         tracing::warn!(service = %key, "no such service at this commit");
         results.push(decide::unknown_service(key));
         ctx.metrics.task_finished(SyncOutcome::Unknown, 0.0);
@@ -193,12 +188,120 @@ async fn sync(
     Some(header.finished(&commit, results, elapsed_ms(started)))
 }
 
-/// The services the event runs at `commit` and, for a manual sync, the unknown names.
+/// What an event runs at its commit.
+pub(crate) struct Decided {
+    /// The services to run, in key order, each with why.
+    selected: Vec<(Service, Reason)>,
+    /// Keys a manual request named that are not services at the commit.
+    unknown: Vec<String>,
+    /// Changed paths that selected nothing.
+    unselected: Vec<String>,
+}
+
+/// At most this many of the paths that selected nothing are named in the log.
+const UNSELECTED_LOGGED: usize = 20;
+
+impl Decided {
+    /// Says what was selected and why, and which changed paths selected nothing.
+    fn log(&self, commit: &str) {
+        let keys: Vec<&str> = self.selected.iter().map(|(s, _)| s.key.as_str()).collect();
+        tracing::info!(%commit, services = ?keys, unknown = ?self.unknown, "sync started");
+        for (service, reason) in &self.selected {
+            tracing::info!(service = %service.key, %reason, "selected");
+        }
+        if !self.unselected.is_empty() {
+            let named: Vec<&str> = self
+                .unselected
+                .iter()
+                .take(UNSELECTED_LOGGED)
+                .map(String::as_str)
+                .collect();
+            tracing::info!(
+                count = self.unselected.len(),
+                paths = ?named,
+                "changed paths that select no service"
+            );
+        }
+    }
+}
+
+/// Why the services of an event could not be decided: the sync ends `error`.
+#[derive(Debug, thiserror::Error)]
+enum DecideError {
+    #[error("Failed to read git repository: {0}")]
+    Git(#[from] git::GitError),
+    #[error("Bad dependency manifest {file}: {problem}")]
+    Manifest { file: String, problem: String },
+}
+
+/// Most bytes of a dependency manifest read.
+const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+
+/// The dependencies declared for this commit: `IAC_RULES`'s `services` table and the
+/// `DEPENDENCIES_FILE` of the checkout, merged, every `after` naming a service of `discovered`.
+fn dependencies_at(
+    ctx: &Context,
+    discovered: &[Service],
+) -> Result<Option<Dependencies>, DecideError> {
+    let from_rules = ctx.rules.dependencies();
+    let (deps, file) = match &ctx.config.dependencies_file {
+        None => (from_rules.cloned(), "IAC_RULES".to_string()),
+        Some(file) => {
+            let bad = |problem: String| DecideError::Manifest {
+                file: file.clone(),
+                problem,
+            };
+            let text = read_manifest(&ctx.checkout.dir().join(file)).map_err(bad)?;
+            let manifest = Dependencies::from_yaml(&text).map_err(|e| bad(e.to_string()))?;
+            let deps = match from_rules {
+                Some(rules) => rules.merged(&manifest).map_err(|e| bad(e.to_string()))?,
+                None => manifest,
+            };
+            (Some(deps), file.clone())
+        }
+    };
+    let Some(deps) = deps else {
+        return Ok(None);
+    };
+    deps.check_services(discovered)
+        .map_err(|e| DecideError::Manifest {
+            file: file.clone(),
+            problem: e.to_string(),
+        })?;
+    let undiscovered = deps.undiscovered(discovered);
+    if !undiscovered.is_empty() {
+        tracing::warn!(%file, services = ?undiscovered, "declared services that are not services at this commit");
+    }
+    Ok(Some(deps))
+}
+
+/// The manifest's text: a regular file of the checkout (a symbolic link could point out of
+/// it), of bounded size.
+fn read_manifest(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file at this commit".to_string(),
+        _ => e.to_string(),
+    })?;
+    if !meta.is_file() {
+        return Err("not a regular file (a symbolic link or a directory)".into());
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!("larger than {MAX_MANIFEST_BYTES} bytes"));
+    }
+    Ok(text)
+}
+
+/// The services the event runs at `commit`, why, and for a manual sync the unknown names.
 async fn decide_services(
     ctx: &Context,
     event: &Event,
     commit: &str,
-) -> Result<(Vec<Service>, Vec<String>), git::GitError> {
+) -> Result<Decided, DecideError> {
     match event {
         Event::Push(push) => {
             // The diff is tried first: asking whether `before` exists costs a git process
@@ -219,15 +322,53 @@ async fn decide_services(
             };
             let (files, diff) = tokio::join!(ctx.checkout.files(), diff);
             let discovered = ctx.rules.discover(files?.iter().map(String::as_str));
-            let services = decide::push_services(push, diff?.as_deref(), &ctx.rules, &discovered);
-            Ok((services, Vec::new()))
+            let diff = diff?;
+            let deps = dependencies_at(ctx, &discovered)?;
+            let fan_out = decide::push_services(
+                push,
+                diff.as_deref(),
+                &ctx.rules,
+                &discovered,
+                deps.as_ref(),
+            );
+            Ok(Decided {
+                selected: fan_out.selected,
+                unknown: Vec::new(),
+                unselected: fan_out.unselected,
+            })
         }
         Event::Sync(request) => {
             let files = ctx.checkout.files().await?;
             let discovered = ctx.rules.discover(files.iter().map(String::as_str));
-            Ok(decide::requested_services(request, &discovered))
+            dependencies_at(ctx, &discovered)?;
+            let (selected, unknown) = decide::requested_services(request, &discovered);
+            Ok(Decided {
+                selected,
+                unknown,
+                unselected: Vec::new(),
+            })
         }
     }
+}
+
+/// Runs the selected services' tasks; `None` when shutdown interrupted them.
+async fn run_services(
+    ctx: &Context,
+    decided: &Decided,
+    commit: &str,
+    force: bool,
+    env: &TaskEnv,
+) -> Option<Vec<ServiceResult>> {
+    let mut results = Vec::with_capacity(decided.selected.len() + decided.unknown.len());
+    for (service, reason) in &decided.selected {
+        if ctx.shutdown.is_triggered() {
+            return None;
+        }
+        let mut result = run_task(ctx, service, commit, force, env).await?;
+        result.reason = Some(reason.to_string());
+        results.push(result);
+    }
+    Some(results)
 }
 
 /// Runs one task; `None` when the shutdown grace ran out and it was killed.
