@@ -3,8 +3,11 @@
 //! in the fixture, so the worker reads it at the synced commit as it would in production.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Command;
 
 use iac_shared::events::{FinishedState, SyncFinished, SyncOutcome};
+use iac_tests::fixture::TaskRun;
 use iac_tests::worker_harness::WorkerHarness as Harness;
 
 const MANIFEST: &str = "deploy-dependencies.yaml";
@@ -158,4 +161,257 @@ async fn each_bad_manifest_ends_the_sync_in_error_naming_the_file_and_the_proble
         [("finance_report/app", SyncOutcome::Synced)]
     );
     worker.stop().await;
+}
+
+/// Adds a service `platform/{name}` (directory `platform/{nn}.{name}`) whose task behaves as
+/// `behaviour.json` says (see `libs/fixture_sync.py`); committed with the next commit.
+fn add_service(h: &Harness, nn: u32, name: &str, sleep_secs: f64, exit: i32) {
+    let dir = format!("platform/{nn:02}.{name}");
+    let deploy = std::fs::read_to_string(h.fixture.work_tree().join(REDIS).join("deploy.py"))
+        .expect("the fixture's redis deploy.py");
+    h.fixture.write(&format!("{dir}/deploy.py"), &deploy);
+    h.fixture.set_behaviour(&dir, sleep_secs, exit);
+}
+
+/// One task run: the service, when it started and when it ended (seconds since the epoch).
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    pid: u32,
+    start: f64,
+    end: Option<f64>,
+}
+
+fn spans(runs: &[TaskRun]) -> Vec<Span> {
+    let mut spans: Vec<Span> = runs
+        .iter()
+        .filter(|r| r.phase == "start")
+        .map(|r| Span {
+            service: r.service.clone().unwrap_or_default(),
+            pid: r.pid,
+            start: r.t,
+            end: None,
+        })
+        .collect();
+    for end in runs.iter().filter(|r| r.phase == "end") {
+        if let Some(span) = spans.iter_mut().find(|s| s.pid == end.pid) {
+            span.end = Some(end.t);
+        }
+    }
+    spans.sort_by(|a, b| a.start.total_cmp(&b.start));
+    spans
+}
+
+/// The most tasks that ran at the same moment.
+fn most_at_once(spans: &[Span]) -> usize {
+    spans
+        .iter()
+        .map(|s| {
+            spans
+                .iter()
+                .filter(|o| o.start <= s.start && o.end.is_none_or(|end| end > s.start))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn span_of<'a>(spans: &'a [Span], service: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|s| s.service == service)
+        .unwrap_or_else(|| panic!("{service} ran: {spans:#?}"))
+}
+
+#[tokio::test]
+async fn parallel_tasks_stay_within_the_limit_and_start_only_after_what_they_come_after() {
+    let h = Harness::new().await;
+    for (nn, name) in [(11, "s1"), (12, "s2"), (13, "s3"), (14, "s4"), (15, "s5")] {
+        add_service(&h, nn, name, 0.6, 0);
+    }
+    commit_manifest(
+        &h,
+        "version: 1\nservices:\n  platform/s1:\n    after: [platform/s3]\n  platform/s2:\n    after: [platform/s3, platform/s1]\n",
+    );
+    let mut args = WITH_MANIFEST.to_vec();
+    args.extend(["--sync-parallelism", "2"]);
+    let worker = h.start(&h.workspace("ws"), &args);
+    let request =
+        r#"{"services":["platform/s1","platform/s2","platform/s3","platform/s4","platform/s5"]}"#;
+    let seq = h.publish_bare("iac.events.sync", request).await;
+
+    let finished = h.finished_for(seq).await;
+    assert_eq!(finished.state, FinishedState::Success, "{finished:#?}");
+    let services: Vec<&str> = finished
+        .services
+        .iter()
+        .map(|s| s.service.as_str())
+        .collect();
+    assert_eq!(
+        services,
+        [
+            "platform/s1",
+            "platform/s2",
+            "platform/s3",
+            "platform/s4",
+            "platform/s5"
+        ],
+        "results in key order, whatever order the tasks ended in"
+    );
+    let spans = spans(&h.fixture.runs());
+    assert_eq!(spans.len(), 5, "{spans:#?}");
+    assert_eq!(
+        most_at_once(&spans),
+        2,
+        "two at once, never more: {spans:#?}"
+    );
+    let s3_end = span_of(&spans, "platform/s3").end.unwrap();
+    let s1 = span_of(&spans, "platform/s1");
+    assert!(s1.start >= s3_end, "s1 comes after s3: {spans:#?}");
+    let s2 = span_of(&spans, "platform/s2");
+    assert!(s2.start >= s1.end.unwrap(), "s2 comes after s1: {spans:#?}");
+    // The first two to start: of those free to start, the first in key order.
+    let first: Vec<&str> = spans[..2].iter().map(|s| s.service.as_str()).collect();
+    let mut first_sorted = first.clone();
+    first_sorted.sort_unstable();
+    assert_eq!(first_sorted, ["platform/s3", "platform/s4"], "{spans:#?}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_predecessor_blocks_the_services_after_it_and_the_others_still_run() {
+    let h = Harness::new().await;
+    h.fixture.set_behaviour(POSTGRES, 0.0, 3);
+    commit_manifest(
+        &h,
+        "version: 1\nservices:\n  platform/redis:\n    after: [platform/postgres]\n  finance_report/app:\n    after: [platform/redis]\n",
+    );
+    add_service(&h, 11, "s1", 0.0, 0);
+    h.fixture.commit("postgres fails; another service");
+    let mut args = WITH_MANIFEST.to_vec();
+    args.extend(["--sync-parallelism", "4"]);
+    let worker = h.start(&h.workspace("ws"), &args);
+    let seq = h.publish_bare("iac.events.sync", r#"{"all": true}"#).await;
+
+    let finished = h.finished_for(seq).await;
+    assert_eq!(finished.state, FinishedState::Failure, "{finished:#?}");
+    assert_eq!(
+        outcomes(&finished),
+        [
+            ("finance_report/app", SyncOutcome::Blocked),
+            ("platform/postgres", SyncOutcome::Failed),
+            ("platform/redis", SyncOutcome::Blocked),
+            ("platform/s1", SyncOutcome::Synced),
+        ]
+    );
+    for blocked in ["finance_report/app", "platform/redis"] {
+        let result = finished
+            .services
+            .iter()
+            .find(|s| s.service == blocked)
+            .unwrap();
+        assert_eq!(
+            result.output_tail,
+            ["Blocked: platform/postgres failed"],
+            "{blocked}"
+        );
+        assert_eq!(result.reason.as_deref(), Some("all"));
+    }
+    assert_eq!(
+        (finished.totals.blocked, finished.totals.not_synced()),
+        (2, 3)
+    );
+    let mut ran: Vec<String> = started_tasks(&h);
+    ran.sort_unstable();
+    assert_eq!(
+        ran,
+        ["postgres.sync", "s1.sync"],
+        "blocked services never start"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn parallel_tasks_time_out_each_with_its_whole_process_group() {
+    let h = Harness::new().await;
+    h.fixture.set_behaviour(POSTGRES, 30.0, 0);
+    h.fixture.set_behaviour(REDIS, 30.0, 0);
+    h.fixture.commit("both hang");
+    let worker = h.start(
+        &h.workspace("ws"),
+        &["--sync-parallelism", "2", "--sync-timeout", "2s"],
+    );
+    let seq = h
+        .publish_bare(
+            "iac.events.sync",
+            r#"{"services":["platform/postgres","platform/redis"]}"#,
+        )
+        .await;
+
+    let finished = h.finished_for(seq).await;
+    assert_eq!(
+        outcomes(&finished),
+        [
+            ("platform/postgres", SyncOutcome::TimedOut),
+            ("platform/redis", SyncOutcome::TimedOut),
+        ]
+    );
+    assert!(
+        finished.duration_ms < 8_000,
+        "the two timed out side by side, not one after the other: {} ms",
+        finished.duration_ms
+    );
+    let spans = spans(&h.fixture.runs());
+    assert_eq!(most_at_once(&spans), 2, "{spans:#?}");
+    for span in &spans {
+        assert!(!process_alive(span.pid), "{} was killed", span.service);
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn every_task_group_left_running_in_the_workspace_is_killed_before_the_next_sync() {
+    let h = Harness::new().await;
+    let workspace = h.workspace("ws");
+    // What a worker that died running several tasks leaves: their groups and their records,
+    // and the single record of an earlier version.
+    let mut orphans: Vec<std::process::Child> = (0..3)
+        .map(|_| {
+            Command::new("sleep")
+                .arg("60")
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let groups = workspace.join(".sync.pgids");
+    std::fs::create_dir_all(&groups).unwrap();
+    std::fs::write(groups.join(orphans[0].id().to_string()), "").unwrap();
+    std::fs::write(groups.join(orphans[1].id().to_string()), "").unwrap();
+    std::fs::write(workspace.join(".sync.pgid"), orphans[2].id().to_string()).unwrap();
+    let worker = h.start(&workspace, &["--sync-parallelism", "4"]);
+    let (_, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
+
+    assert_eq!(h.finished_for(seq).await.state, FinishedState::Success);
+    for orphan in &mut orphans {
+        let status = orphan.try_wait().unwrap().expect("the orphan was killed");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+    assert_eq!(
+        std::fs::read_dir(&groups).unwrap().count(),
+        0,
+        "no record left"
+    );
+    assert!(!workspace.join(".sync.pgid").exists());
+    worker.stop().await;
+}
+
+/// True while the process exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }

@@ -136,6 +136,16 @@ pub struct Config {
         value_parser = parse_repository_path
     )]
     pub dependencies_file: Option<String>,
+
+    /// Tasks of one sync run at once (a service still waits for those it comes `after`).
+    #[arg(
+        long = "sync-parallelism",
+        env = "SYNC_PARALLELISM",
+        value_name = "SYNC_PARALLELISM",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    pub sync_parallelism: u16,
 }
 
 /// A path inside the repository: relative, without `.` or `..` components, so that it cannot
@@ -281,6 +291,7 @@ mod tests {
             ok.dependencies_file.as_deref(),
             Some("docs/ssot/deploy-dependencies.yaml")
         );
+        assert_eq!(ok.sync_parallelism, 1, "one task at a time unless asked");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`git`]: the checkout and what changed, with credentials kept out of every message.
 //! - [`task`]: running one task in its own process group, with a timeout and an output tail.
 //! - [`task_env`]: the environment a task gets, built not inherited, and the masking of secrets.
-//! - [`workspace`]: the workspace lock and the record of the running task.
+//! - [`workspace`]: the workspace lock and the record of the running tasks.
+//! - [`schedule`]: the order of one sync's tasks, and which a failure blocks.
 //! - [`metrics`]: the Prometheus metrics served on `METRICS_PORT`.
 //!
 //! This file holds start-up and the pull and acknowledge loop.
@@ -19,6 +20,7 @@ pub mod decide;
 pub mod git;
 pub mod metrics;
 pub mod repo_url;
+pub mod schedule;
 pub mod sync;
 pub mod task;
 pub mod task_env;
@@ -134,7 +136,7 @@ async fn serve_events(
             command: config.sync_command.clone(),
             timeout: config.sync_timeout,
             tail_lines: config.output_tail_lines.into(),
-            pgid_file: workspace.pgid_file(),
+            groups: workspace.task_groups(),
         },
         task_env: config.task_env(),
         repository: config.repo_url.owner_and_name(),

@@ -1,10 +1,13 @@
-//! Running one event: check out its commit, decide its services, run their tasks one after
-//! another, and store the `started` and `finished` results (or the error that ended it).
+//! Running one event: check out its commit, decide its services, run their tasks (in their
+//! declared order, up to `SYNC_PARALLELISM` at once), and store the `started` and `finished`
+//! results (or the error that ended it).
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use iac_shared::dependencies::{Dependencies, Reason};
 use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, SyncStarted};
 use iac_shared::history::newest_results;
@@ -18,6 +21,7 @@ use crate::config::Config;
 use crate::decide::{self, Delivery, Event, ResultHeader};
 use crate::git::{self, Checkout};
 use crate::metrics::Metrics;
+use crate::schedule::Schedule;
 use crate::task::{self, TaskEnd, TaskRunner};
 use crate::task_env::{TaskEnv, TaskEnvSettings};
 use crate::workspace::Workspace;
@@ -143,7 +147,7 @@ async fn sync(
             return Some(header.error(None, reason, elapsed_ms(started)));
         }
     };
-    task::kill_orphaned_task(&ctx.workspace.pgid_file()).await;
+    task::kill_orphaned_tasks(&ctx.workspace.task_groups()).await;
     // Read before anything runs, so a missing secrets file stops the whole sync.
     let env = match ctx.task_env.build(
         |name| std::env::var(name).ok(),
@@ -196,6 +200,8 @@ pub(crate) struct Decided {
     unknown: Vec<String>,
     /// Changed paths that selected nothing.
     unselected: Vec<String>,
+    /// The declared dependencies in force (their `after` orders the services).
+    deps: Option<Dependencies>,
 }
 
 /// At most this many of the paths that selected nothing are named in the log.
@@ -335,23 +341,28 @@ async fn decide_services(
                 selected: fan_out.selected,
                 unknown: Vec::new(),
                 unselected: fan_out.unselected,
+                deps,
             })
         }
         Event::Sync(request) => {
             let files = ctx.checkout.files().await?;
             let discovered = ctx.rules.discover(files.iter().map(String::as_str));
-            dependencies_at(ctx, &discovered)?;
+            let deps = dependencies_at(ctx, &discovered)?;
             let (selected, unknown) = decide::requested_services(request, &discovered);
             Ok(Decided {
                 selected,
                 unknown,
                 unselected: Vec::new(),
+                deps,
             })
         }
     }
 }
 
-/// Runs the selected services' tasks; `None` when shutdown interrupted them.
+/// Runs the selected services' tasks, up to `SYNC_PARALLELISM` at once, each only after
+/// those it comes `after`; a service behind one that did not sync is reported blocked. The
+/// results are in the services' order, whatever order the tasks ended in. `None` when
+/// shutdown came before every service ran, or its grace ran out.
 async fn run_services(
     ctx: &Context,
     decided: &Decided,
@@ -359,16 +370,52 @@ async fn run_services(
     force: bool,
     env: &TaskEnv,
 ) -> Option<Vec<ServiceResult>> {
-    let mut results = Vec::with_capacity(decided.selected.len() + decided.unknown.len());
-    for (service, reason) in &decided.selected {
-        if ctx.shutdown.is_triggered() {
-            return None;
+    let selected = &decided.selected;
+    let keys: Vec<&str> = selected.iter().map(|(s, _)| s.key.as_str()).collect();
+    let mut schedule = Schedule::new(&keys, |key| {
+        decided
+            .deps
+            .as_ref()
+            .map_or(&[][..], |deps| deps.after(key))
+    });
+    let limit = usize::from(ctx.config.sync_parallelism);
+    let mut results: Vec<Option<ServiceResult>> = vec![None; selected.len()];
+    let mut running = FuturesUnordered::new();
+    let mut interrupted = false;
+    loop {
+        while running.len() < limit && !ctx.shutdown.is_triggered() {
+            let Some(i) = schedule.start_next() else {
+                break;
+            };
+            let service = &selected[i].0;
+            running.push(async move { (i, run_task(ctx, service, commit, force, env).await) });
         }
-        let mut result = run_task(ctx, service, commit, force, env).await?;
-        result.reason = Some(reason.to_string());
-        results.push(result);
+        let Some((i, result)) = running.next().await else {
+            break;
+        };
+        // The others were given the same grace: let them end too before handing back.
+        let Some(mut result) = result else {
+            interrupted = true;
+            continue;
+        };
+        result.reason = Some(selected[i].1.to_string());
+        let synced = result.outcome == SyncOutcome::Synced;
+        results[i] = Some(result);
+        for (j, root) in schedule.finish(i, synced) {
+            let outcome = results[root]
+                .as_ref()
+                .map_or(SyncOutcome::Failed, |r| r.outcome);
+            let mut blocked = decide::blocked_service(&selected[j].0, keys[root], outcome);
+            tracing::warn!(service = keys[j], "{}", blocked.output_tail.join(" "));
+            ctx.metrics.task_finished(SyncOutcome::Blocked, 0.0);
+            blocked.reason = Some(selected[j].1.to_string());
+            results[j] = Some(blocked);
+        }
     }
-    Some(results)
+    if interrupted {
+        return None;
+    }
+    results.into_iter().collect()
 }
 
 /// Runs one task; `None` when the shutdown grace ran out and it was killed.
