@@ -438,6 +438,29 @@ services:
     }
 
     #[test]
+    fn the_example_manifest_reads_and_orders_only_services_of_the_example() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/example-infra");
+        let text = std::fs::read_to_string(format!("{root}/deploy-dependencies.yaml")).unwrap();
+        let deps = Dependencies::from_yaml(&text).unwrap();
+        let files: Vec<String> = [
+            "platform/01.postgres",
+            "platform/02.redis",
+            "platform/03.grafana",
+            "finance_report/finance_report/10.app",
+            "finance_report/finance_report/20.worker",
+        ]
+        .iter()
+        .map(|dir| format!("{dir}/deploy.py"))
+        .filter(|file| std::path::Path::new(&format!("{root}/{file}")).exists())
+        .collect();
+        let found = crate::rules::Rules::default().discover(files.iter().map(String::as_str));
+        assert_eq!(found.len(), 5, "{found:?}");
+        deps.check_services(&found).unwrap();
+        assert!(deps.undiscovered(&found).is_empty());
+        assert_eq!(deps.after("finance_report/worker"), ["finance_report/app"]);
+    }
+
+    #[test]
     fn reasons_read_as_the_log_says_them() {
         assert_eq!(
             Reason::Changed("platform/01.postgres/compose.yaml".into()).to_string(),

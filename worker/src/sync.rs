@@ -432,6 +432,7 @@ async fn run_task(
     let grace_over = async move {
         shutdown.wait().await;
         tracing::info!(
+            service = %service.key,
             "shutdown requested; the running task has {} to finish",
             humantime::format_duration(grace)
         );
