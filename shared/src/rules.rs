@@ -354,11 +354,12 @@ impl Rules {
     ) -> FanOut {
         let known: BTreeSet<&str> = discovered.iter().map(|s| s.key.as_str()).collect();
         let mut reasons: BTreeMap<String, Reason> = BTreeMap::new();
-        let mut select = |key: &str, reason: Reason| match reasons.get_mut(key) {
-            Some(old) => *old = std::mem::replace(old, Reason::Manual).strongest(reason),
-            None => {
-                reasons.insert(key.to_string(), reason);
-            }
+        let mut select = |key: &str, reason: Reason| {
+            let kept = match reasons.remove(key) {
+                Some(old) => old.strongest(reason),
+                None => reason,
+            };
+            reasons.insert(key.to_string(), kept);
         };
         let mut all: Option<&str> = None;
         let mut unselected = Vec::new();

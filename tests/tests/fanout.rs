@@ -146,6 +146,18 @@ async fn each_bad_manifest_ends_the_sync_in_error_naming_the_file_and_the_proble
         );
         assert!(finished.services.is_empty(), "{finished:#?}");
     }
+    // A symbolic link could make the worker read a file outside the checkout.
+    std::os::unix::fs::symlink("/etc/passwd", h.fixture.work_tree().join(MANIFEST)).unwrap();
+    let (_, seq) = h.push_change(&format!("{REDIS}/compose.yaml")).await;
+    let finished = h.finished_for(seq).await;
+    assert_eq!(finished.state, FinishedState::Error, "{finished:#?}");
+    let error = finished.error.unwrap_or_default();
+    assert!(
+        error.contains("not a regular file of the repository"),
+        "{error}"
+    );
+    h.fixture.remove(MANIFEST);
+
     assert!(
         h.fixture.runs().is_empty(),
         "no task runs with a bad manifest: {:?}",

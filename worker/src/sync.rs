@@ -183,8 +183,7 @@ async fn sync(
 
     let force = event.force() || delivery.force;
     let mut results = run_services(ctx, &decided, &commit, force, &env).await?;
-    let unknown = &decided.unknown;
-    for key in unknown {
+    for key in &decided.unknown {
         tracing::warn!(service = %key, "no such service at this commit");
         results.push(decide::unknown_service(key));
         ctx.metrics.task_finished(SyncOutcome::Unknown, 0.0);
@@ -257,7 +256,7 @@ fn dependencies_at(
                 file: file.clone(),
                 problem,
             };
-            let text = read_manifest(&ctx.checkout.dir().join(file)).map_err(bad)?;
+            let text = read_manifest(ctx.checkout.dir(), file).map_err(bad)?;
             let manifest = Dependencies::from_yaml(&text).map_err(|e| bad(e.to_string()))?;
             let deps = match from_rules {
                 Some(rules) => rules.merged(&manifest).map_err(|e| bad(e.to_string()))?,
@@ -281,19 +280,24 @@ fn dependencies_at(
     Ok(Some(deps))
 }
 
-/// The manifest's text: a regular file of the checkout (a symbolic link could point out of
-/// it), of bounded size.
-fn read_manifest(path: &std::path::Path) -> Result<String, String> {
+/// The text of `file` in `checkout`: a regular file inside the checkout (a symbolic link, of
+/// the file or of a directory on its way, could point out of it), of bounded size.
+fn read_manifest(checkout: &std::path::Path, file: &str) -> Result<String, String> {
     use std::io::Read;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
+    let path = checkout.join(file);
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "no such file at this commit".to_string(),
         _ => e.to_string(),
     })?;
-    if !meta.is_file() {
-        return Err("not a regular file (a symbolic link or a directory)".into());
+    let inside = path
+        .canonicalize()
+        .and_then(|real| Ok(real.starts_with(checkout.canonicalize()?)))
+        .unwrap_or(false);
+    if !meta.is_file() || !inside {
+        return Err("not a regular file of the repository (a symbolic link or a directory)".into());
     }
     let mut text = String::new();
-    std::fs::File::open(path)
+    std::fs::File::open(&path)
         .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
         .map_err(|e| e.to_string())?;
     if text.len() as u64 > MAX_MANIFEST_BYTES {
