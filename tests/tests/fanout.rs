@@ -5,9 +5,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
+use std::time::Duration;
 
 use iac_shared::events::{FinishedState, SyncFinished, SyncOutcome};
+use iac_tests::fake_github::FakeGithub;
 use iac_tests::fixture::TaskRun;
+use iac_tests::pipeline::Pipeline;
 use iac_tests::worker_harness::WorkerHarness as Harness;
 
 const MANIFEST: &str = "deploy-dependencies.yaml";
@@ -426,4 +429,49 @@ fn process_alive(pid: u32) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+#[tokio::test]
+async fn a_blocked_service_gets_its_own_error_status_at_github() {
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::new(&github.url());
+    pipeline.set_env("worker", "DEPENDENCIES_FILE", MANIFEST);
+    pipeline.set_env("worker", "SYNC_PARALLELISM", "2");
+    pipeline.set_env("reporter", "STATUS_PER_SERVICE", "true");
+    pipeline.fixture.write(
+        MANIFEST,
+        "version: 1\nservices:\n  platform/redis:\n    depends_on: ['platform/01.postgres/**']\n    after: [platform/postgres]\n",
+    );
+    pipeline.fixture.set_behaviour(POSTGRES, 0.0, 2);
+    pipeline
+        .fixture
+        .commit("redis follows postgres, which fails");
+    let _services = pipeline.start_all().await;
+
+    let (commit, status, answer) = pipeline
+        .push_change(&format!("{POSTGRES}/compose.yaml"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    // The gateway previews from IAC_RULES alone: the manifest is the worker's to read.
+    assert_eq!(answer["services"], serde_json::json!(["platform/postgres"]));
+
+    let final_wait = Duration::from_secs(60);
+    let redis = github
+        .wait_for_accepted(&commit, "IaC Runner / platform/redis", "error", final_wait)
+        .await;
+    let blocked = redis.iter().find(|r| r.state() == "error").unwrap();
+    assert_eq!(blocked.description(), "Blocked: platform/postgres failed");
+    github
+        .wait_for_accepted(&commit, "IaC Runner / Sync", "failure", final_wait)
+        .await;
+    let sync = github.shown(&commit, "IaC Runner / Sync").unwrap();
+    assert_eq!(sync.description(), "2/2 service(s) failed to sync");
+    assert_eq!(
+        github
+            .shown(&commit, "IaC Runner / platform/postgres")
+            .unwrap()
+            .description(),
+        "Failed with exit code 2"
+    );
+    assert_eq!(pipeline.fixture.finished_tasks(), ["postgres.sync"]);
 }
