@@ -367,6 +367,17 @@ fn service_summary(result: &ServiceResult) -> (StatusState, String) {
             StatusState::Error,
             "Not finished: the sync was given up".to_string(),
         ),
+        // It never ran: an error, like a sync that could not run, with the worker's
+        // "Blocked: platform/postgres failed".
+        (SyncOutcome::Blocked, _) => (
+            StatusState::Error,
+            result
+                .output_tail
+                .first()
+                .filter(|line| line.starts_with("Blocked: "))
+                .cloned()
+                .unwrap_or_else(|| "Blocked: a service it comes after did not sync".to_string()),
+        ),
     }
 }
 
@@ -409,6 +420,7 @@ mod tests {
             repository: Some("acme/infra".into()),
             commit: SHA.into(),
             services: services.iter().map(|s| s.to_string()).collect(),
+            reasons: Default::default(),
             replay_of: None,
             started_at: "2026-01-01T00:00:00Z".into(),
             env: None,
@@ -424,6 +436,7 @@ mod tests {
             exit_code,
             output_tail: vec![],
             duration_ms: 1,
+            reason: None,
         }
     }
 
@@ -612,6 +625,10 @@ mod tests {
                 result("platform/kafka", SyncOutcome::TimedOut, None),
                 result("platform/nope", SyncOutcome::Unknown, None),
                 result("platform/kafka2", SyncOutcome::NotFinished, None),
+                ServiceResult {
+                    output_tail: vec!["Blocked: platform/postgres failed".into()],
+                    ..result("platform/app", SyncOutcome::Blocked, None)
+                },
             ],
         );
         let plan = for_finished(&done, &per_service).unwrap();
@@ -627,6 +644,7 @@ mod tests {
                 (StatusState::Failure, "Failed: timed out"),
                 (StatusState::Failure, "Failed: unknown service"),
                 (StatusState::Error, "Not finished: the sync was given up"),
+                (StatusState::Error, "Blocked: platform/postgres failed"),
             ]
         );
     }

@@ -1,5 +1,7 @@
 //! The messages on `IAC_EVENTS` and `IAC_RESULTS`, as JSON a person can read and type.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// A commit id of all zeros: GitHub's "no commit" (new branch `before`, deleted branch `after`).
@@ -208,6 +210,11 @@ pub struct SyncStarted {
     pub repository: Option<String>,
     pub commit: String,
     pub services: Vec<String>,
+    /// Why each service was selected (`changed platform/01.postgres/compose.yaml`,
+    /// `depends on libs/** via libs/common.py`, `manual`, `all`), by service key. Absent in
+    /// results of workers that did not say.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<u64>,
     /// RFC 3339.
@@ -245,6 +252,9 @@ pub enum SyncOutcome {
     Unknown,
     /// The sync was given up (its attempts ran out) before this service's task finished.
     NotFinished,
+    /// Not run: a service of the same sync it comes `after` did not sync (the output tail
+    /// says which: `Blocked: platform/postgres failed`).
+    Blocked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +269,9 @@ pub struct ServiceResult {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub output_tail: Vec<String>,
     pub duration_ms: u64,
+    /// Why the service was selected (as in [`SyncStarted::reasons`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,6 +283,8 @@ pub struct Totals {
     pub unknown: usize,
     #[serde(default)]
     pub not_finished: usize,
+    #[serde(default)]
+    pub blocked: usize,
 }
 
 impl Totals {
@@ -285,6 +300,7 @@ impl Totals {
                 SyncOutcome::TimedOut => totals.timed_out += 1,
                 SyncOutcome::Unknown => totals.unknown += 1,
                 SyncOutcome::NotFinished => totals.not_finished += 1,
+                SyncOutcome::Blocked => totals.blocked += 1,
             }
         }
         totals
@@ -292,7 +308,7 @@ impl Totals {
 
     /// Services that did not sync.
     pub fn not_synced(&self) -> usize {
-        self.failed + self.timed_out + self.unknown + self.not_finished
+        self.failed + self.timed_out + self.unknown + self.not_finished + self.blocked
     }
 }
 
@@ -450,6 +466,25 @@ mod tests {
     fn truncation_keeps_whole_characters() {
         assert_eq!(truncate_chars("héllo", 2), "hé");
         assert_eq!(truncate_chars("abc", 10), "abc");
+    }
+
+    #[test]
+    fn results_without_reasons_or_blocked_counts_still_read() {
+        let started: SyncStarted = serde_json::from_str(
+            r#"{"event_id":"e","event_seq":1,"trigger":"push","commit":"c","services":["a/b"],"started_at":"t"}"#,
+        )
+        .unwrap();
+        assert!(started.reasons.is_empty());
+        let totals: Totals =
+            serde_json::from_str(r#"{"total":1,"synced":0,"failed":1,"timed_out":0,"unknown":0}"#)
+                .unwrap();
+        assert_eq!((totals.blocked, totals.not_synced()), (0, 1));
+        let blocked: ServiceResult = serde_json::from_str(
+            r#"{"service":"a/b","outcome":"blocked","output_tail":["Blocked: a/c failed"],"duration_ms":0,"reason":"manual"}"#,
+        )
+        .unwrap();
+        assert_eq!(blocked.outcome, SyncOutcome::Blocked);
+        assert_eq!(Totals::of(&[blocked]).not_synced(), 1);
     }
 
     #[test]

@@ -142,11 +142,28 @@ pub fn format_table(syncs: &[SyncFinished], queue: QueueDepth) -> String {
             sync.duration_ms as f64 / 1000.0,
             services
         ));
+        out.push_str(&format_reasons(sync));
     }
     out.push_str(&format!(
         "queue: {} waiting, {} in progress\n",
         queue.waiting, queue.in_progress
     ));
+    out
+}
+
+/// One indented line per service that says why it was selected and, when blocked, by what.
+fn format_reasons(sync: &SyncFinished) -> String {
+    let mut out = String::new();
+    for s in &sync.services {
+        let Some(reason) = &s.reason else { continue };
+        out.push_str(&format!("    {}: {reason}", s.service));
+        if s.outcome == SyncOutcome::Blocked
+            && let Some(blocked) = s.output_tail.first()
+        {
+            out.push_str(&format!("; {blocked}"));
+        }
+        out.push('\n');
+    }
     out
 }
 
@@ -157,6 +174,7 @@ fn outcome_word(outcome: SyncOutcome) -> &'static str {
         SyncOutcome::TimedOut => "timed_out",
         SyncOutcome::Unknown => "unknown",
         SyncOutcome::NotFinished => "not_finished",
+        SyncOutcome::Blocked => "blocked",
     }
 }
 
@@ -175,6 +193,7 @@ mod tests {
                 exit_code: Some(3),
                 output_tail: vec![],
                 duration_ms: 10,
+                reason: None,
             },
             ServiceResult {
                 service: "platform/redis".into(),
@@ -183,6 +202,7 @@ mod tests {
                 exit_code: Some(0),
                 output_tail: vec![],
                 duration_ms: 10,
+                reason: None,
             },
         ];
         let sync = SyncFinished {
@@ -215,5 +235,69 @@ mod tests {
         assert!(table.contains("platform/postgres=failed(3) platform/redis=synced"));
         assert!(table.contains("5.4s"));
         assert!(table.ends_with("queue: 2 waiting, 1 in progress\n"));
+    }
+
+    #[test]
+    fn the_table_says_why_each_service_ran_and_what_blocked_one() {
+        let result = |service: &str, outcome, reason: &str, tail: &[&str]| ServiceResult {
+            service: service.into(),
+            task: None,
+            outcome,
+            exit_code: None,
+            output_tail: tail.iter().map(|l| l.to_string()).collect(),
+            duration_ms: 0,
+            reason: Some(reason.into()),
+        };
+        let services = vec![
+            result(
+                "platform/alerting",
+                SyncOutcome::Blocked,
+                "depends on libs/** via libs/common.py",
+                &["Blocked: platform/postgres failed"],
+            ),
+            result(
+                "platform/postgres",
+                SyncOutcome::Failed,
+                "changed platform/01.postgres/compose.yaml",
+                &["boom"],
+            ),
+        ];
+        let sync = SyncFinished {
+            event_id: "e".into(),
+            event_seq: 1,
+            trigger: Trigger::Push,
+            repository: None,
+            commit: Some("59b20b8d5a1e".into()),
+            state: FinishedState::Failure,
+            totals: Totals::of(&services),
+            services,
+            error: None,
+            duration_ms: 5400,
+            replay_of: None,
+            finished_at: "2026-11-25T21:00:05.123Z".into(),
+            env: None,
+            deployment_id: None,
+        };
+        let table = format_table(
+            &[sync],
+            QueueDepth {
+                waiting: 0,
+                in_progress: 0,
+            },
+        );
+        assert!(
+            table.contains("platform/alerting=blocked platform/postgres=failed"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "\n    platform/alerting: depends on libs/** via libs/common.py; Blocked: platform/postgres failed\n"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("\n    platform/postgres: changed platform/01.postgres/compose.yaml\n"),
+            "{table}"
+        );
     }
 }

@@ -8,6 +8,8 @@
 //! - [`history`]: the last syncs and the queue depth, read from the streams.
 //! - [`signature`]: GitHub's `X-Hub-Signature-256` HMAC, signed and verified.
 //! - [`rules`]: which services a changed path affects, and service discovery by `deploy.py`.
+//! - [`dependencies`]: declared fan-out and order (`DEPENDENCIES_FILE`), and why each service
+//!   of a sync was selected.
 //! - [`nats`]: NATS connection settings, stream and consumer provisioning.
 //! - [`provision`]: `iac-worker provision`, the operator's provisioning as the NATS admin user.
 //! - [`runtime`]: what every service loop shares: starting durable consumers, retry with
@@ -18,6 +20,7 @@
 //! - [`ops`]: the `/metrics`, `/health`, `/ready` endpoint of the worker and reporter.
 
 pub mod cli;
+pub mod dependencies;
 pub mod deploy;
 pub mod env;
 pub mod events;

@@ -10,7 +10,9 @@
 //! | `finance_report/finance_report/{nn}.{name}/**` | service `finance_report/{name}`, task `fr-{name}.sync` |
 //! | anything else | ignored |
 //!
-//! `IAC_RULES` may name a TOML file that replaces them (see [`Rules::from_toml`]).
+//! `IAC_RULES` may name a TOML file that replaces them (see [`Rules::from_toml`]). With
+//! declared dependencies ([`crate::dependencies`]), [`Rules::fan_out`] selects the services a
+//! sync runs and says why.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -19,6 +21,7 @@ use foldhash::HashMap as FoldHashMap;
 use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::dependencies::{Declared, Dependencies, DependencyError, Reason};
 use crate::events::is_valid_service_key;
 
 /// What [`Rules::map_paths`] shows for "every service" in a preview (as the original did).
@@ -85,6 +88,15 @@ impl Mapping {
     }
 }
 
+/// What a set of changed paths selects (see [`Rules::fan_out`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FanOut {
+    /// The selected services in key order, each with why.
+    pub selected: Vec<(Service, Reason)>,
+    /// Changed paths that select no service, in the order they came.
+    pub unselected: Vec<String>,
+}
+
 /// A rules file that could not be used; the message points at the bad rule.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
@@ -97,6 +109,8 @@ pub enum RulesError {
     Toml(String),
     #[error("{rule}: {problem}")]
     Rule { rule: String, problem: String },
+    #[error("{0}")]
+    Dependencies(#[from] DependencyError),
 }
 
 /// The rules file format (`IAC_RULES`).
@@ -109,6 +123,10 @@ pub enum RulesError {
 /// dir = "platform/*"          # a directory matching this, holding deploy.py, is a service
 /// key = "platform/{name}"     # {name}: the directory's last component without its "NN." prefix
 /// task = "{name}.sync"        # {dir}: that last component as it is
+///
+/// [services."platform/alerting"]  # declared dependencies, as in DEPENDENCIES_FILE
+/// depends_on = ["libs/**"]
+/// after = ["platform/postgres"]
 /// ```
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +137,7 @@ struct RulesFile {
     all: Vec<String>,
     #[serde(default)]
     service: Vec<ServiceRuleFile>,
+    services: Option<BTreeMap<String, Declared>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +191,8 @@ pub struct Rules {
     never: PathSet,
     all: PathSet,
     services: Vec<ServiceRule>,
+    /// The `services` table, when the file has one.
+    dependencies: Option<Dependencies>,
 }
 
 /// A set of glob patterns. Patterns of the form `dir/**` (no wildcard in `dir`, like the
@@ -281,11 +302,18 @@ impl Rules {
                 problem: "at least one [[service]] rule is needed".into(),
             });
         }
+        let dependencies = file.services.map(Dependencies::new).transpose()?;
         Ok(Rules {
             never,
             all,
             services,
+            dependencies,
         })
+    }
+
+    /// The dependencies declared in the rules file (its `services` table), if it has any.
+    pub fn dependencies(&self) -> Option<&Dependencies> {
+        self.dependencies.as_ref()
     }
 
     /// The effect of one changed path. `never` wins over `all`, which wins over services.
@@ -296,17 +324,88 @@ impl Rules {
         if self.all.is_match(path) {
             return Effect::All;
         }
-        for rule in &self.services {
+        self.own_service(path)
+            .map_or(Effect::Nothing, Effect::Service)
+    }
+
+    /// The service whose directory holds `path`, by the service rules alone.
+    fn own_service(&self, path: &str) -> Option<String> {
+        self.services.iter().find_map(|rule| {
             // The service directory is the path's first `depth` components; a file directly at
             // that depth (no directory below it) is not inside a service.
-            let Some(end) = nth_slash(path, rule.depth) else {
-                continue;
+            let end = nth_slash(path, rule.depth)?;
+            rule.key(&path[..end])
+        })
+    }
+
+    /// The discovered services changed `paths` select, each with why, and the paths that
+    /// select nothing.
+    ///
+    /// A path selects the service whose directory holds it and every service declaring a
+    /// glob it matches. A path of the `all` rule selects every service without declarations
+    /// (`deps` is `None`), and only the services declaring it with them. `never` paths
+    /// select nothing. A service selected for several reasons keeps the strongest: its own
+    /// change, then a declared dependency, then `all`, each naming the first such path.
+    pub fn fan_out<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a str>,
+        discovered: &[Service],
+        deps: Option<&Dependencies>,
+    ) -> FanOut {
+        let known: BTreeSet<&str> = discovered.iter().map(|s| s.key.as_str()).collect();
+        let mut reasons: BTreeMap<String, Reason> = BTreeMap::new();
+        let mut select = |key: &str, reason: Reason| {
+            let kept = match reasons.remove(key) {
+                Some(old) => old.strongest(reason),
+                None => reason,
             };
-            if let Some(key) = rule.key(&path[..end]) {
-                return Effect::Service(key);
+            reasons.insert(key.to_string(), kept);
+        };
+        let mut all: Option<&str> = None;
+        let mut unselected = Vec::new();
+        for path in paths {
+            if self.never.is_match(path) {
+                unselected.push(path.to_string());
+                continue;
+            }
+            let mut selected = false;
+            if self.all.is_match(path) {
+                if deps.is_none() {
+                    all.get_or_insert(path);
+                    selected = true;
+                }
+            } else if let Some(key) = self.own_service(path)
+                && known.contains(key.as_str())
+            {
+                select(&key, Reason::Changed(path.to_string()));
+                selected = true;
+            }
+            for (key, pattern) in deps.into_iter().flat_map(|deps| deps.dependents(path)) {
+                if known.contains(key) {
+                    let reason = Reason::DependsOn {
+                        pattern: pattern.to_string(),
+                        path: path.to_string(),
+                    };
+                    select(key, reason);
+                    selected = true;
+                }
+            }
+            if !selected {
+                unselected.push(path.to_string());
             }
         }
-        Effect::Nothing
+        if let Some(path) = all {
+            for service in discovered {
+                select(&service.key, Reason::All(Some(format!("changed {path}"))));
+            }
+        }
+        FanOut {
+            selected: discovered
+                .iter()
+                .filter_map(|s| Some((s.clone(), reasons.remove(&s.key)?)))
+                .collect(),
+            unselected,
+        }
     }
 
     /// Maps changed paths to services.
@@ -759,6 +858,137 @@ mod tests {
             .map(|s| s.key.as_str())
             .collect();
         assert_eq!(selected, ["platform/b"]);
+    }
+
+    fn fan_out_of(
+        rules: &Rules,
+        paths: &[&str],
+        deps: Option<&Dependencies>,
+    ) -> (Vec<(String, String)>, Vec<String>) {
+        let found = rules.discover([
+            "platform/01.postgres/deploy.py",
+            "platform/02.redis/deploy.py",
+            "platform/09.alerting/deploy.py",
+        ]);
+        let fan_out = rules.fan_out(paths.iter().copied(), &found, deps);
+        let selected = fan_out
+            .selected
+            .iter()
+            .map(|(s, reason)| (s.key.clone(), reason.to_string()))
+            .collect();
+        (selected, fan_out.unselected)
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(k, r)| (k.to_string(), r.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn without_declarations_libs_select_every_service_saying_why() {
+        let (selected, unselected) = fan_out_of(
+            &Rules::default(),
+            &[
+                "docs/x.md",
+                "libs/common.py",
+                "platform/01.postgres/compose.yaml",
+                "bootstrap/01.vault/x",
+            ],
+            None,
+        );
+        assert_eq!(
+            selected,
+            pairs(&[
+                ("platform/alerting", "all (changed libs/common.py)"),
+                (
+                    "platform/postgres",
+                    "changed platform/01.postgres/compose.yaml"
+                ),
+                ("platform/redis", "all (changed libs/common.py)"),
+            ])
+        );
+        assert_eq!(unselected, ["docs/x.md", "bootstrap/01.vault/x"]);
+    }
+
+    #[test]
+    fn with_declarations_libs_select_only_the_services_declaring_them() {
+        let deps = Dependencies::from_yaml(
+            "version: 1\nservices:\n  platform/alerting:\n    depends_on: [libs/**, 'platform/*/deploy.py']\n",
+        )
+        .unwrap();
+        let (selected, unselected) = fan_out_of(
+            &Rules::default(),
+            &["libs/common.py", "libs/other.py", "tools/x.sh"],
+            Some(&deps),
+        );
+        assert_eq!(
+            selected,
+            pairs(&[("platform/alerting", "depends on libs/** via libs/common.py")])
+        );
+        assert_eq!(unselected, ["tools/x.sh"]);
+
+        // Its own change is the stronger reason; the other service's deploy.py reaches it too.
+        let (selected, _) = fan_out_of(
+            &Rules::default(),
+            &[
+                "platform/01.postgres/deploy.py",
+                "platform/09.alerting/deploy.py",
+            ],
+            Some(&deps),
+        );
+        assert_eq!(
+            selected,
+            pairs(&[
+                (
+                    "platform/alerting",
+                    "changed platform/09.alerting/deploy.py"
+                ),
+                (
+                    "platform/postgres",
+                    "changed platform/01.postgres/deploy.py"
+                ),
+            ])
+        );
+
+        // Nobody declares libs: a libs change selects nothing and is said to.
+        let (selected, unselected) = fan_out_of(
+            &Rules::default(),
+            &["libs/common.py"],
+            Some(&Dependencies::default()),
+        );
+        assert!(selected.is_empty());
+        assert_eq!(unselected, ["libs/common.py"]);
+    }
+
+    #[test]
+    fn a_rules_file_may_declare_dependencies_and_the_preview_is_unchanged() {
+        let rules = Rules::from_toml(
+            r#"
+            all = ["libs/**"]
+            [[service]]
+            dir = "platform/*"
+            key = "platform/{name}"
+            task = "{name}.sync"
+            [services."platform/alerting"]
+            depends_on = ["libs/**"]
+            after = ["platform/postgres"]
+            [services."platform/redis"]
+            "#,
+        )
+        .unwrap();
+        let deps = rules.dependencies().expect("declared");
+        assert_eq!(deps.after("platform/alerting"), ["platform/postgres"]);
+        assert_eq!(keys(&rules.map_paths(["libs/x.py"])), ["__all__"]);
+        assert!(Rules::default().dependencies().is_none());
+
+        let err = Rules::from_toml(
+            "[[service]]\ndir = \"a/*\"\nkey = \"a/{name}\"\ntask = \"t{name}\"\n[services.\"a/b\"]\nafter = [\"a/b\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cycle: a/b → a/b"), "{err}");
     }
 
     proptest::proptest! {

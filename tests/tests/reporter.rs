@@ -240,6 +240,7 @@ fn started(event_seq: u64, commit: &str, services: &[&str]) -> SyncStarted {
         repository: Some(REPO.into()),
         commit: commit.into(),
         services: services.iter().map(|s| s.to_string()).collect(),
+        reasons: Default::default(),
         replay_of: None,
         started_at: now_rfc3339(),
         env: None,
@@ -255,6 +256,7 @@ fn result(service: &str, outcome: SyncOutcome, exit_code: Option<i32>) -> Servic
         exit_code,
         output_tail: vec![],
         duration_ms: 120,
+        reason: None,
     }
 }
 

@@ -162,6 +162,26 @@ pub struct Config {
         default_value = "uv"
     )]
     pub task_uv: PathBuf,
+
+    /// Repository-relative path of the dependency manifest, read at each synced commit: which
+    /// services a shared path reaches, and which services run after which.
+    #[arg(
+        long = "dependencies-file",
+        env = "DEPENDENCIES_FILE",
+        value_name = "DEPENDENCIES_FILE",
+        value_parser = parse_repository_path
+    )]
+    pub dependencies_file: Option<String>,
+
+    /// Tasks of one sync run at once (a service still waits for those it comes `after`).
+    #[arg(
+        long = "sync-parallelism",
+        env = "SYNC_PARALLELISM",
+        value_name = "SYNC_PARALLELISM",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    pub sync_parallelism: u16,
 }
 
 /// A glob over tag names: what a tag name may hold, plus the glob characters `*`, `?`, `[`, `]`.
@@ -175,6 +195,19 @@ fn parse_tag_pattern(s: &str) -> Result<String, String> {
         ));
     }
     Ok(pattern.to_string())
+}
+
+/// A path inside the repository: relative, without `.` or `..` components, so that it cannot
+/// name a file outside the checkout.
+fn parse_repository_path(s: &str) -> Result<String, String> {
+    let path = s.trim();
+    let components_ok = path
+        .split('/')
+        .all(|part| !part.is_empty() && part != "." && part != "..");
+    if path.is_empty() || path.starts_with('/') || !components_ok {
+        return Err("must be a path inside the repository, like deploy-dependencies.yaml".into());
+    }
+    Ok(path.to_string())
 }
 
 // Never fails: clap would quote the raw value, credentials included, in its error. The URL is
@@ -337,6 +370,29 @@ mod tests {
                 .deploy_tag_pattern,
             "release-*"
         );
+    }
+
+    #[test]
+    fn the_dependency_manifest_must_be_inside_the_repository() {
+        let parse = |path: &str| {
+            Config::try_parse_from([
+                "iac-worker",
+                "--git-repo-url",
+                "https://x/acme/infra.git",
+                "--dependencies-file",
+                path,
+            ])
+        };
+        for bad in ["/etc/passwd", "../x.yaml", "docs/../../x", "a//b", "./x"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("DEPENDENCIES_FILE"), "{bad}: {err}");
+        }
+        let ok = parse("docs/ssot/deploy-dependencies.yaml").unwrap();
+        assert_eq!(
+            ok.dependencies_file.as_deref(),
+            Some("docs/ssot/deploy-dependencies.yaml")
+        );
+        assert_eq!(ok.sync_parallelism, 1, "one task at a time unless asked");
     }
 
     #[test]

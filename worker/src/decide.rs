@@ -1,6 +1,7 @@
 //! The worker's decisions, as pure functions over plain types: which event a message is,
 //! which commit to check out, which services to run, and what the results say.
 
+use iac_shared::dependencies::{Dependencies, Reason};
 use iac_shared::deploy::{
     DeployRequest, DeploymentResult, DeploymentStatus, DeploymentSummary, ServiceSummary,
     env_of_subject, is_deployment_id, is_exact_commit,
@@ -10,7 +11,7 @@ use iac_shared::events::{
     SyncStarted, Totals, Trigger, is_null_commit, now_rfc3339,
 };
 use iac_shared::names::{PUSH_SUBJECT, SYNC_SUBJECT};
-use iac_shared::rules::{Rules, Service};
+use iac_shared::rules::{FanOut, Rules, Service};
 use iac_shared::runtime::Envelope;
 use std::time::Duration;
 
@@ -254,37 +255,48 @@ impl Event {
     }
 }
 
-/// The services a push runs.
+/// The services a push runs, each with why, and the changed paths that select nothing.
 ///
 /// `git_diff` holds the paths git reports between `before` and the checked-out commit; it is
 /// `None` when git cannot tell (new branch, or `before` unknown after a force push). Then the
 /// payload's paths are used, unless they were cut short: then every discovered service runs.
+/// `deps` are the declared dependencies, when there are any (see [`Rules::fan_out`]).
 pub fn push_services(
     push: &PushEvent,
     git_diff: Option<&[String]>,
     rules: &Rules,
     discovered: &[Service],
-) -> Vec<Service> {
+    deps: Option<&Dependencies>,
+) -> FanOut {
     let paths: &[String] = match git_diff {
         Some(paths) => paths,
-        None if push.paths_truncated => return discovered.to_vec(),
+        None if push.paths_truncated => {
+            let why = "the push listed too many paths to tell which changed";
+            return FanOut {
+                selected: every(discovered, Reason::All(Some(why.into()))),
+                unselected: Vec::new(),
+            };
+        }
         None => &push.paths,
     };
-    rules
-        .map_paths(paths.iter().map(String::as_str))
-        .select(discovered)
-        .into_iter()
-        .cloned()
+    rules.fan_out(paths.iter().map(String::as_str), discovered, deps)
+}
+
+fn every(discovered: &[Service], reason: Reason) -> Vec<(Service, Reason)> {
+    discovered
+        .iter()
+        .map(|s| (s.clone(), reason.clone()))
         .collect()
 }
 
-/// The services a manual request runs, in key order, and the keys it named that do not exist.
+/// The services a manual request runs, in key order, each with why, and the keys it named
+/// that do not exist.
 pub fn requested_services(
     request: &SyncRequest,
     discovered: &[Service],
-) -> (Vec<Service>, Vec<String>) {
+) -> (Vec<(Service, Reason)>, Vec<String>) {
     if request.all {
-        return (discovered.to_vec(), Vec::new());
+        return (every(discovered, Reason::All(None)), Vec::new());
     }
     let mut keys: Vec<&str> = request.services.iter().map(String::as_str).collect();
     keys.sort_unstable();
@@ -293,7 +305,7 @@ pub fn requested_services(
     let mut unknown = Vec::new();
     for key in keys {
         match discovered.iter().find(|s| s.key == key) {
-            Some(service) => found.push(service.clone()),
+            Some(service) => found.push((service.clone(), Reason::Manual)),
             None => unknown.push(key.to_string()),
         }
     }
@@ -308,11 +320,11 @@ pub fn requested_services(
 pub fn deploy_services(
     request: &DeployRequest,
     discovered: &[Service],
-) -> (Vec<Service>, Vec<String>) {
+) -> (Vec<(Service, Reason)>, Vec<String>) {
     if request.all() {
-        return (discovered.to_vec(), Vec::new());
+        return (every(discovered, Reason::All(None)), Vec::new());
     }
-    let mut found: Vec<Service> = Vec::new();
+    let mut found: Vec<(Service, Reason)> = Vec::new();
     let mut unknown = Vec::new();
     for name in &request.services {
         let by_key = discovered.iter().find(|s| s.key == *name);
@@ -322,14 +334,14 @@ pub fn deploy_services(
             _ => None,
         });
         match service {
-            Some(service) if !found.iter().any(|s| s.key == service.key) => {
-                found.push(service.clone())
+            Some(service) if !found.iter().any(|(s, _)| s.key == service.key) => {
+                found.push((service.clone(), Reason::Manual))
             }
             Some(_) => {}
             None => unknown.push(name.clone()),
         }
     }
-    found.sort_by(|a, b| a.key.cmp(&b.key));
+    found.sort_by(|(a, _), (b, _)| a.key.cmp(&b.key));
     (found, unknown)
 }
 
@@ -357,6 +369,26 @@ pub fn service_result(service: &Service, end: TaskEnd, duration: Duration) -> Se
         exit_code,
         output_tail,
         duration_ms: duration.as_millis().try_into().unwrap_or(u64::MAX),
+        reason: None,
+    }
+}
+
+/// The result of a service that did not run because `by`, a service it comes after, ended
+/// with `outcome`.
+pub fn blocked_service(service: &Service, by: &str, outcome: SyncOutcome) -> ServiceResult {
+    let what = match outcome {
+        SyncOutcome::TimedOut => "timed out",
+        SyncOutcome::Blocked => "was blocked",
+        _ => "failed",
+    };
+    ServiceResult {
+        service: service.key.clone(),
+        task: Some(service.task.clone()),
+        outcome: SyncOutcome::Blocked,
+        exit_code: None,
+        output_tail: vec![format!("Blocked: {by} {what}")],
+        duration_ms: 0,
+        reason: None,
     }
 }
 
@@ -369,6 +401,7 @@ pub fn unknown_service(key: &str) -> ServiceResult {
         exit_code: None,
         output_tail: Vec::new(),
         duration_ms: 0,
+        reason: Some(Reason::Manual.to_string()),
     }
 }
 
@@ -419,9 +452,23 @@ impl ResultHeader {
         }
     }
 
-    pub fn started(&self, commit: &str, services: &[Service], unknown: &[String]) -> SyncStarted {
-        let mut keys: Vec<String> = services.iter().map(|s| s.key.clone()).collect();
+    pub fn started(
+        &self,
+        commit: &str,
+        services: &[(Service, Reason)],
+        unknown: &[String],
+    ) -> SyncStarted {
+        let mut keys: Vec<String> = services.iter().map(|(s, _)| s.key.clone()).collect();
         keys.extend(unknown.iter().cloned());
+        let mut reasons: std::collections::BTreeMap<String, String> = services
+            .iter()
+            .map(|(s, reason)| (s.key.clone(), reason.to_string()))
+            .collect();
+        reasons.extend(
+            unknown
+                .iter()
+                .map(|k| (k.clone(), Reason::Manual.to_string())),
+        );
         SyncStarted {
             event_id: self.event_id.clone(),
             event_seq: self.event_seq,
@@ -429,6 +476,7 @@ impl ResultHeader {
             repository: self.repository.clone(),
             commit: commit.to_string(),
             services: keys,
+            reasons,
             replay_of: self.replay_of,
             started_at: now_rfc3339(),
             env: self.env.clone(),
@@ -488,6 +536,7 @@ impl ResultHeader {
                 exit_code: None,
                 output_tail: Vec::new(),
                 duration_ms: 0,
+                reason: started.reasons.get(service).cloned(),
             })
             .collect();
         SyncFinished {
@@ -700,8 +749,8 @@ mod tests {
         }
     }
 
-    fn keys(services: &[Service]) -> Vec<&str> {
-        services.iter().map(|s| s.key.as_str()).collect()
+    fn keys(services: &[(Service, Reason)]) -> Vec<&str> {
+        services.iter().map(|(s, _)| s.key.as_str()).collect()
     }
 
     #[test]
@@ -893,7 +942,7 @@ mod tests {
         assert!(found.is_empty(), "an ambiguous short name ran {found:?}");
         assert_eq!(unknown, ["redis"]);
         let (all, _) = deploy_services(&deploy(&["__all__"]), &discovered());
-        assert_eq!(all, discovered());
+        assert_eq!(all, every(&discovered(), Reason::All(None)));
     }
 
     #[test]
@@ -905,7 +954,9 @@ mod tests {
             Some(&diff),
             &rules,
             &discovered(),
-        );
+            None,
+        )
+        .selected;
         assert_eq!(keys(&selected), ["platform/postgres"]);
     }
 
@@ -917,7 +968,9 @@ mod tests {
             Some(&["libs/x.py".into()]),
             &rules,
             &discovered(),
-        );
+            None,
+        )
+        .selected;
         assert_eq!(
             keys(&all),
             ["finance_report/app", "platform/postgres", "platform/redis"]
@@ -927,7 +980,9 @@ mod tests {
             Some(&["bootstrap/01.vault/compose.yaml".into()]),
             &rules,
             &discovered(),
-        );
+            None,
+        )
+        .selected;
         assert!(none.is_empty());
     }
 
@@ -939,14 +994,18 @@ mod tests {
             None,
             &rules,
             &discovered(),
-        );
+            None,
+        )
+        .selected;
         assert_eq!(keys(&listed), ["platform/redis"]);
         let truncated = push_services(
             &push(&["platform/02.redis/compose.yaml"], true),
             None,
             &rules,
             &discovered(),
-        );
+            None,
+        )
+        .selected;
         assert_eq!(truncated.len(), 3);
     }
 
@@ -959,7 +1018,9 @@ mod tests {
             Some(&["platform/01.postgres/deploy.py".into()]),
             &rules,
             &remaining,
-        );
+            None,
+        )
+        .selected;
         assert!(selected.is_empty());
     }
 
@@ -1004,10 +1065,22 @@ mod tests {
         assert!(gave_up.services.is_empty());
 
         // An attempt started: its commit, and every service it set pending, not finished.
+        let redis = Rules::default().discover(["platform/02.redis/deploy.py"]);
         let started = header.started(
             &"c".repeat(40),
-            &Rules::default().discover(["platform/02.redis/deploy.py"]),
+            &[(
+                redis[0].clone(),
+                Reason::Changed("platform/02.redis/x".into()),
+            )],
             &["platform/nope".to_string()],
+        );
+        assert_eq!(
+            started.reasons.get("platform/redis").map(String::as_str),
+            Some("changed platform/02.redis/x")
+        );
+        assert_eq!(
+            started.reasons.get("platform/nope").map(String::as_str),
+            Some("manual")
         );
         let gave_up = header.given_up(Some(&started), gave_up_reason(1), 1);
         assert_eq!(gave_up.state, FinishedState::Error);
@@ -1124,6 +1197,7 @@ mod tests {
                 exit_code: Some(1),
                 output_tail: tail.clone(),
                 duration_ms: 5,
+                reason: None,
             })
             .collect();
         header.finished(&"c".repeat(40), services, 10)

@@ -13,7 +13,8 @@
 //! - [`task_env`]: the environment a task gets, built not inherited, and the masking of secrets.
 //! - [`requirements`]: the repository's own Python packages (`TASK_REQUIREMENTS`), installed
 //!   into a virtual environment the tasks run from.
-//! - [`workspace`]: the workspace lock and the record of the running task.
+//! - [`workspace`]: the workspace lock and the record of the running tasks.
+//! - [`schedule`]: the order of one sync's tasks, and which a failure blocks.
 //! - [`metrics`]: the Prometheus metrics served on `METRICS_PORT`.
 //!
 //! This file holds start-up and the pull and acknowledge loops, one per consumer.
@@ -24,6 +25,7 @@ pub mod git;
 pub mod metrics;
 pub mod repo_url;
 pub mod requirements;
+pub mod schedule;
 pub mod sync;
 pub mod task;
 pub mod task_env;
@@ -150,7 +152,7 @@ async fn serve_events(
                 command: config.sync_command.clone(),
                 timeout: config.sync_timeout,
                 tail_lines: config.output_tail_lines.into(),
-                pgid_file: workspace.pgid_file(),
+                groups: workspace.task_groups(),
             },
             task_env: config.task_env(),
             // One set of task environments for every deployment environment: they are keyed

@@ -96,6 +96,7 @@ impl Metrics {
             SyncOutcome::TimedOut => "timed_out",
             SyncOutcome::Unknown => "unknown",
             SyncOutcome::NotFinished => "not_finished",
+            SyncOutcome::Blocked => "blocked",
         };
         self.tasks
             .get_or_create(&OutcomeLabel {

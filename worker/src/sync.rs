@@ -1,10 +1,14 @@
-//! Running one event: check out its commit, decide its services, run their tasks one after
-//! another, and store the `started` and `finished` results (or the error that ended it).
+//! Running one event: check out its commit, decide its services, run their tasks (in their
+//! declared order, up to `SYNC_PARALLELISM` at once), and store the `started` and `finished`
+//! results (or the error that ended it).
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, message::PublishMessage};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use iac_shared::dependencies::{Dependencies, Reason};
 use iac_shared::deploy::{DeployRequest, DeploymentSummary};
 use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, SyncStarted};
 use iac_shared::history::newest_results;
@@ -19,6 +23,7 @@ use crate::decide::{self, Delivery, Event, ResultHeader};
 use crate::git::{self, Checkout};
 use crate::metrics::Metrics;
 use crate::requirements::{RequirementsError, TaskRequirements};
+use crate::schedule::Schedule;
 use crate::task::{self, TaskEnd, TaskRunner};
 use crate::task_env::{TaskEnv, TaskEnvSettings};
 use crate::workspace::Workspace;
@@ -198,7 +203,7 @@ async fn sync(
             return Some(header.error(None, reason, elapsed_ms(started)));
         }
     };
-    task::kill_orphaned_task(&ctx.workspace.pgid_file()).await;
+    task::kill_orphaned_tasks(&ctx.workspace.task_groups()).await;
     // Read before anything runs, so a missing secrets file stops the whole sync.
     let mut env = match ctx.task_env.build(
         |name| std::env::var(name).ok(),
@@ -238,28 +243,21 @@ async fn sync(
             return Some(header.error(Some(&commit), reason, elapsed_ms(started)));
         }
     };
-    let (services, unknown) = match decide_services(ctx, event, &commit).await {
+    let decided = match decide_services(ctx, event, &commit).await {
         Ok(decided) => decided,
         Err(e) => {
-            let reason = format!("Failed to read git repository: {e}");
+            let reason = e.to_string();
             tracing::error!(%commit, "{reason}");
             return Some(header.error(Some(&commit), reason, elapsed_ms(started)));
         }
     };
-    let keys: Vec<&str> = services.iter().map(|s| s.key.as_str()).collect();
-    tracing::info!(%commit, services = ?keys, unknown = ?unknown, "sync started");
-    let started_result = header.started(&commit, &services, &unknown);
+    decided.log(&commit);
+    let started_result = header.started(&commit, &decided.selected, &decided.unknown);
     publish(ctx, STARTED_SUBJECT, delivery, "started", &started_result).await?;
 
     let force = event.force() || delivery.force;
-    let mut results: Vec<ServiceResult> = Vec::with_capacity(services.len() + unknown.len());
-    for service in &services {
-        if ctx.shutdown.is_triggered() {
-            return None;
-        }
-        results.push(run_task(ctx, service, &commit, force, &env).await?);
-    }
-    for key in &unknown {
+    let mut results = run_services(ctx, &decided, &commit, force, &env).await?;
+    for key in &decided.unknown {
         tracing::warn!(service = %key, "no such service at this commit");
         results.push(decide::unknown_service(key));
         ctx.metrics.task_finished(SyncOutcome::Unknown, 0.0);
@@ -267,13 +265,128 @@ async fn sync(
     Some(header.finished(&commit, results, elapsed_ms(started)))
 }
 
-/// The services the event runs at `commit` and, for a manual sync or a deployment, the unknown
-/// names.
+/// What an event runs at its commit.
+pub(crate) struct Decided {
+    /// The services to run, in key order, each with why.
+    selected: Vec<(Service, Reason)>,
+    /// Keys a manual request named that are not services at the commit.
+    unknown: Vec<String>,
+    /// Changed paths that selected nothing.
+    unselected: Vec<String>,
+    /// The declared dependencies in force (their `after` orders the services).
+    deps: Option<Dependencies>,
+}
+
+/// At most this many of the paths that selected nothing are named in the log.
+const UNSELECTED_LOGGED: usize = 20;
+
+impl Decided {
+    /// Says what was selected and why, and which changed paths selected nothing.
+    fn log(&self, commit: &str) {
+        let keys: Vec<&str> = self.selected.iter().map(|(s, _)| s.key.as_str()).collect();
+        tracing::info!(%commit, services = ?keys, unknown = ?self.unknown, "sync started");
+        for (service, reason) in &self.selected {
+            tracing::info!(service = %service.key, %reason, "selected");
+        }
+        if !self.unselected.is_empty() {
+            let named: Vec<&str> = self
+                .unselected
+                .iter()
+                .take(UNSELECTED_LOGGED)
+                .map(String::as_str)
+                .collect();
+            tracing::info!(
+                count = self.unselected.len(),
+                paths = ?named,
+                "changed paths that select no service"
+            );
+        }
+    }
+}
+
+/// Why the services of an event could not be decided: the sync ends `error`.
+#[derive(Debug, thiserror::Error)]
+enum DecideError {
+    #[error("Failed to read git repository: {0}")]
+    Git(#[from] git::GitError),
+    #[error("Bad dependency manifest {file}: {problem}")]
+    Manifest { file: String, problem: String },
+}
+
+/// Most bytes of a dependency manifest read.
+const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+
+/// The dependencies declared for this commit: `IAC_RULES`'s `services` table and the
+/// `DEPENDENCIES_FILE` of the checkout, merged, every `after` naming a service of `discovered`.
+fn dependencies_at(
+    ctx: &Context,
+    discovered: &[Service],
+) -> Result<Option<Dependencies>, DecideError> {
+    let from_rules = ctx.rules.dependencies();
+    let (deps, file) = match &ctx.config.dependencies_file {
+        None => (from_rules.cloned(), "IAC_RULES".to_string()),
+        Some(file) => {
+            let bad = |problem: String| DecideError::Manifest {
+                file: file.clone(),
+                problem,
+            };
+            let text = read_manifest(ctx.checkout.dir(), file).map_err(bad)?;
+            let manifest = Dependencies::from_yaml(&text).map_err(|e| bad(e.to_string()))?;
+            let deps = match from_rules {
+                Some(rules) => rules.merged(&manifest).map_err(|e| bad(e.to_string()))?,
+                None => manifest,
+            };
+            (Some(deps), file.clone())
+        }
+    };
+    let Some(deps) = deps else {
+        return Ok(None);
+    };
+    deps.check_services(discovered)
+        .map_err(|e| DecideError::Manifest {
+            file: file.clone(),
+            problem: e.to_string(),
+        })?;
+    let undiscovered = deps.undiscovered(discovered);
+    if !undiscovered.is_empty() {
+        tracing::warn!(%file, services = ?undiscovered, "declared services that are not services at this commit");
+    }
+    Ok(Some(deps))
+}
+
+/// The text of `file` in `checkout`: a regular file inside the checkout (a symbolic link, of
+/// the file or of a directory on its way, could point out of it), of bounded size.
+fn read_manifest(checkout: &std::path::Path, file: &str) -> Result<String, String> {
+    use std::io::Read;
+    let path = checkout.join(file);
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file at this commit".to_string(),
+        _ => e.to_string(),
+    })?;
+    let inside = path
+        .canonicalize()
+        .and_then(|real| Ok(real.starts_with(checkout.canonicalize()?)))
+        .unwrap_or(false);
+    if !meta.is_file() || !inside {
+        return Err("not a regular file of the repository (a symbolic link or a directory)".into());
+    }
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!("larger than {MAX_MANIFEST_BYTES} bytes"));
+    }
+    Ok(text)
+}
+
+/// The services the event runs at `commit`, why, and for a manual sync or a deployment the
+/// unknown names.
 async fn decide_services(
     ctx: &Context,
     event: &Event,
     commit: &str,
-) -> Result<(Vec<Service>, Vec<String>), git::GitError> {
+) -> Result<Decided, DecideError> {
     match event {
         Event::Push(push) => {
             // The diff is tried first: asking whether `before` exists costs a git process
@@ -294,20 +407,106 @@ async fn decide_services(
             };
             let (files, diff) = tokio::join!(ctx.checkout.files(), diff);
             let discovered = ctx.rules.discover(files?.iter().map(String::as_str));
-            let services = decide::push_services(push, diff?.as_deref(), &ctx.rules, &discovered);
-            Ok((services, Vec::new()))
+            let diff = diff?;
+            let deps = dependencies_at(ctx, &discovered)?;
+            let fan_out = decide::push_services(
+                push,
+                diff.as_deref(),
+                &ctx.rules,
+                &discovered,
+                deps.as_ref(),
+            );
+            Ok(Decided {
+                selected: fan_out.selected,
+                unknown: Vec::new(),
+                unselected: fan_out.unselected,
+                deps,
+            })
         }
         Event::Sync(request) => {
             let files = ctx.checkout.files().await?;
             let discovered = ctx.rules.discover(files.iter().map(String::as_str));
-            Ok(decide::requested_services(request, &discovered))
+            let deps = dependencies_at(ctx, &discovered)?;
+            let (selected, unknown) = decide::requested_services(request, &discovered);
+            Ok(Decided {
+                selected,
+                unknown,
+                unselected: Vec::new(),
+                deps,
+            })
         }
         Event::Deploy(request) => {
             let files = ctx.checkout.files().await?;
             let discovered = ctx.rules.discover(files.iter().map(String::as_str));
-            Ok(decide::deploy_services(request, &discovered))
+            let deps = dependencies_at(ctx, &discovered)?;
+            let (selected, unknown) = decide::deploy_services(request, &discovered);
+            Ok(Decided {
+                selected,
+                unknown,
+                unselected: Vec::new(),
+                deps,
+            })
         }
     }
+}
+
+/// Runs the selected services' tasks, up to `SYNC_PARALLELISM` at once, each only after
+/// those it comes `after`; a service behind one that did not sync is reported blocked. The
+/// results are in the services' order, whatever order the tasks ended in. `None` when
+/// shutdown came before every service ran, or its grace ran out.
+async fn run_services(
+    ctx: &Context,
+    decided: &Decided,
+    commit: &str,
+    force: bool,
+    env: &TaskEnv,
+) -> Option<Vec<ServiceResult>> {
+    let selected = &decided.selected;
+    let keys: Vec<&str> = selected.iter().map(|(s, _)| s.key.as_str()).collect();
+    let mut schedule = Schedule::new(&keys, |key| {
+        decided
+            .deps
+            .as_ref()
+            .map_or(&[][..], |deps| deps.after(key))
+    });
+    let limit = usize::from(ctx.config.sync_parallelism);
+    let mut results: Vec<Option<ServiceResult>> = vec![None; selected.len()];
+    let mut running = FuturesUnordered::new();
+    let mut interrupted = false;
+    loop {
+        while running.len() < limit && !ctx.shutdown.is_triggered() {
+            let Some(i) = schedule.start_next() else {
+                break;
+            };
+            let service = &selected[i].0;
+            running.push(async move { (i, run_task(ctx, service, commit, force, env).await) });
+        }
+        let Some((i, result)) = running.next().await else {
+            break;
+        };
+        // The others were given the same grace: let them end too before handing back.
+        let Some(mut result) = result else {
+            interrupted = true;
+            continue;
+        };
+        result.reason = Some(selected[i].1.to_string());
+        let synced = result.outcome == SyncOutcome::Synced;
+        results[i] = Some(result);
+        for (j, root) in schedule.finish(i, synced) {
+            let outcome = results[root]
+                .as_ref()
+                .map_or(SyncOutcome::Failed, |r| r.outcome);
+            let mut blocked = decide::blocked_service(&selected[j].0, keys[root], outcome);
+            tracing::warn!(service = keys[j], "{}", blocked.output_tail.join(" "));
+            ctx.metrics.task_finished(SyncOutcome::Blocked, 0.0);
+            blocked.reason = Some(selected[j].1.to_string());
+            results[j] = Some(blocked);
+        }
+    }
+    if interrupted {
+        return None;
+    }
+    results.into_iter().collect()
 }
 
 /// Runs one task; `None` when the shutdown grace ran out and it was killed.
@@ -324,6 +523,7 @@ async fn run_task(
     let grace_over = async move {
         shutdown.wait().await;
         tracing::info!(
+            service = %service.key,
             "shutdown requested; the running task has {} to finish",
             humantime::format_duration(grace)
         );

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::Instrument;
 
 use crate::task_env::{Masker, TaskEnv};
+use crate::workspace::TaskGroups;
 
 const TASK_PLACEHOLDER: &str = "{task}";
 
@@ -152,8 +153,8 @@ pub struct TaskRunner {
     pub command: SyncCommand,
     pub timeout: Duration,
     pub tail_lines: usize,
-    /// Where the running task's process group id is kept for a successor to find.
-    pub pgid_file: PathBuf,
+    /// Where the running tasks' process groups are recorded for a successor to find.
+    pub groups: TaskGroups,
 }
 
 /// How a task run ended, before it becomes a [`ServiceResult`].
@@ -228,8 +229,8 @@ impl TaskRunner {
         let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
             return TaskEnd::CannotStart("the task exited before it could be tracked".into());
         };
-        if let Err(e) = std::fs::write(&self.pgid_file, pgid.to_string()) {
-            tracing::warn!(error = %e, file = %self.pgid_file.display(), "cannot record the task's process group");
+        if let Err(e) = self.groups.record(pgid) {
+            tracing::warn!(error = %e, pgid, "cannot record the task's process group");
         }
         let tail: Tail = Arc::default();
         let readers = [
@@ -253,7 +254,7 @@ impl TaskRunner {
         // overlap the next sync, and its output pipes close.
         kill_group(pgid);
         let _ = child.wait().await;
-        let _ = std::fs::remove_file(&self.pgid_file);
+        self.groups.forget(pgid);
         for reader in readers.into_iter().flatten() {
             if tokio::time::timeout(Duration::from_secs(2), reader)
                 .await
@@ -443,25 +444,26 @@ fn live_group_of(stat: &str) -> Option<i32> {
     (state != "Z").then_some(pgrp)
 }
 
-/// Kills the process group a previous worker recorded in `pgid_file`, if it still runs, and
-/// waits until it is gone.
-pub async fn kill_orphaned_task(pgid_file: &Path) {
-    let Ok(text) = tokio::fs::read_to_string(pgid_file).await else {
-        return;
-    };
-    let pgid: i32 = text.trim().parse().unwrap_or(0);
-    if group_alive(pgid) {
+/// Kills the process groups a previous worker recorded in `groups` that still run, and waits
+/// until they are gone.
+pub async fn kill_orphaned_tasks(groups: &TaskGroups) {
+    let alive: Vec<i32> = groups
+        .recorded()
+        .into_iter()
+        .filter(|&pgid| group_alive(pgid))
+        .collect();
+    for &pgid in &alive {
         tracing::warn!(
             pgid,
             "a task of an earlier sync is still running; killing it"
         );
         kill_group(pgid);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while group_alive(pgid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
-    let _ = tokio::fs::remove_file(pgid_file).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive.iter().any(|&pgid| group_alive(pgid)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    groups.clear();
 }
 
 #[cfg(test)]
