@@ -587,10 +587,59 @@ pub async fn ensure_status_bucket(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<kv::Store, ProvisionError> {
+    ensure_bucket(js, status_bucket_config(settings)).await
+}
+
+/// How long a nonce is kept: past the whole window in which its timestamp is accepted (300 s
+/// either way), with room for the gateway's and the NATS server's clocks to differ.
+pub const NONCE_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+/// `IAC_DEPLOYMENTS`: one summary per deployment id (and the ids per environment and commit,
+/// under `ref.<env>.<commit>`), kept as long as the streams.
+pub fn deployments_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: DEPLOYMENTS_BUCKET.to_string(),
+        description: "iac-runner: deployment summaries by deployment id".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        max_age: settings.max_age,
+        ..Default::default()
+    }
+}
+
+/// `IAC_NONCES`: the nonces of accepted signed requests, each kept [`NONCE_RETENTION`].
+pub fn nonces_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: NONCES_BUCKET.to_string(),
+        description: "iac-runner: nonces of accepted signed requests".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        max_age: NONCE_RETENTION,
+        ..Default::default()
+    }
+}
+
+/// The deployment summaries and the nonces, created or corrected like [`ensure_bucket`]: the
+/// buckets the gateway's `/deploy` relies on.
+pub async fn ensure_deploy_buckets(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(kv::Store, kv::Store), ProvisionError> {
+    let deployments = ensure_bucket(js, deployments_bucket_config(settings)).await?;
+    let nonces = ensure_bucket(js, nonces_bucket_config(settings)).await?;
+    Ok((deployments, nonces))
+}
+
+/// Creates a key-value bucket, or corrects its drifted limits, like [`ensure_stream`]: a
+/// correction this user may not make is logged and the bucket used as provisioned.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    want: kv::Config,
+) -> Result<kv::Store, ProvisionError> {
     use jetstream::context::CreateKeyValueErrorKind;
-    let want = status_bucket_config(settings);
-    let what = format!("bucket {STATUS_BUCKET}");
-    match js.get_stream(format!("KV_{STATUS_BUCKET}")).await {
+    let bucket = want.bucket.clone();
+    let what = format!("bucket {bucket}");
+    match js.get_stream(format!("KV_{bucket}")).await {
         Ok(existing) => {
             let have = &existing.cached_info().config;
             let mut drift = Vec::new();
@@ -608,7 +657,7 @@ pub async fn ensure_status_bucket(
                 let updated = js.create_or_update_key_value(want).await;
                 let timed_out = CreateKeyValueErrorKind::TimedOut;
                 if correct_drift(updated, timed_out, &what, &fields)?.is_some() {
-                    tracing::warn!(bucket = STATUS_BUCKET, %fields, "corrected bucket configuration drift");
+                    tracing::warn!(%bucket, %fields, "corrected bucket configuration drift");
                 }
             }
         }
@@ -626,11 +675,11 @@ pub async fn ensure_status_bucket(
                     js_err(&what, e)
                 }
             })?;
-            tracing::info!(bucket = STATUS_BUCKET, "created bucket");
+            tracing::info!(%bucket, "created bucket");
         }
         Err(e) => return Err(js_err(&what, e)),
     }
-    js.get_key_value(STATUS_BUCKET)
+    js.get_key_value(&bucket)
         .await
         .map_err(|e| js_err(&what, e))
 }
@@ -696,8 +745,8 @@ impl Default for ConsumerSettings {
     }
 }
 
-/// Everything the services rely on, created or corrected: both streams, the three consumers
-/// and the status bucket. The operator's provisioning (`iac-worker provision`, as the admin
+/// Everything the services rely on, created or corrected: both streams, the three consumers,
+/// the status bucket and the deployment and nonce buckets. The operator's provisioning (`iac-worker provision`, as the admin
 /// user), so unlike [`provision`] it corrects every consumer.
 pub async fn provision_all(
     js: &jetstream::Context,
@@ -710,6 +759,7 @@ pub async fn provision_all(
         ensure_consumer(js, stream, config, true).await?;
     }
     ensure_status_bucket(js, streams).await?;
+    ensure_deploy_buckets(js, streams).await?;
     Ok(())
 }
 
