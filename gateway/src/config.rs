@@ -8,7 +8,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use iac_shared::deploy::{DEFAULT_DEPLOY_ENVS, parse_env_list};
 use iac_shared::events::parse_branch;
-use iac_shared::nats::{NatsArgs, parse_positive_duration, parse_secret};
+use iac_shared::nats::{NatsArgs, parse_duration, parse_positive_duration, parse_secret};
 use iac_shared::rules::{Rules, RulesError};
 use iac_shared::telemetry::LogArgs;
 use secrecy::{ExposeSecret, SecretString};
@@ -191,6 +191,17 @@ pub struct DeployArgs {
         value_parser = parse_positive_duration
     )]
     pub wait_timeout: Duration,
+
+    /// How long a final deployment is answered from its summary (`cached`) instead of being
+    /// run again, as the original's RECENT_DEPLOY_TTL_SECONDS.
+    #[arg(
+        long = "deploy-cache-ttl",
+        env = "DEPLOY_CACHE_TTL",
+        value_name = "DEPLOY_CACHE_TTL",
+        default_value = "10m",
+        value_parser = parse_duration
+    )]
+    pub cache_ttl: Duration,
 
     /// Whether `POST /sync` is served (`false`: answered 404).
     #[arg(
@@ -378,6 +389,7 @@ mod tests {
         assert!(config.rules.is_none());
         assert_eq!(config.deploy.envs.0, ["staging", "production"]);
         assert_eq!(config.deploy.wait_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(config.deploy.cache_ttl, Duration::from_secs(600));
         assert!(config.deploy.legacy_sync);
         assert_eq!(config.deploy_secret().expose_secret(), SECRET);
         assert_eq!(config.deploy.repository(), None);

@@ -19,9 +19,6 @@ use crate::deployments::StoredSummary;
 use crate::error::GatewayError;
 use crate::http::{Answer, App, publish, timestamped_body};
 
-/// How long a final deployment is answered `cached` instead of being run again, as the
-/// original's `RECENT_DEPLOY_TTL_SECONDS`.
-pub const RECENT_DEPLOY_TTL: Duration = Duration::from_secs(600);
 /// How often a held (`wait: true`) request reads its summary.
 const WAIT_POLL: Duration = Duration::from_millis(250);
 /// Attempts to accept a deployment while other gateways write the same summary.
@@ -41,53 +38,48 @@ where
     let id = call.deployment_id();
     tracing::Span::current().record("deployment_id", id.as_str());
     let services = call.normalized_services();
+    let now = now_rfc3339();
+    let summary = DeploymentSummary {
+        status: DeploymentStatus::InProgress,
+        deployment_id: id.clone(),
+        env: call.env.clone(),
+        commit: call.commit.clone(),
+        triggered_by: Some(call.triggered_by.clone()),
+        requested_services: services.clone(),
+        accepted_at: now.clone(),
+        updated_at: now,
+        result: None,
+    };
+    // A new deployment is the common case: create its summary first, and read what is there
+    // only when the create finds one (in progress, recently final, or final long ago).
+    let mut replacing: Option<StoredSummary> = None;
     for _ in 0..CLAIM_ATTEMPTS {
-        let stored = app.deployments.summary(&id).await?;
-        if let Some(stored) = &stored {
-            if !stored.is_final() {
+        let claimed = app
+            .deployments
+            .claim(&summary, replacing.as_ref().map(|s| s.revision))
+            .await?;
+        if let Some(revision) = claimed {
+            let previous = replacing.map(|s| s.raw);
+            if let Err(e) = store_deployment(app, &call, &id, &services, revision).await {
+                app.deployments.release(&id, revision, previous).await;
+                return Err(e);
+            }
+            return Ok(accepted(app, &call, &id, &services).await);
+        }
+        match app.deployments.summary(&id).await? {
+            None => replacing = None,
+            Some(stored) if !stored.is_final() => {
                 tracing::info!("deployment already in progress");
                 return Ok(duplicate(&call, &id, &services));
             }
-            if stored.age < RECENT_DEPLOY_TTL {
+            Some(stored) if stored.age < app.cache_ttl => {
                 tracing::info!(status = ?stored.summary.status, "deployment finished recently: answered from its summary");
-                return Ok(cached(&call, stored));
+                return Ok(cached(&call, &stored));
             }
+            Some(stored) => replacing = Some(stored),
         }
-        let now = now_rfc3339();
-        let summary = DeploymentSummary {
-            status: DeploymentStatus::InProgress,
-            deployment_id: id.clone(),
-            env: call.env.clone(),
-            commit: call.commit.clone(),
-            triggered_by: Some(call.triggered_by.clone()),
-            requested_services: services.clone(),
-            accepted_at: now.clone(),
-            updated_at: now,
-            result: None,
-        };
-        let replacing = stored.as_ref().map(|s| s.revision);
-        let Some(revision) = app.deployments.claim(&summary, replacing).await? else {
-            // Another gateway accepted it a moment ago: read what it wrote.
-            continue;
-        };
-        let previous = stored.map(|s| s.raw);
-        if let Err(e) = store_deployment(app, &call, &id, &services, revision).await {
-            app.deployments.release(&id, revision, previous).await;
-            return Err(e);
-        }
-        let accepted =
-            in_progress_answer(&id, &call.env, &call.commit, &call.triggered_by, &services);
-        if call.wait {
-            return Ok(hold(app, &id, accepted).await);
-        }
-        let mut body = accepted;
-        body["wait"] = json!(false);
-        return Ok(Answer {
-            outcome: "accepted",
-            status: StatusCode::ACCEPTED,
-            body,
-        });
     }
+    // Other gateways keep writing the same summary: it is being accepted.
     Ok(duplicate(&call, &id, &services))
 }
 
@@ -127,6 +119,21 @@ async fn store_deployment(
         "deployment stored"
     );
     Ok(())
+}
+
+/// The answer to an accepted deployment: 202 at once, or held until final (`wait: true`).
+async fn accepted(app: &App, call: &DeployCall, id: &str, services: &[String]) -> Answer {
+    let in_progress = in_progress_answer(id, &call.env, &call.commit, &call.triggered_by, services);
+    if call.wait {
+        return hold(app, id, in_progress).await;
+    }
+    let mut body = in_progress;
+    body["wait"] = json!(false);
+    Answer {
+        outcome: "accepted",
+        status: StatusCode::ACCEPTED,
+        body,
+    }
 }
 
 fn duplicate(call: &DeployCall, id: &str, services: &[String]) -> Answer {
@@ -253,7 +260,7 @@ async fn legacy_candidates(app: &App, call: &DeployCall) -> Result<LegacyLookup,
     let mut live = Vec::new();
     for id in &recorded {
         if let Some(stored) = app.deployments.summary(id).await?
-            && (!stored.is_final() || stored.age < RECENT_DEPLOY_TTL)
+            && (!stored.is_final() || stored.age < app.cache_ttl)
         {
             live.push(id.clone());
         }

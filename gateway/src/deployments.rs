@@ -191,36 +191,43 @@ impl Deployments {
     pub async fn index(&self, env: &str, commit: &str, id: &str) -> Result<(), DeploymentsError> {
         let summaries = &self.buckets()?.summaries;
         let key = index_key(env, commit);
-        // Compare-and-set: a concurrent writer makes the write fail, and it is read again.
+        // Usually the first deployment of this commit: create the list, and read it only when
+        // there is one. Compare-and-set: a concurrent writer makes the write fail, and the list
+        // is read again.
+        let mut known: Option<kv::Entry> = None;
         for _ in 0..10 {
-            let entry = summaries
-                .entry(&key)
-                .await
-                .map_err(|e| kv_err("reading the index", e))?
-                .filter(|e| e.operation == kv::Operation::Put);
-            let mut ids: Vec<String> = entry
-                .as_ref()
-                .and_then(|e| serde_json::from_slice(&e.value).ok())
-                .unwrap_or_default();
-            if ids.iter().any(|known| known == id) {
-                return Ok(());
-            }
-            ids.push(id.to_string());
-            let value: Bytes = serde_json::to_vec(&ids).expect("ids serialize").into();
-            let written = match entry {
-                Some(entry) => summaries
-                    .update(&key, value, entry.revision)
-                    .await
-                    .map_err(|e| e.kind() != kv::UpdateErrorKind::WrongLastRevision),
-                None => summaries
-                    .create(&key, value)
-                    .await
-                    .map_err(|e| e.kind() != kv::CreateErrorKind::AlreadyExists),
+            let written = match &known {
+                None => {
+                    let value = serde_json::to_vec(&[id]).expect("ids serialize");
+                    summaries
+                        .create(&key, value.into())
+                        .await
+                        .map_err(|e| e.kind() != kv::CreateErrorKind::AlreadyExists)
+                }
+                Some(entry) => {
+                    let mut ids: Vec<String> =
+                        serde_json::from_slice(&entry.value).unwrap_or_default();
+                    if ids.iter().any(|known| known == id) {
+                        return Ok(());
+                    }
+                    ids.push(id.to_string());
+                    let value = serde_json::to_vec(&ids).expect("ids serialize");
+                    summaries
+                        .update(&key, value.into(), entry.revision)
+                        .await
+                        .map_err(|e| e.kind() != kv::UpdateErrorKind::WrongLastRevision)
+                }
             };
             match written {
                 Ok(_) => return Ok(()),
                 Err(true) => return Err(DeploymentsError::Kv("writing the index".into())),
-                Err(false) => continue,
+                Err(false) => {
+                    known = summaries
+                        .entry(&key)
+                        .await
+                        .map_err(|e| kv_err("reading the index", e))?
+                        .filter(|e| e.operation == kv::Operation::Put);
+                }
             }
         }
         Err(DeploymentsError::Kv(

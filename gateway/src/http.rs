@@ -51,6 +51,8 @@ pub struct App {
     pub deploy_subjects: Vec<&'static str>,
     /// How long a `wait: true` deployment is held.
     pub wait_timeout: Duration,
+    /// How long a final deployment is answered `cached`.
+    pub cache_ttl: Duration,
     /// Whether `/sync` is served.
     pub legacy_sync: bool,
     pub deployments: Deployments,

@@ -73,6 +73,7 @@ pub async fn run(
         envs: config.deploy.envs.0,
         deploy_subjects,
         wait_timeout: config.deploy.wait_timeout,
+        cache_ttl: config.deploy.cache_ttl,
         legacy_sync: config.deploy.legacy_sync,
         deployments: deployments::Deployments::new(js),
         shutdown: shutdown.clone(),

@@ -364,6 +364,32 @@ async fn a_repeated_request_is_a_duplicate_while_in_progress_and_cached_once_fin
 }
 
 #[tokio::test]
+async fn a_deployment_final_longer_than_the_cache_window_ago_runs_again() {
+    let server = NatsServer::start();
+    let gateway = start_gateway(&server, &["--deploy-cache-ttl", "1s"]).await;
+    let request = json!({"ref": COMMIT});
+    let id = id_of("staging", COMMIT, None);
+    assert_eq!(deploy(&gateway, &request).await.status, 202);
+    finish(&server, &id, true).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let again = deploy(&gateway, &request).await;
+    assert_eq!(again.status, 202, "{}", again.text());
+    assert_eq!(again.json()["status"], "in_progress");
+    assert_eq!(again.json().get("duplicate"), None);
+    let summary = stored_summary(&server, &id).await.unwrap();
+    assert_eq!(summary.status, DeploymentStatus::InProgress);
+    assert_eq!(summary.result, None, "the old outcome is replaced");
+    let events = deploy_events(&server).await;
+    assert_eq!(events.len(), 2, "stored again");
+    let ids: Vec<String> = events
+        .iter()
+        .map(|m| m.headers.get(MSG_ID_HEADER).unwrap().to_string())
+        .collect();
+    assert_ne!(ids[0], ids[1], "each acceptance has its own message id");
+}
+
+#[tokio::test]
 async fn status_is_answered_from_the_bucket_after_a_gateway_restart() {
     let server = NatsServer::start();
     let gateway = start_gateway(&server, &[]).await;
