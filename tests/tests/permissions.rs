@@ -500,6 +500,20 @@ async fn the_gateway_keeps_deployment_summaries_and_nonces_and_can_do_nothing_el
     );
     assert!(allowed.is_empty(), "the gateway may: {allowed:#?}");
 
+    // The worker writes the final summaries, and never sees the nonces.
+    let worker = connect_as(&server, "worker").await;
+    let worker_summaries = worker.get_key_value(DEPLOYMENTS_BUCKET).await.unwrap();
+    let entry = worker_summaries
+        .entry("0123456789abcdef")
+        .await
+        .unwrap()
+        .unwrap();
+    worker_summaries
+        .update("0123456789abcdef", "{\"final\":1}".into(), entry.revision)
+        .await
+        .expect("the worker writes the final summary");
+    assert!(worker.get_key_value(NONCES_BUCKET).await.is_err());
+
     let reporter = connect_as(&server, "reporter").await;
     assert!(reporter.get_key_value(NONCES_BUCKET).await.is_err());
     assert!(reporter.get_key_value(DEPLOYMENTS_BUCKET).await.is_err());
