@@ -390,6 +390,31 @@ async fn a_deployment_final_longer_than_the_cache_window_ago_runs_again() {
 }
 
 #[tokio::test]
+async fn a_deployment_that_could_not_be_stored_is_answered_503_and_can_be_asked_for_again() {
+    let server = NatsServer::start();
+    let gateway = start_gateway(&server, &[]).await;
+    let js = jetstream::new(server.client().await);
+    js.delete_stream(EVENTS_STREAM).await.unwrap();
+    let request = json!({"ref": COMMIT});
+    let lost = deploy(&gateway, &request).await;
+    assert_eq!(lost.status, 503, "{}", lost.text());
+    let id = id_of("staging", COMMIT, None);
+    assert_eq!(
+        stored_summary(&server, &id).await,
+        None,
+        "no in_progress summary is left to answer later requests as duplicates"
+    );
+
+    iac_shared::nats::provision(&js, &Default::default())
+        .await
+        .unwrap();
+    let retried = deploy(&gateway, &request).await;
+    assert_eq!(retried.status, 202, "{}", retried.text());
+    assert_eq!(retried.json().get("duplicate"), None);
+    assert_eq!(deploy_events(&server).await.len(), 1);
+}
+
+#[tokio::test]
 async fn status_is_answered_from_the_bucket_after_a_gateway_restart() {
     let server = NatsServer::start();
     let gateway = start_gateway(&server, &[]).await;
