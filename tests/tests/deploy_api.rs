@@ -364,6 +364,28 @@ async fn a_repeated_request_is_a_duplicate_while_in_progress_and_cached_once_fin
 }
 
 #[tokio::test]
+async fn the_same_deployment_asked_of_two_gateways_at_once_is_stored_once() {
+    let server = NatsServer::start();
+    let gateways = [
+        start_gateway(&server, &[]).await,
+        start_gateway(&server, &[]).await,
+    ];
+    let request = json!({"ref": COMMIT, "services": ["redis"]});
+    let answers =
+        futures::future::join_all((0..12).map(|i| deploy(&gateways[i % 2], &request))).await;
+    let accepted = answers
+        .iter()
+        .filter(|a| a.status == 202 && a.json().get("duplicate").is_none())
+        .count();
+    let duplicates = answers
+        .iter()
+        .filter(|a| a.status == 202 && a.json()["duplicate"] == true)
+        .count();
+    assert_eq!((accepted, duplicates), (1, 11), "{answers:#?}");
+    assert_eq!(deploy_events(&server).await.len(), 1, "stored once");
+}
+
+#[tokio::test]
 async fn a_deployment_final_longer_than_the_cache_window_ago_runs_again() {
     let server = NatsServer::start();
     let gateway = start_gateway(&server, &["--deploy-cache-ttl", "1s"]).await;
