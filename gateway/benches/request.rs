@@ -2,16 +2,19 @@
 //! over the same bytes. "Whole request" is what `POST /webhook` does between reading the body
 //! and publishing: verify the signature, take the JSON, decide (parse, branch check, map the
 //! listed paths to the preview), and serialize the event that is stored. A second floor is
-//! shown for orientation: serde_json validating the body without keeping anything.
+//! shown for orientation: serde_json validating the body without keeping anything. For a
+//! deployment request, "whole request" is what `POST /deploy` does in process: check the
+//! timestamped signature, read the request, compute its id and serialize the event.
 //!
 //! `cargo bench -p iac-gateway --bench request`
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use iac_gateway::deploy::parse_call;
 use iac_gateway::webhook::{Decision, decide, payload_json, serialize_within};
 use iac_shared::rules::Rules;
-use iac_shared::signature::{sign, verify};
+use iac_shared::signature::{sign, sign_timestamped, verify, verify_timestamped};
 
 const SECRET: &[u8] = b"bench-secret";
 /// The default `max_payload` of nats-server less the room the gateway keeps for headers.
@@ -107,5 +110,51 @@ fn push_request(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, push_request);
+/// Everything `POST /deploy` does with a body in process (the nonce and the summary are
+/// NATS round trips, measured by `cargo bench -p iac-tests --bench gateway`).
+fn whole_deploy(body: &[u8], signature: &str, envs: &[String]) -> Vec<u8> {
+    let now = 1_767_225_600;
+    verify_timestamped(
+        SECRET,
+        body,
+        Some(signature),
+        Some("1767225600"),
+        Some("0123456789abcdef0123456789abcdef"),
+        now,
+    )
+    .unwrap();
+    let call = parse_call(body, envs).unwrap();
+    let request = iac_shared::deploy::DeployRequest {
+        deployment_id: call.deployment_id(),
+        env: call.env.clone(),
+        commit: call.commit.clone(),
+        services: call.normalized_services(),
+        triggered_by: Some(call.triggered_by),
+        force: false,
+    };
+    serde_json::to_vec(&request).unwrap()
+}
+
+fn deploy_request(c: &mut Criterion) {
+    let envs = vec!["staging".to_string(), "production".to_string()];
+    let body = br#"{"env":"staging","ref":"0123456789abcdef0123456789abcdef01234567","triggered_by":"deploy_v2","wait":false,"services":["redis"]}"#;
+    let signature = sign_timestamped(
+        SECRET,
+        "1767225600",
+        "0123456789abcdef0123456789abcdef",
+        body,
+    );
+    assert!(!whole_deploy(body, &signature, &envs).is_empty());
+    let plain = sign(SECRET, body);
+    let mut group = c.benchmark_group("deploy request");
+    group.bench_function("verify HMAC only", |b| {
+        b.iter(|| verify(SECRET, black_box(body), Some(&plain)))
+    });
+    group.bench_function("whole request", |b| {
+        b.iter(|| whole_deploy(black_box(body), &signature, &envs))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, push_request, deploy_request);
 criterion_main!(benches);

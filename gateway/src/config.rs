@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use iac_shared::deploy::{DEFAULT_DEPLOY_ENVS, parse_env_list};
 use iac_shared::events::parse_branch;
-use iac_shared::nats::{NatsArgs, parse_positive_duration, parse_secret};
+use iac_shared::nats::{NatsArgs, parse_duration, parse_positive_duration, parse_secret};
 use iac_shared::rules::{Rules, RulesError};
 use iac_shared::telemetry::LogArgs;
 use secrecy::{ExposeSecret, SecretString};
@@ -20,7 +21,8 @@ pub const MIN_SECRET_BYTES: usize = 16;
 #[command(
     name = "iac-gateway",
     version,
-    about = "Verifies GitHub webhooks and manual sync requests and stores them in JetStream before answering."
+    about = "Verifies GitHub webhooks and manual sync requests and stores them in JetStream before answering.",
+    after_help = "`iac-gateway deploy --help`: the client that deploys a commit through a gateway's POST /deploy."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -150,6 +152,148 @@ pub struct Config {
     /// TOML file of path-to-service rules (the built-in table when absent).
     #[arg(long = "iac-rules", env = "IAC_RULES", value_name = "IAC_RULES")]
     pub rules: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub deploy: DeployArgs,
+}
+
+/// `POST /deploy`, the timestamped signatures and the repository check.
+#[derive(Debug, Clone, Args)]
+pub struct DeployArgs {
+    /// HMAC secret of `/deploy` and `/deploy/status` (WEBHOOK_SECRET when unset, as the
+    /// original runner's clients sign with that one).
+    #[arg(
+        long = "deploy-secret",
+        env = "DEPLOY_SECRET",
+        value_name = "DEPLOY_SECRET",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub deploy_secret: Option<SecretString>,
+
+    /// Environments `/deploy` accepts, comma-separated (equal across the services).
+    #[arg(
+        long = "deploy-envs",
+        env = "DEPLOY_ENVS",
+        value_name = "DEPLOY_ENVS",
+        default_value = DEFAULT_DEPLOY_ENVS,
+        value_parser = parse_envs
+    )]
+    pub envs: Environments,
+
+    /// How long a `wait: true` deployment request is held before it is answered 202
+    /// in_progress.
+    #[arg(
+        long = "deploy-wait-timeout",
+        env = "DEPLOY_WAIT_TIMEOUT",
+        value_name = "DEPLOY_WAIT_TIMEOUT",
+        default_value = "30m",
+        value_parser = parse_positive_duration
+    )]
+    pub wait_timeout: Duration,
+
+    /// How long a final deployment is answered from its summary (`cached`) instead of being
+    /// run again, as the original's RECENT_DEPLOY_TTL_SECONDS.
+    #[arg(
+        long = "deploy-cache-ttl",
+        env = "DEPLOY_CACHE_TTL",
+        value_name = "DEPLOY_CACHE_TTL",
+        default_value = "10m",
+        value_parser = parse_duration
+    )]
+    pub cache_ttl: Duration,
+
+    /// Whether `POST /sync` is served (`false`: answered 404).
+    #[arg(
+        long = "legacy-sync",
+        env = "LEGACY_SYNC",
+        value_name = "LEGACY_SYNC",
+        default_value = "true",
+        value_parser = parse_switch,
+        action = clap::ArgAction::Set
+    )]
+    pub legacy_sync: bool,
+
+    /// `owner/repo` whose pushes are accepted; pushes for another repository are ignored.
+    #[arg(
+        long = "github-repo",
+        env = "GITHUB_REPO",
+        value_name = "GITHUB_REPO",
+        value_parser = parse_repository
+    )]
+    pub github_repo: Option<String>,
+
+    /// The deployed repository's clone URL; its `owner/repo` is the accepted repository when
+    /// GITHUB_REPO is unset.
+    #[arg(
+        long = "git-repo-url",
+        env = "GIT_REPO_URL",
+        value_name = "GIT_REPO_URL",
+        hide_env_values = true
+    )]
+    pub git_repo_url: Option<String>,
+}
+
+/// The environments of `DEPLOY_ENVS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environments(pub Vec<String>);
+
+fn parse_envs(s: &str) -> Result<Environments, String> {
+    parse_env_list(s).map(Environments)
+}
+
+/// `true`/`false` and the words operators use for them.
+fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// `owner/repo`: two non-empty parts of letters, digits, `-`, `_` and `.`.
+fn parse_repository(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let mut parts = s.split('/');
+    let valid = match (parts.next(), parts.next(), parts.next()) {
+        (Some(owner), Some(name), None) => [owner, name].iter().all(|part| {
+            !part.is_empty()
+                && !part.starts_with('.')
+                && part.len() <= 100
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        }),
+        _ => false,
+    };
+    if valid {
+        Ok(s.to_string())
+    } else {
+        Err("expected owner/repo".into())
+    }
+}
+
+/// The `owner/repo` of a GitHub clone URL (`https://github.com/o/r.git`,
+/// `git@github.com:o/r.git`, `ssh://git@host/o/r`): its last two path parts, `.git` removed.
+pub fn repository_of_url(url: &str) -> Option<String> {
+    let url = url.trim().trim_end_matches('/');
+    let path = match url.split_once("://") {
+        Some((_, rest)) => rest.split_once('/')?.1,
+        None => url.split_once(':')?.1,
+    };
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    let mut parts = path.rsplit('/');
+    let (name, owner) = (parts.next()?, parts.next()?);
+    parse_repository(&format!("{owner}/{name}")).ok()
+}
+
+impl DeployArgs {
+    /// The repository pushes must be for, if the gateway knows it.
+    pub fn repository(&self) -> Option<String> {
+        self.github_repo
+            .clone()
+            .or_else(|| self.git_repo_url.as_deref().and_then(repository_of_url))
+    }
 }
 
 impl Cli {
@@ -170,13 +314,28 @@ impl Cli {
         let mut matches = command.try_get_matches_from_mut(args)?;
         let cli = Cli::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut command))?;
         // Checked here rather than in a value parser, whose error would quote the secret.
-        if cli.config.webhook_secret.expose_secret().len() < MIN_SECRET_BYTES {
+        let secrets = [
+            ("WEBHOOK_SECRET", Some(&cli.config.webhook_secret)),
+            ("DEPLOY_SECRET", cli.config.deploy.deploy_secret.as_ref()),
+        ];
+        for (name, secret) in secrets {
+            if secret.is_some_and(|s| s.expose_secret().len() < MIN_SECRET_BYTES) {
+                return Err(command.error(
+                    ErrorKind::ValueValidation,
+                    format!(
+                        "{name} must be at least {MIN_SECRET_BYTES} bytes long \
+                         (e.g. the output of `openssl rand -hex 32`)"
+                    ),
+                ));
+            }
+        }
+        if let Some(url) = &cli.config.deploy.git_repo_url
+            && cli.config.deploy.github_repo.is_none()
+            && repository_of_url(url).is_none()
+        {
             return Err(command.error(
                 ErrorKind::ValueValidation,
-                format!(
-                    "WEBHOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes long \
-                     (e.g. the output of `openssl rand -hex 32`)"
-                ),
+                "GIT_REPO_URL: cannot read owner/repo from it; set GITHUB_REPO",
             ));
         }
         Ok(cli)
@@ -184,6 +343,14 @@ impl Cli {
 }
 
 impl Config {
+    /// The secret of `/deploy` and `/deploy/status`: DEPLOY_SECRET, else WEBHOOK_SECRET.
+    pub fn deploy_secret(&self) -> SecretString {
+        self.deploy
+            .deploy_secret
+            .clone()
+            .unwrap_or_else(|| self.webhook_secret.clone())
+    }
+
     /// The rules the previews use: `IAC_RULES` when set, else the built-in table.
     pub fn load_rules(&self) -> Result<Rules, RulesError> {
         Rules::load_or_default(self.rules.as_deref())
@@ -220,6 +387,72 @@ mod tests {
         assert_eq!(config.max_connections, 256);
         assert_eq!(config.max_pending_body_bytes, 64 * 1024 * 1024);
         assert!(config.rules.is_none());
+        assert_eq!(config.deploy.envs.0, ["staging", "production"]);
+        assert_eq!(config.deploy.wait_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(config.deploy.cache_ttl, Duration::from_secs(600));
+        assert!(config.deploy.legacy_sync);
+        assert_eq!(config.deploy_secret().expose_secret(), SECRET);
+        assert_eq!(config.deploy.repository(), None);
+    }
+
+    #[test]
+    fn the_deploy_settings_are_read_as_documented() {
+        let config = Config::try_from_args([
+            "--webhook-secret",
+            SECRET,
+            "--deploy-secret",
+            "another-secret-of-24-b",
+            "--deploy-envs",
+            "qa, prod",
+            "--deploy-wait-timeout",
+            "90",
+            "--legacy-sync",
+            "false",
+            "--git-repo-url",
+            "https://token@github.com/acme/infra.git",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.deploy_secret().expose_secret(),
+            "another-secret-of-24-b"
+        );
+        assert_eq!(config.deploy.envs.0, ["qa", "production"]);
+        assert_eq!(config.deploy.wait_timeout, Duration::from_secs(90));
+        assert!(!config.deploy.legacy_sync);
+        assert_eq!(config.deploy.repository().as_deref(), Some("acme/infra"));
+    }
+
+    #[test]
+    fn the_repository_is_read_from_every_kind_of_clone_url() {
+        for url in [
+            "https://github.com/acme/infra.git",
+            "https://x-access-token:t@github.com/acme/infra",
+            "git@github.com:acme/infra.git",
+            "ssh://git@github.com/acme/infra.git/",
+        ] {
+            assert_eq!(
+                repository_of_url(url).as_deref(),
+                Some("acme/infra"),
+                "{url}"
+            );
+        }
+        for url in ["/srv/git/infra", "infra", "https://github.com/"] {
+            assert_eq!(repository_of_url(url), None, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_deploy_secret_shorter_than_16_bytes_is_refused_without_being_shown() {
+        let err = Config::try_from_args([
+            "--webhook-secret",
+            SECRET,
+            "--deploy-secret",
+            "short-secret",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("DEPLOY_SECRET") && err.contains("16"), "{err}");
+        assert!(!err.contains("short-secret"), "{err}");
     }
 
     #[test]
@@ -232,6 +465,12 @@ mod tests {
             ("--webhook-bind", "everywhere", "WEBHOOK_BIND"),
             ("--header-read-timeout", "0", "HEADER_READ_TIMEOUT"),
             ("--max-connections", "0", "MAX_CONNECTIONS"),
+            ("--deploy-envs", "staging,Prod-EU", "DEPLOY_ENVS"),
+            ("--deploy-envs", "staging,staging", "DEPLOY_ENVS"),
+            ("--deploy-wait-timeout", "0", "DEPLOY_WAIT_TIMEOUT"),
+            ("--legacy-sync", "sometimes", "LEGACY_SYNC"),
+            ("--github-repo", "just-a-name", "GITHUB_REPO"),
+            ("--git-repo-url", "/srv/git/infra", "GIT_REPO_URL"),
             (
                 "--max-pending-body-bytes",
                 "65535",

@@ -3,8 +3,11 @@
 use std::time::Duration;
 
 use iac_shared::events::RequestError;
+use iac_shared::signature::TimestampedError;
 use warp::http::StatusCode;
 
+use crate::deploy::DeployRequestError;
+use crate::deployments::DeploymentsError;
 use crate::store::StoreError;
 use crate::webhook::BodyError;
 
@@ -12,6 +15,12 @@ use crate::webhook::BodyError;
 pub enum GatewayError {
     #[error("Invalid signature")]
     InvalidSignature,
+    #[error("{0}")]
+    Timestamped(#[from] TimestampedError),
+    #[error("X-IAC-Nonce was used before: a request is accepted once")]
+    ReplayedNonce,
+    #[error("Legacy sync endpoint disabled")]
+    SyncDisabled,
     #[error("Request body is larger than {0} bytes")]
     TooLarge(u64),
     #[error("Request body did not arrive within {}", humantime::format_duration(*.0))]
@@ -26,8 +35,12 @@ pub enum GatewayError {
     Body(#[from] BodyError),
     #[error(transparent)]
     Request(#[from] RequestError),
+    #[error(transparent)]
+    Deploy(#[from] DeployRequestError),
     #[error("Event store unavailable: {0}")]
     Unavailable(#[from] StoreError),
+    #[error("Deployment store unavailable: {0}")]
+    DeploymentsUnavailable(#[from] DeploymentsError),
 }
 
 impl warp::reject::Reject for GatewayError {}
@@ -35,28 +48,37 @@ impl warp::reject::Reject for GatewayError {}
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidSignature => StatusCode::UNAUTHORIZED,
+            GatewayError::InvalidSignature
+            | GatewayError::Timestamped(_)
+            | GatewayError::ReplayedNonce => StatusCode::UNAUTHORIZED,
+            GatewayError::SyncDisabled => StatusCode::NOT_FOUND,
             GatewayError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::BodyRead
             | GatewayError::BadDelivery
             | GatewayError::Body(_)
-            | GatewayError::Request(_) => StatusCode::BAD_REQUEST,
-            GatewayError::Unavailable(_) | GatewayError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::Request(_)
+            | GatewayError::Deploy(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Unavailable(_)
+            | GatewayError::DeploymentsUnavailable(_)
+            | GatewayError::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// The `outcome` label of `iac_gateway_requests_total`.
     pub fn outcome(&self) -> &'static str {
         match self {
-            GatewayError::InvalidSignature => "invalid_signature",
+            GatewayError::InvalidSignature | GatewayError::Timestamped(_) => "invalid_signature",
+            GatewayError::ReplayedNonce => "replayed",
+            GatewayError::SyncDisabled => "disabled",
             GatewayError::TooLarge(_) => "too_large",
             GatewayError::BodyTimeout(_) => "body_timeout",
             GatewayError::BodyRead
             | GatewayError::BadDelivery
             | GatewayError::Body(_)
-            | GatewayError::Request(_) => "bad_request",
-            GatewayError::Unavailable(_) => "unavailable",
+            | GatewayError::Request(_)
+            | GatewayError::Deploy(_) => "bad_request",
+            GatewayError::Unavailable(_) | GatewayError::DeploymentsUnavailable(_) => "unavailable",
             GatewayError::Busy => "busy",
         }
     }

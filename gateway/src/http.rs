@@ -10,7 +10,10 @@ use iac_shared::events::SyncRequest;
 use iac_shared::names::{PUSH_SUBJECT, SYNC_SUBJECT};
 use iac_shared::ops::{metrics_reply, status_reply};
 use iac_shared::rules::{ALL_SERVICES, Rules};
-use iac_shared::signature::{SIGNATURE_HEADER, verify};
+use iac_shared::shutdown::Shutdown;
+use iac_shared::signature::{
+    NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, nonce_key, verify, verify_timestamped,
+};
 use prometheus_client::registry::Registry;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -20,10 +23,11 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::deployments::Deployments;
 use crate::error::GatewayError;
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels, SubjectLabels};
 use crate::store::{EventStore, Stored};
-use crate::webhook::{Decision, decide, payload_json, serialize_within};
+use crate::webhook::{Decision, decide, other_repository, payload_json, serialize_within};
 
 const EVENT_HEADER: &str = "x-github-event";
 const DELIVERY_HEADER: &str = "x-github-delivery";
@@ -35,7 +39,25 @@ pub const SYNC_MAX_BODY_BYTES: u64 = 64 * 1024;
 /// What the handlers share.
 pub struct App {
     pub secret: SecretString,
+    /// The secret of `/deploy` and `/deploy/status`.
+    pub deploy_secret: SecretString,
     pub branch: String,
+    /// The `owner/repo` pushes must be for, when known.
+    pub repository: Option<String>,
+    /// The environments `/deploy` accepts.
+    pub envs: Vec<String>,
+    /// The subject of each environment's deployments, in the order of `envs` (made once at
+    /// start: the metrics label them).
+    pub deploy_subjects: Vec<&'static str>,
+    /// How long a `wait: true` deployment is held.
+    pub wait_timeout: Duration,
+    /// How long a final deployment is answered `cached`.
+    pub cache_ttl: Duration,
+    /// Whether `/sync` is served.
+    pub legacy_sync: bool,
+    pub deployments: Deployments,
+    /// Ends held deployment requests (answered in progress) when the gateway stops.
+    pub shutdown: Shutdown,
     pub rules: Rules,
     pub store: EventStore,
     pub metrics: Metrics,
@@ -46,10 +68,21 @@ pub struct App {
     pub pending_body_bytes: Arc<Semaphore>,
 }
 
-/// A 200 answer and the outcome it is counted under.
-struct Answer {
-    outcome: &'static str,
-    body: Value,
+/// An answer and the outcome it is counted under.
+pub(crate) struct Answer {
+    pub(crate) outcome: &'static str,
+    pub(crate) status: StatusCode,
+    pub(crate) body: Value,
+}
+
+impl Answer {
+    pub(crate) fn ok(outcome: &'static str, body: Value) -> Self {
+        Answer {
+            outcome,
+            status: StatusCode::OK,
+            body,
+        }
+    }
 }
 
 /// Every route, with one `recover` turning warp's own rejections into JSON.
@@ -65,7 +98,7 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(warp::get())
         .and(with_app.clone())
         .map(|app: Arc<App>| {
-            if app.store.is_ready() {
+            if app.store.is_ready() && app.deployments.is_ready() {
                 status_reply(StatusCode::OK, "ready").into_response()
             } else {
                 status_reply(StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
@@ -93,13 +126,35 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         });
     let sync = warp::path!("sync")
         .and(warp::post())
-        .and(with_app)
+        .and(with_app.clone())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .then(|app: Arc<App>, headers: HeaderMap, body| async move {
             let span = tracing::info_span!("sync", event_id = tracing::field::Empty);
             let handled = handle_sync(&app, &headers, body);
             answer(&app, "sync", handled).instrument(span).await
+        });
+    let deploy = warp::path!("deploy")
+        .and(warp::post())
+        .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(|app: Arc<App>, headers: HeaderMap, body| async move {
+            let span = tracing::info_span!("deploy", deployment_id = tracing::field::Empty);
+            let handled = crate::deploy_http::handle_deploy(&app, &headers, body);
+            answer(&app, "deploy", handled).instrument(span).await
+        });
+    let deploy_status = warp::path!("deploy" / "status")
+        .and(warp::post())
+        .and(with_app)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(|app: Arc<App>, headers: HeaderMap, body| async move {
+            let span = tracing::info_span!("deploy_status", deployment_id = tracing::field::Empty);
+            let handled = crate::deploy_http::handle_status(&app, &headers, body);
+            answer(&app, "deploy_status", handled)
+                .instrument(span)
+                .await
         });
     health
         .or(ready)
@@ -109,6 +164,10 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         .or(webhook)
         .unify()
         .or(sync)
+        .unify()
+        .or(deploy)
+        .unify()
+        .or(deploy_status)
         .unify()
         .recover(handle_rejection)
         .unify()
@@ -135,7 +194,9 @@ async fn answer(
         .get_or_create(&EndpointLabels { endpoint })
         .observe(started.elapsed().as_secs_f64());
     match result {
-        Ok(answer) => warp::reply::json(&answer.body).into_response(),
+        Ok(answer) => {
+            warp::reply::with_status(warp::reply::json(&answer.body), answer.status).into_response()
+        }
         Err(e) => {
             if e.status().is_server_error() {
                 tracing::warn!(error = %e, "request refused: event not stored");
@@ -165,7 +226,7 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
     Ok(reply)
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -193,20 +254,74 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
+    let (body, _unverified) = unverified_body(app, headers, body, max).await?;
+    let signature = header(headers, SIGNATURE_HEADER);
+    if !verify(app.secret.expose_secret().as_bytes(), &body, signature) {
+        return Err(GatewayError::InvalidSignature);
+    }
+    Ok(body)
+}
+
+/// The body, read as [`read_body`] does, with its share of `pending_body_bytes`.
+async fn unverified_body<S, B>(
+    app: &App,
+    headers: &HeaderMap,
+    body: S,
+    max: u64,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), GatewayError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
     let content_length = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-    let (body, _unverified) = read_body(
+    read_body(
         body,
         content_length,
         max.min(app.max_body_bytes),
         app.body_read_timeout,
         &app.pending_body_bytes,
     )
-    .await?;
-    let signature = header(headers, SIGNATURE_HEADER);
-    if !verify(app.secret.expose_secret().as_bytes(), &body, signature) {
-        return Err(GatewayError::InvalidSignature);
+    .await
+}
+
+/// Reads a body signed in the timestamped form under `secret`, checks the timestamp, nonce and
+/// signature, then records the nonce: a request is accepted once, by any gateway.
+pub(crate) async fn timestamped_body<S, B>(
+    app: &App,
+    headers: &HeaderMap,
+    body: S,
+    secret: &SecretString,
+) -> Result<Bytes, GatewayError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let (body, _unverified) = unverified_body(app, headers, body, SYNC_MAX_BODY_BYTES).await?;
+    let timestamp = header(headers, TIMESTAMP_HEADER);
+    let nonce = header(headers, NONCE_HEADER);
+    verify_timestamped(
+        secret.expose_secret().as_bytes(),
+        &body,
+        header(headers, SIGNATURE_HEADER),
+        timestamp,
+        nonce,
+        unix_now(),
+    )?;
+    let key = nonce_key(nonce.unwrap_or_default());
+    if !app
+        .deployments
+        .record_nonce(&key, timestamp.unwrap_or_default().trim())
+        .await?
+    {
+        return Err(GatewayError::ReplayedNonce);
     }
     Ok(body)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The whole body, refused as soon as it is known to exceed `max` (from `Content-Length`
@@ -287,27 +402,34 @@ where
     let mut plan = match decision {
         Decision::Pong { hook_id } => {
             tracing::info!(?hook_id, "ping answered");
-            return Ok(Answer {
-                outcome: "pong",
-                body: json!({ "status": "pong", "hook_id": hook_id }),
-            });
+            return Ok(Answer::ok(
+                "pong",
+                json!({ "status": "pong", "hook_id": hook_id }),
+            ));
         }
         Decision::IgnoredEvent { event } => {
             tracing::info!(%event, "event ignored: only push and ping are handled");
-            return Ok(Answer {
-                outcome: "ignored",
-                body: json!({ "status": "ignored", "event": event }),
-            });
+            return Ok(Answer::ok(
+                "ignored",
+                json!({ "status": "ignored", "event": event }),
+            ));
         }
         Decision::IgnoredPush { reason } => {
             tracing::info!(%reason, "push ignored");
-            return Ok(Answer {
-                outcome: "ignored",
-                body: json!({ "status": "ignored", "reason": reason }),
-            });
+            return Ok(Answer::ok(
+                "ignored",
+                json!({ "status": "ignored", "reason": reason }),
+            ));
         }
         Decision::Store(plan) => *plan,
     };
+    if let Some(reason) = other_repository(app.repository.as_deref(), &plan.event) {
+        tracing::info!(%reason, "push ignored");
+        return Ok(Answer::ok(
+            "ignored",
+            json!({ "status": "ignored", "reason": reason }),
+        ));
+    }
     let payload = serialize_within(&mut plan.event, app.store.payload_limit())?;
     if plan.event.paths_truncated {
         tracing::warn!(
@@ -337,10 +459,7 @@ where
     if stored.duplicate {
         body["duplicate"] = json!(true);
     }
-    Ok(Answer {
-        outcome: status,
-        body,
-    })
+    Ok(Answer::ok(status, body))
 }
 
 async fn handle_sync<S, B>(app: &App, headers: &HeaderMap, body: S) -> Result<Answer, GatewayError>
@@ -348,7 +467,17 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let body = verified_body(app, headers, body, SYNC_MAX_BODY_BYTES).await?;
+    if !app.legacy_sync {
+        return Err(GatewayError::SyncDisabled);
+    }
+    // The original's clients send the timestamped form; older scripts sign the body alone.
+    let timestamped =
+        header(headers, TIMESTAMP_HEADER).is_some() || header(headers, NONCE_HEADER).is_some();
+    let body = if timestamped {
+        timestamped_body(app, headers, body, &app.secret).await?
+    } else {
+        verified_body(app, headers, body, SYNC_MAX_BODY_BYTES).await?
+    };
     let request = SyncRequest::parse(&body)?;
     let event_id = uuid::Uuid::new_v4().to_string();
     tracing::Span::current().record("event_id", event_id.as_str());
@@ -366,14 +495,14 @@ where
         sequence = stored.sequence,
         "sync request stored"
     );
-    Ok(Answer {
-        outcome: "accepted",
-        body: json!({ "status": "accepted", "services": services, "event_id": event_id }),
-    })
+    Ok(Answer::ok(
+        "accepted",
+        json!({ "status": "accepted", "services": services, "event_id": event_id }),
+    ))
 }
 
 /// Publishes through the store, counting what was stored, deduplicated or refused.
-async fn publish(
+pub(crate) async fn publish(
     app: &App,
     subject: &'static str,
     event_id: &str,

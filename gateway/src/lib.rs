@@ -1,17 +1,28 @@
 //! The internet-facing edge of iac-runner.
 //!
-//! It verifies GitHub webhooks and signed manual sync requests and answers 200 only once the
-//! event is stored in JetStream; when it cannot store, it answers 503 so the sender retries.
+//! It verifies GitHub webhooks, signed manual sync requests and signed deployment requests and
+//! answers only once the event is stored in JetStream; when it cannot store, it answers 503 so
+//! the sender retries.
 //!
-//! - [`config`]: the command line and environment (`WEBHOOK_SECRET`, `GIT_BRANCH`, limits).
+//! - [`config`]: the command line and environment (`WEBHOOK_SECRET`, `GIT_BRANCH`, limits,
+//!   `DEPLOY_*`).
 //! - [`webhook`]: what a verified body means: ping, ignored event, ignored push, push to store.
+//! - [`deploy`]: what a `/deploy` or `/deploy/status` body asks, and the answers built from a
+//!   deployment summary.
+//! - [`deployments`]: the nonces and deployment summaries in their JetStream buckets.
+//! - [`deploy_http`]: the two deployment endpoints: accept once, hold, or answer from a summary.
+//! - [`client`]: `iac-gateway deploy`, the client a CI job runs.
 //! - [`store`]: publishing to JetStream with a bounded wait for the acknowledgement.
 //! - [`http`]: routes, bounded body reading, signatures, and the JSON answers.
 //! - [`server`]: the accept loop: bounded connections, header and idle timeouts.
 //! - [`error`]: every request failure and its HTTP status, in one place.
 //! - [`metrics`]: the `iac_gateway_*` Prometheus metrics.
 
+pub mod client;
 pub mod config;
+pub mod deploy;
+pub mod deploy_http;
+pub mod deployments;
 pub mod error;
 pub mod http;
 pub mod metrics;
@@ -44,9 +55,28 @@ pub async fn run(
         .context("NATS")?;
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
+    let deploy_subjects = config
+        .deploy
+        .envs
+        .0
+        .iter()
+        .map(|env| &*String::leak(iac_shared::deploy::deploy_subject(env)))
+        .collect();
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(config.publish_timeout)
+        .build(client.clone());
     let app = Arc::new(http::App {
+        deploy_secret: config.deploy_secret(),
         secret: config.webhook_secret,
         branch: config.branch,
+        repository: config.deploy.repository(),
+        envs: config.deploy.envs.0,
+        deploy_subjects,
+        wait_timeout: config.deploy.wait_timeout,
+        cache_ttl: config.deploy.cache_ttl,
+        legacy_sync: config.deploy.legacy_sync,
+        deployments: deployments::Deployments::new(js),
+        shutdown: shutdown.clone(),
         rules,
         store: store::EventStore::new(client, config.publish_timeout),
         metrics,
@@ -62,11 +92,17 @@ pub async fn run(
         let app = app.clone();
         let settings = config.nats.streams.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { app.store.provision(&settings, &shutdown).await })
+        tokio::spawn(async move {
+            app.store.provision(&settings, &shutdown).await;
+            app.deployments.provision(&settings, &shutdown).await;
+        })
     };
     tracing::info!(
         address = %listener.local_addr().context("reading the bound address")?,
         branch = %app.branch,
+        repository = app.repository.as_deref().unwrap_or("any"),
+        environments = ?app.envs,
+        legacy_sync = app.legacy_sync,
         "gateway listening"
     );
     let limits = server::ConnectionLimits {

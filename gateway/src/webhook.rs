@@ -518,6 +518,21 @@ fn decide_push<'a>(
     })))
 }
 
+/// Why a push for the deployed branch is still not stored: it is for another repository than
+/// `expected` (GITHUB_REPO), so a hook installed on a fork or a copied secret deploys nothing.
+/// `None` when the gateway does not know its repository, or the push is for it.
+pub fn other_repository<P>(expected: Option<&str>, push: &PushEvent<P>) -> Option<String> {
+    let expected = expected?;
+    match push.repository.as_deref() {
+        Some(name) if name.eq_ignore_ascii_case(expected) => None,
+        Some(name) => Some(format!(
+            "the push is for {}, not {expected}",
+            truncate_chars(name, 200)
+        )),
+        None => Some(format!("the push names no repository; expected {expected}")),
+    }
+}
+
 /// Room for the fields of an event other than its paths, when sizing its buffer.
 const EVENT_ROOM: usize = 512;
 
@@ -737,6 +752,23 @@ mod tests {
                 other => panic!("{body}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_push_for_another_repository_is_ignored_when_the_repository_is_known() {
+        let plan = stored(push(serde_json::json!({
+            "ref": "refs/heads/main",
+            "repository": {"full_name": "Acme/Infra"},
+        })));
+        assert_eq!(other_repository(None, &plan.event), None);
+        assert_eq!(other_repository(Some("acme/infra"), &plan.event), None);
+        let reason = other_repository(Some("acme/other"), &plan.event).unwrap();
+        assert!(
+            reason.contains("Acme/Infra") && reason.contains("acme/other"),
+            "{reason}"
+        );
+        let anonymous = stored(push(serde_json::json!({"ref": "refs/heads/main"})));
+        assert!(other_repository(Some("acme/infra"), &anonymous.event).is_some());
     }
 
     #[test]

@@ -630,7 +630,6 @@ pub async fn provision_with(
     for (stream, config) in consumer_configs(consumers) {
         ensure_consumer(js, stream, config, false).await?;
     }
-    ensure_deployments_bucket(js, settings).await?;
     Ok(())
 }
 
@@ -670,7 +669,20 @@ pub fn status_bucket_config(settings: &StreamSettings) -> kv::Config {
     }
 }
 
-/// `IAC_DEPLOYMENTS`: the summary of each deployment by id, kept as long as the streams.
+/// Creates the status bucket, or corrects its drifted limits, like [`ensure_stream`].
+pub async fn ensure_status_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<kv::Store, ProvisionError> {
+    ensure_bucket(js, status_bucket_config(settings)).await
+}
+
+/// How long a nonce is kept: past the whole window in which its timestamp is accepted (300 s
+/// either way), with room for the gateway's and the NATS server's clocks to differ.
+pub const NONCE_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+/// `IAC_DEPLOYMENTS`: one summary per deployment id (and the ids per environment and commit,
+/// under `ref.<env>.<commit>`), kept as long as the streams.
 pub fn deployments_bucket_config(settings: &StreamSettings) -> kv::Config {
     kv::Config {
         bucket: DEPLOYMENTS_BUCKET.to_string(),
@@ -682,12 +694,27 @@ pub fn deployments_bucket_config(settings: &StreamSettings) -> kv::Config {
     }
 }
 
-/// Creates the status bucket, or corrects its drifted limits, like [`ensure_stream`].
-pub async fn ensure_status_bucket(
+/// `IAC_NONCES`: the nonces of accepted signed requests, each kept [`NONCE_RETENTION`].
+pub fn nonces_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: NONCES_BUCKET.to_string(),
+        description: "iac-runner: nonces of accepted signed requests".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        max_age: NONCE_RETENTION,
+        ..Default::default()
+    }
+}
+
+/// The deployment summaries and the nonces, created or corrected like [`ensure_bucket`]: the
+/// buckets the gateway's `/deploy` relies on.
+pub async fn ensure_deploy_buckets(
     js: &jetstream::Context,
     settings: &StreamSettings,
-) -> Result<kv::Store, ProvisionError> {
-    ensure_bucket(js, status_bucket_config(settings)).await
+) -> Result<(kv::Store, kv::Store), ProvisionError> {
+    let deployments = ensure_bucket(js, deployments_bucket_config(settings)).await?;
+    let nonces = ensure_bucket(js, nonces_bucket_config(settings)).await?;
+    Ok((deployments, nonces))
 }
 
 /// Creates the deployments bucket, or corrects its drifted limits, like [`ensure_stream`].
@@ -698,7 +725,9 @@ pub async fn ensure_deployments_bucket(
     ensure_bucket(js, deployments_bucket_config(settings)).await
 }
 
-async fn ensure_bucket(
+/// Creates a key-value bucket, or corrects its drifted limits, like [`ensure_stream`]: a
+/// correction this user may not make is logged and the bucket used as provisioned.
+pub async fn ensure_bucket(
     js: &jetstream::Context,
     want: kv::Config,
 ) -> Result<kv::Store, ProvisionError> {
@@ -823,8 +852,8 @@ impl Default for ConsumerSettings {
     }
 }
 
-/// Everything the services rely on, created or corrected: both streams, the consumers, both
-/// buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
+/// Everything the services rely on, created or corrected: the streams, the consumers, the
+/// status, deployment and nonce buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
 /// user), so unlike [`provision`] it corrects every consumer.
 pub async fn provision_all(
     js: &jetstream::Context,
@@ -838,7 +867,7 @@ pub async fn provision_all(
     }
     ensure_status_bucket(js, streams).await?;
     ensure_stream(js, undelivered_stream_config(streams)).await?;
-    ensure_deployments_bucket(js, streams).await?;
+    ensure_deploy_buckets(js, streams).await?;
     Ok(())
 }
 

@@ -1,16 +1,100 @@
-//! GitHub's `X-Hub-Signature-256`: HMAC-SHA256 of the raw body, hex encoded, prefixed `sha256=`.
+//! GitHub's `X-Hub-Signature-256`: HMAC-SHA256 of the raw body, hex encoded, prefixed `sha256=`;
+//! and the timestamped form the original runner's clients send to `/deploy` (and may send to
+//! `/sync`): the same header over `{timestamp}.{nonce}.{body}`, with `X-IAC-Timestamp` and
+//! `X-IAC-Nonce`, so that a captured request is refused once its window has passed and, the
+//! nonce being recorded, also within it.
 
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// The header GitHub signs with (and `POST /sync` callers must send).
 pub const SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
 
+/// Unix seconds at which a timestamped request was signed.
+pub const TIMESTAMP_HEADER: &str = "X-IAC-Timestamp";
+/// A value the client never uses twice: `[A-Za-z0-9._:-]{8,128}`.
+pub const NONCE_HEADER: &str = "X-IAC-Nonce";
+/// How far, in seconds, a request's timestamp may be from the server's clock, either way.
+pub const TIMESTAMP_WINDOW_SECS: u64 = 300;
+
 /// The header value for `body` under `secret`: `sha256=<64 hex digits>`.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    format!("sha256={}", hex::encode(digest(secret, body)))
+    format!("sha256={}", hex::encode(digest(secret, &[body])))
+}
+
+/// The `X-Hub-Signature-256` value of a timestamped request: the MAC of
+/// `{timestamp}.{nonce}.{body}`, as the original runner's client computes it.
+pub fn sign_timestamped(secret: &[u8], timestamp: &str, nonce: &str, body: &[u8]) -> String {
+    let parts = timestamped_parts(timestamp, nonce, body);
+    format!("sha256={}", hex::encode(digest(secret, &parts)))
+}
+
+/// Why a timestamped request was refused (answered 401 with this message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TimestampedError {
+    #[error("X-IAC-Timestamp is missing or not unix seconds")]
+    BadTimestamp,
+    #[error("X-IAC-Timestamp is more than 300 seconds away from the server's clock")]
+    OutsideWindow,
+    #[error("X-IAC-Nonce is missing or not 8 to 128 of A-Z a-z 0-9 . _ : -")]
+    BadNonce,
+    #[error("Invalid signature")]
+    BadSignature,
+}
+
+/// Whether `nonce` has the accepted shape: 8 to 128 of `A-Z a-z 0-9 . _ : -`.
+pub fn is_valid_nonce(nonce: &str) -> bool {
+    (8..=128).contains(&nonce.len())
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Checks a timestamped request at `now` (unix seconds): the timestamp within
+/// [`TIMESTAMP_WINDOW_SECS`], the nonce's shape, then the signature. Whether the nonce was
+/// used before is the caller's to check, and only after this succeeded, so that unsigned
+/// requests cannot use up nonces.
+pub fn verify_timestamped(
+    secret: &[u8],
+    body: &[u8],
+    signature: Option<&str>,
+    timestamp: Option<&str>,
+    nonce: Option<&str>,
+    now: u64,
+) -> Result<(), TimestampedError> {
+    let timestamp = timestamp.map(str::trim).unwrap_or_default();
+    let seconds: u64 = timestamp
+        .parse()
+        .ok()
+        .filter(|_| timestamp.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or(TimestampedError::BadTimestamp)?;
+    if seconds.abs_diff(now) > TIMESTAMP_WINDOW_SECS {
+        return Err(TimestampedError::OutsideWindow);
+    }
+    let nonce = nonce.map(str::trim).unwrap_or_default();
+    if !is_valid_nonce(nonce) {
+        return Err(TimestampedError::BadNonce);
+    }
+    if !verify_parts(
+        secret,
+        &timestamped_parts(timestamp, nonce, body),
+        signature,
+    ) {
+        return Err(TimestampedError::BadSignature);
+    }
+    Ok(())
+}
+
+/// The key a nonce is recorded under in `IAC_NONCES`: the hex SHA-256 of the nonce, since a
+/// nonce may hold `:`, which is not a key character.
+pub fn nonce_key(nonce: &str) -> String {
+    hex::encode(Sha256::digest(nonce.trim().as_bytes()))
+}
+
+fn timestamped_parts<'a>(timestamp: &'a str, nonce: &'a str, body: &'a [u8]) -> [&'a [u8]; 5] {
+    [timestamp.as_bytes(), b".", nonce.as_bytes(), b".", body]
 }
 
 /// Whether `header` is a valid signature of `body` under `secret`.
@@ -18,6 +102,11 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 /// The comparison is constant time (`Mac::verify_slice`). Anything but `sha256=` followed by
 /// exactly 64 hex digits is rejected before the MAC is computed.
 pub fn verify(secret: &[u8], body: &[u8], header: Option<&str>) -> bool {
+    verify_parts(secret, &[body], header)
+}
+
+/// Whether `header` is a valid signature of the concatenated `parts`.
+fn verify_parts(secret: &[u8], parts: &[&[u8]], header: Option<&str>) -> bool {
     let Some(hex_digest) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
         return false;
     };
@@ -27,15 +116,19 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&str>) -> bool {
     let Ok(expected) = hex::decode(hex_digest) else {
         return false;
     };
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
-    mac.update(body);
-    mac.verify_slice(&expected).is_ok()
+    mac(secret, parts).verify_slice(&expected).is_ok()
 }
 
-fn digest(secret: &[u8], body: &[u8]) -> Vec<u8> {
+fn mac(secret: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
-    mac.update(body);
-    mac.finalize().into_bytes().to_vec()
+    for part in parts {
+        mac.update(part);
+    }
+    mac
+}
+
+fn digest(secret: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    mac(secret, parts).finalize().into_bytes().to_vec()
 }
 
 #[cfg(test)]
@@ -83,6 +176,92 @@ mod tests {
             GITHUB_BODY,
             Some(GITHUB_SIGNATURE)
         ));
+    }
+
+    const NOW: u64 = 1_767_225_600;
+
+    #[test]
+    fn the_timestamped_form_signs_timestamp_nonce_and_body_as_the_original_client() {
+        // The client signs the text `{timestamp}.{nonce}.{body}`.
+        let signature = sign_timestamped(b"s3cret", "1767225600", "abcdef0123456789", b"{}");
+        assert_eq!(
+            signature,
+            sign(b"s3cret", b"1767225600.abcdef0123456789.{}"),
+            "the MAC of the joined parts"
+        );
+        let ok = verify_timestamped(
+            b"s3cret",
+            b"{}",
+            Some(&signature),
+            Some("1767225600"),
+            Some("abcdef0123456789"),
+            NOW + 300,
+        );
+        assert_eq!(ok, Ok(()));
+    }
+
+    #[test]
+    fn stale_future_malformed_or_wrongly_signed_timestamped_requests_are_refused() {
+        let secret = b"s3cret";
+        let check = |ts: Option<&str>, nonce: Option<&str>, signature: &str, now: u64| {
+            verify_timestamped(secret, b"{}", Some(signature), ts, nonce, now)
+        };
+        let nonce = "nonce:0001";
+        let ts = NOW.to_string();
+        let good = sign_timestamped(secret, &ts, nonce, b"{}");
+        assert_eq!(check(Some(&ts), Some(nonce), &good, NOW), Ok(()));
+        use TimestampedError::*;
+        assert_eq!(
+            check(Some(&ts), Some(nonce), &good, NOW + 301),
+            Err(OutsideWindow)
+        );
+        assert_eq!(
+            check(Some(&ts), Some(nonce), &good, NOW - 301),
+            Err(OutsideWindow)
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("-5"),
+            Some("+5"),
+            Some("1.5"),
+            Some("soon"),
+        ] {
+            assert_eq!(
+                check(bad, Some(nonce), &good, NOW),
+                Err(BadTimestamp),
+                "{bad:?}"
+            );
+        }
+        let long = "n".repeat(129);
+        for bad in [
+            None,
+            Some("short"),
+            Some("has space1"),
+            Some("slash/123"),
+            Some(&*long),
+        ] {
+            assert_eq!(check(Some(&ts), bad, &good, NOW), Err(BadNonce), "{bad:?}");
+        }
+        let other_nonce = sign_timestamped(secret, &ts, "nonce:0002", b"{}");
+        assert_eq!(
+            check(Some(&ts), Some(nonce), &other_nonce, NOW),
+            Err(BadSignature)
+        );
+        let body_only = sign(secret, b"{}");
+        assert_eq!(
+            check(Some(&ts), Some(nonce), &body_only, NOW),
+            Err(BadSignature)
+        );
+    }
+
+    #[test]
+    fn nonces_of_every_accepted_shape_become_valid_bucket_keys() {
+        assert!(is_valid_nonce("A.b_c:d-9"));
+        let key = nonce_key("A.b_c:d-9");
+        assert_eq!(key.len(), 64);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(key, nonce_key("A.b_c:d-8"));
     }
 
     proptest::proptest! {

@@ -5,6 +5,9 @@
 //!   publish-with-ack of the same payload at the same concurrency;
 //! - ignored push (another branch: verified, parsed, answered, nothing stored) vs a warp
 //!   handler that only answers 200;
+//! - accepted `/deploy` (wait=false: nonce recorded, summary created, id indexed, event stored
+//!   before the 202) vs raw JetStream publish-with-ack of the same event, with a raw key-value
+//!   create in `IAC_NONCES` beside it: the cost of the nonce check alone;
 //! - the gateway's peak RSS after the runs.
 //!
 //! Each pair runs in rounds, ceiling then gateway, and the median ratio of the rounds is the
@@ -23,9 +26,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use iac_shared::names::{EVENTS_STREAM, PUSH_SUBJECT};
+use iac_shared::names::{EVENTS_STREAM, NONCES_BUCKET, PUSH_SUBJECT};
 use iac_shared::nats::{StreamSettings, provision};
-use iac_shared::signature::{SIGNATURE_HEADER, sign};
+use iac_shared::signature::{
+    NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, sign_timestamped,
+};
 use iac_tests::fixture::push_payload;
 use iac_tests::load::{KeepAlive, Load};
 use iac_tests::measure::{cpu_seconds, peak_rss_mb, quantile};
@@ -109,6 +114,48 @@ fn poster(
                     .await
                     .expect("the server answers");
                 assert_eq!(status, 200, "request {n} answered {status}");
+                latencies.push(started.elapsed());
+            }
+            latencies
+        })
+    }
+}
+
+/// A load task asking `addr` for a new deployment per request (`/deploy`, wait=false: a commit
+/// of its own, so every request is accepted, not a duplicate), signed with a fresh nonce, and
+/// asserting every answer is 202.
+fn deployer(
+    addr: SocketAddr,
+    run: u32,
+) -> impl Fn(Arc<Load>) -> std::pin::Pin<Box<dyn Future<Output = Vec<Duration>> + Send>> {
+    move |load| {
+        Box::pin(async move {
+            let mut connection = KeepAlive::connect(addr).await.expect("connecting");
+            let mut latencies = Vec::new();
+            while let Some(n) = load.next() {
+                let body = format!(
+                    r#"{{"env":"staging","ref":"{run:08x}{n:032x}","services":["redis"],"triggered_by":"bench"}}"#
+                );
+                let timestamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    .to_string();
+                let nonce = format!("bench-{run}-{n}");
+                let signature =
+                    sign_timestamped(SECRET.as_bytes(), &timestamp, &nonce, body.as_bytes());
+                let head = format!(
+                    "POST /deploy HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n{SIGNATURE_HEADER}: {signature}\r\n\
+                     {TIMESTAMP_HEADER}: {timestamp}\r\n{NONCE_HEADER}: {nonce}\r\n\r\n",
+                    body.len()
+                );
+                let started = Instant::now();
+                let status = connection
+                    .send(&[head.as_bytes(), body.as_bytes()])
+                    .await
+                    .expect("the server answers");
+                assert_eq!(status, 202, "deployment {n} answered {status}");
                 latencies.push(started.elapsed());
             }
             latencies
@@ -261,6 +308,14 @@ async fn main() {
         }
         print_ratios("accepted push vs raw JetStream", concurrency, &ratios);
     }
+    deploy_rounds(
+        &js,
+        gateway_addr,
+        duration,
+        rounds,
+        [gateway_pid, nats_pid, own_pid],
+    )
+    .await;
     let mut ratios = Vec::new();
     for round in 0..rounds {
         let baseline = drive(
@@ -288,6 +343,81 @@ async fn main() {
     }
     print_ratios("ignored push vs bare warp", 16, &ratios);
     println!("gateway peak RSS: {:.1} MB", peak_rss_mb(gateway_pid));
+}
+
+/// Accepted `/deploy` requests against raw JetStream publishes of the same event, and raw
+/// nonce creates (what the nonce check costs nats-server and the client), 16 in flight.
+async fn deploy_rounds(
+    js: &jetstream::Context,
+    gateway: SocketAddr,
+    duration: Duration,
+    rounds: u32,
+    [gateway_pid, nats_pid, own_pid]: [u32; 3],
+) {
+    let event = bytes::Bytes::from_static(
+        br#"{"deployment_id":"0123456789abcdef","env":"staging","ref":"0123456789abcdef0123456789abcdef01234567","services":["redis"],"triggered_by":"bench"}"#,
+    );
+    let nonces = js
+        .get_key_value(NONCES_BUCKET)
+        .await
+        .expect("the gateway created the nonce bucket");
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        fresh_events_stream(js).await;
+        let clients = [("nats-server", nats_pid), ("bench client", own_pid)];
+        let raw = drive(16, duration, &clients, |load| {
+            let (js, event) = (js.clone(), event.clone());
+            async move {
+                let mut latencies = Vec::new();
+                while let Some(n) = load.next() {
+                    let started = Instant::now();
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("raw-deploy-{n}").as_str());
+                    js.publish_with_headers("iac.events.deploy.staging", headers, event.clone())
+                        .await
+                        .expect("publishing")
+                        .await
+                        .expect("an acknowledgement");
+                    latencies.push(started.elapsed());
+                }
+                latencies
+            }
+        })
+        .await;
+        print_row("raw JetStream publish-with-ack", 16, &raw, None);
+        let nonce = drive(16, duration, &clients, |load| {
+            let nonces = nonces.clone();
+            async move {
+                let mut latencies = Vec::new();
+                while let Some(n) = load.next() {
+                    let started = Instant::now();
+                    nonces
+                        .create(format!("raw-{round}-{n}"), "1".into())
+                        .await
+                        .expect("a new nonce");
+                    latencies.push(started.elapsed());
+                }
+                latencies
+            }
+        })
+        .await;
+        print_row("raw nonce create (KV, new key)", 16, &nonce, Some(raw.rps));
+        fresh_events_stream(js).await;
+        let run = drive(
+            16,
+            duration,
+            &[
+                ("gateway", gateway_pid),
+                ("nats-server", nats_pid),
+                ("load generator", own_pid),
+            ],
+            deployer(gateway, round),
+        )
+        .await;
+        print_row("accepted /deploy (wait=false)", 16, &run, Some(raw.rps));
+        ratios.push(run.rps / raw.rps);
+    }
+    print_ratios("accepted /deploy vs raw JetStream", 16, &ratios);
 }
 
 /// The median ratio of the rounds, with the lowest and highest.

@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use iac_shared::signature::{SIGNATURE_HEADER, sign};
+use iac_shared::signature::{
+    NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, sign_timestamped,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -50,7 +52,8 @@ impl Response {
     }
 }
 
-/// Sends a request with `Content-Length` and reads the answer.
+/// Sends a request with `Content-Length` and reads the answer (within 10 seconds: see
+/// [`request_within`] for a request the server holds longer).
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -69,6 +72,34 @@ pub async fn request(
     let mut bytes = raw.into_bytes();
     bytes.extend_from_slice(body);
     send_raw(addr, &bytes).await
+}
+
+/// [`timestamped`], waiting up to `within` for the answer (a held `wait: true` deployment).
+pub async fn timestamped_within(
+    addr: SocketAddr,
+    path: &str,
+    secret: &str,
+    body: &[u8],
+    within: Duration,
+) -> Response {
+    let timestamp = unix_now().to_string();
+    let nonce = fresh_nonce();
+    let signature = sign_timestamped(secret.as_bytes(), &timestamp, &nonce, body);
+    let mut raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\
+         Content-Type: application/json\r\n{SIGNATURE_HEADER}: {signature}\r\n\
+         {TIMESTAMP_HEADER}: {timestamp}\r\n{NONCE_HEADER}: {nonce}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    tokio::time::timeout(within, async {
+        let mut stream = TcpStream::connect(addr).await.expect("connecting");
+        stream.write_all(&raw).await.expect("writing the request");
+        read_response(&mut stream).await
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no answer within {within:?}"))
 }
 
 /// `GET path`.
@@ -115,6 +146,58 @@ pub async fn sync(addr: SocketAddr, secret: &str, body: &[u8]) -> Response {
         body,
     )
     .await
+}
+
+/// The current time in unix seconds, as a client puts it in `X-IAC-Timestamp`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+}
+
+/// A nonce no other request of this process used.
+pub fn fresh_nonce() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "test:{}:{}:{}",
+        std::process::id(),
+        unix_now(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A `POST` to `path` signed in the timestamped form (`/deploy`, `/deploy/status`, `/sync`),
+/// with the given timestamp and nonce.
+pub async fn timestamped(
+    addr: SocketAddr,
+    path: &str,
+    secret: &str,
+    body: &[u8],
+    timestamp: u64,
+    nonce: &str,
+) -> Response {
+    let timestamp = timestamp.to_string();
+    let signature = sign_timestamped(secret.as_bytes(), &timestamp, nonce, body);
+    request(
+        addr,
+        "POST",
+        path,
+        &[
+            ("Content-Type", "application/json"),
+            (SIGNATURE_HEADER, &signature),
+            (TIMESTAMP_HEADER, &timestamp),
+            (NONCE_HEADER, nonce),
+        ],
+        body,
+    )
+    .await
+}
+
+/// A `POST` to `path` signed as the original runner's client signs: now, with a fresh nonce.
+pub async fn signed_now(addr: SocketAddr, path: &str, secret: &str, body: &[u8]) -> Response {
+    timestamped(addr, path, secret, body, unix_now(), &fresh_nonce()).await
 }
 
 /// Writes `raw` as is (it may stop anywhere), then reads one answer. Fails the test when no

@@ -207,7 +207,10 @@ fn traefik_routes_only_the_public_endpoints_never_metrics() {
                 .unwrap_or_else(|| panic!("not an exact path: {p}"))
         })
         .collect();
-    assert_eq!(allowed, ["/webhook", "/sync", "/health"]);
+    assert_eq!(
+        allowed,
+        ["/webhook", "/sync", "/deploy", "/deploy/status", "/health"]
+    );
 }
 
 /// `.dockerignore` patterns as Docker reads them: one per line, without comments, leading or

@@ -13,6 +13,7 @@ use iac_shared::deploy::{
 };
 use iac_shared::events::{FinishedState, SyncOutcome, Trigger};
 use iac_shared::names::*;
+use iac_shared::nats::{StreamSettings, ensure_deployments_bucket};
 use iac_tests::fixture::{Fixture, TaskRun};
 use iac_tests::worker_harness::WorkerHarness as Harness;
 
@@ -165,7 +166,10 @@ async fn short_names_are_resolved_and_the_final_summary_keeps_what_the_gateway_a
         updated_at: "2026-01-02T03:04:05Z".into(),
         result: None,
     };
-    let bucket = h.js.get_key_value(DEPLOYMENTS_BUCKET).await.unwrap();
+    // The summary the gateway writes when it accepts (it creates the bucket when it is first).
+    let bucket = ensure_deployments_bucket(&h.js, &StreamSettings::default())
+        .await
+        .unwrap();
     bucket
         .put(&id, serde_json::to_vec(&accepted).unwrap().into())
         .await

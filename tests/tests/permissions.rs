@@ -569,3 +569,110 @@ async fn the_pipeline_runs_under_the_service_users_after_the_admin_provisions() 
         "status as worker: {out}\n{err}"
     );
 }
+
+#[tokio::test]
+async fn the_gateway_keeps_deployment_summaries_and_nonces_and_can_do_nothing_else_with_them() {
+    let server = provisioned_server().await;
+    let admin = connect_as(&server, "admin").await;
+    admin
+        .publish(FINISHED_SUBJECT, "{\"secret\":\"task output\"}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let gateway = connect_as(&server, "gateway").await;
+    assert!(can_store(&gateway, "iac.events.deploy.staging").await);
+    let summaries = gateway.get_key_value(DEPLOYMENTS_BUCKET).await.unwrap();
+    summaries
+        .create("0123456789abcdef", "{}".into())
+        .await
+        .unwrap();
+    assert!(summaries.get("0123456789abcdef").await.unwrap().is_some());
+    let nonces = gateway.get_key_value(NONCES_BUCKET).await.unwrap();
+    nonces.create("ab12", "1767225600".into()).await.unwrap();
+    assert!(
+        nonces.create("ab12", "1767225600".into()).await.is_err(),
+        "a nonce is kept once"
+    );
+
+    let mut allowed = Vec::new();
+    let mut check = |act: &str, refused: bool| {
+        if !refused {
+            allowed.push(act.to_string());
+        }
+    };
+    let results = gateway
+        .get_stream(RESULTS_STREAM)
+        .await
+        .expect("stream info is allowed");
+    check("read a result", results.direct_get(1).await.is_err());
+    check(
+        "read a result by msg get",
+        results.get_raw_message(1).await.is_err(),
+    );
+    check(
+        "open the status bucket",
+        gateway.get_key_value(STATUS_BUCKET).await.is_err(),
+    );
+    check(
+        "purge the nonces",
+        purge(&gateway, &format!("KV_{NONCES_BUCKET}")).await,
+    );
+    check(
+        "delete the nonce bucket",
+        gateway.delete_key_value(NONCES_BUCKET).await.is_err(),
+    );
+    let mut forgetful = iac_shared::nats::nonces_bucket_config(&StreamSettings::default());
+    forgetful.max_age = Duration::from_secs(1);
+    check(
+        "shorten how long nonces are kept",
+        gateway.create_or_update_key_value(forgetful).await.is_err(),
+    );
+    check(
+        "watch the summaries (a consumer)",
+        summaries.watch_all().await.is_err(),
+    );
+    check(
+        "subscribe to the nonces",
+        !receives(
+            &server,
+            "gateway",
+            "$KV.IAC_NONCES.>",
+            "$KV.IAC_NONCES.cd34",
+        )
+        .await,
+    );
+    assert!(allowed.is_empty(), "the gateway may: {allowed:#?}");
+
+    // The worker writes the final summaries, and never sees the nonces.
+    let worker = connect_as(&server, "worker").await;
+    let worker_summaries = worker.get_key_value(DEPLOYMENTS_BUCKET).await.unwrap();
+    let entry = worker_summaries
+        .entry("0123456789abcdef")
+        .await
+        .unwrap()
+        .unwrap();
+    worker_summaries
+        .update("0123456789abcdef", "{\"final\":1}".into(), entry.revision)
+        .await
+        .expect("the worker writes the final summary");
+    assert!(worker.get_key_value(NONCES_BUCKET).await.is_err());
+
+    let reporter = connect_as(&server, "reporter").await;
+    assert!(reporter.get_key_value(NONCES_BUCKET).await.is_err());
+    assert!(reporter.get_key_value(DEPLOYMENTS_BUCKET).await.is_err());
+    assert!(
+        !can_store(&reporter, "iac.events.deploy.staging").await,
+        "the reporter stored a deployment"
+    );
+
+    // What a user would notice: the nonces are still there, kept as long as before.
+    let nonces = admin.get_key_value(NONCES_BUCKET).await.unwrap();
+    assert!(nonces.get("ab12").await.unwrap().is_some());
+    let mut kv_stream = admin
+        .get_stream(format!("KV_{NONCES_BUCKET}"))
+        .await
+        .unwrap();
+    let info = kv_stream.info().await.unwrap();
+    assert_eq!(info.config.max_age, iac_shared::nats::NONCE_RETENTION);
+}
