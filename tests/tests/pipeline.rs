@@ -160,3 +160,73 @@ async fn a_sync_given_up_after_its_last_attempt_leaves_no_status_pending() {
         .count();
     assert_eq!(starts, 1, "not run again");
 }
+
+#[tokio::test]
+async fn a_deployment_to_staging_runs_end_to_end_and_its_status_names_the_environment() {
+    use iac_tests::gateway_client::{signed_now, timestamped_within};
+    use iac_tests::pipeline::SECRET;
+
+    let github = FakeGithub::start().await;
+    let pipeline = Pipeline::new(&github.url());
+    let _services = pipeline.start_all().await;
+    let gateway = std::net::SocketAddr::from(([127, 0, 0, 1], pipeline.gateway_port()));
+    let commit = pipeline.fixture.head();
+
+    // As the original's CI asks: an exact commit, short service names, held until final.
+    let body = serde_json::json!({
+        "env": "staging",
+        "ref": commit,
+        "services": ["redis"],
+        "triggered_by": "release workflow",
+        "wait": true,
+    })
+    .to_string();
+    let answer = timestamped_within(
+        gateway,
+        "/deploy",
+        SECRET,
+        body.as_bytes(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let json = answer.json();
+    assert_eq!(answer.status, 200, "{json}");
+    assert_eq!(json["status"], "completed", "{json}");
+    assert_eq!(json["requested_services"], serde_json::json!(["redis"]));
+    let outcomes = &json["result"]["services"];
+    assert_eq!(outcomes[0]["service"], "platform/redis", "{json}");
+    assert_eq!(outcomes[0]["outcome"], "synced", "{json}");
+
+    // The task ran once, in staging, on that commit.
+    let runs: Vec<_> = pipeline
+        .fixture
+        .runs()
+        .into_iter()
+        .filter(|r| r.phase == "end")
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].task.as_deref(), Some("redis.sync"));
+    assert_eq!(runs[0].commit.as_deref(), Some(commit.as_str()));
+    assert_eq!(
+        runs[0].env.get("DEPLOY_ENV").map(String::as_str),
+        Some("staging")
+    );
+    assert_eq!(
+        runs[0].env.get("ENV_SUFFIX").map(String::as_str),
+        Some("-staging")
+    );
+
+    // The commit's status names the environment, apart from the pushes' own context.
+    let staging = "IaC Runner / Sync (staging)";
+    github
+        .wait_for_accepted(&commit, staging, "success", FINAL)
+        .await;
+    assert!(github.shown(&commit, CONTEXT).is_none());
+
+    // Asked again, any gateway answers from the stored summary without running it again.
+    let status_body = serde_json::json!({"env": "staging", "ref": commit}).to_string();
+    let status = signed_now(gateway, "/deploy/status", SECRET, status_body.as_bytes()).await;
+    assert_eq!(status.status, 200, "{}", status.text());
+    assert_eq!(status.json()["status"], "completed");
+    assert_eq!(pipeline.fixture.finished_tasks(), ["redis.sync"]);
+}
