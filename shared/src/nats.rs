@@ -199,6 +199,9 @@ async fn connect_with(
     }
     if let (Some(user), Some(password)) = (&args.user, &args.password) {
         options = options.user_and_password(user.clone(), password.expose_secret().to_string());
+        if let Some(prefix) = inbox_prefix(user) {
+            options = options.custom_inbox_prefix(prefix);
+        }
     }
     if let Some(token) = &args.token {
         options = options.token(token.expose_secret().to_string());
@@ -210,6 +213,18 @@ async fn connect_with(
         .connect(args.urls.clone())
         .await
         .map_err(|e| ConnectError::Connect(e.to_string()))
+}
+
+/// The inbox prefix of a NATS user: `_INBOX.<user>`, so that `deploy/nats/permissions.conf` can
+/// let each user subscribe to its own replies only (with the shared `_INBOX.>`, one service could
+/// read the answers another gets: the events the worker pulls, the entries the reporter reads).
+/// `None` for a name that is not one subject token; such a user keeps the default prefix.
+pub fn inbox_prefix(user: &str) -> Option<String> {
+    let token = !user.is_empty()
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    token.then(|| format!("_INBOX.{user}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -929,6 +944,15 @@ mod tests {
         assert_eq!(undelivered.name, "IAC_UNDELIVERED");
         assert_eq!(undelivered.subjects, ["iac.undelivered.>"]);
         assert_eq!(undelivered.max_age, events.max_age);
+    }
+
+    #[test]
+    fn each_user_gets_an_inbox_of_its_own() {
+        assert_eq!(inbox_prefix("worker").as_deref(), Some("_INBOX.worker"));
+        assert_eq!(inbox_prefix("ci-bot_2").as_deref(), Some("_INBOX.ci-bot_2"));
+        for not_a_token in ["", "a.b", "a b", "a*", "a>"] {
+            assert_eq!(inbox_prefix(not_a_token), None, "{not_a_token:?}");
+        }
     }
 
     #[test]

@@ -362,6 +362,7 @@ impl NatsCluster {
             user.to_string(),
             cluster_password(user).to_string(),
         )
+        .custom_inbox_prefix(iac_shared::nats::inbox_prefix(user).expect("a token"))
         .connect(urls)
         .await
         .unwrap_or_else(|e| panic!("{user} cannot connect to the cluster: {e}"))
@@ -379,17 +380,26 @@ impl NatsCluster {
 
     /// The routes node `i` has now (from its monitoring endpoint `/routez`).
     pub async fn route_count(&self, i: usize) -> Option<u64> {
+        self.routez(i).await?["num_routes"].as_u64()
+    }
+
+    /// The names of the servers node `i` has routes to.
+    pub async fn routed_names(&self, i: usize) -> Option<Vec<String>> {
+        let routez = self.routez(i).await?;
+        let routes = routez["routes"].as_array()?;
+        Some(
+            routes
+                .iter()
+                .filter_map(|r| r["remote_name"].as_str().map(str::to_string))
+                .collect(),
+        )
+    }
+
+    /// Node `i`'s monitoring answer on its routes.
+    async fn routez(&self, i: usize) -> Option<serde_json::Value> {
         let port = self.nodes[i].monitor_port?;
         let url = format!("http://127.0.0.1:{port}/routez");
-        let routez: serde_json::Value = crate::http()
-            .get(&url)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        routez["num_routes"].as_u64()
+        crate::http().get(&url).send().await.ok()?.json().await.ok()
     }
 
     pub fn node_name(&self, i: usize) -> &str {

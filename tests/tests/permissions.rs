@@ -40,6 +40,7 @@ fn password(user: &str) -> &'static str {
 
 async fn client_as(server: &NatsServer, user: &str) -> async_nats::Client {
     async_nats::ConnectOptions::with_user_and_password(user.into(), password(user).into())
+        .custom_inbox_prefix(iac_shared::nats::inbox_prefix(user).expect("a token"))
         .connect(server.url())
         .await
         .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
@@ -196,6 +197,10 @@ async fn forbidden_acts_allowed(server: &NatsServer, user: &str) -> Vec<String> 
     check(
         "subscribe to results",
         !receives(server, user, "iac.results.>", FINISHED_SUBJECT).await,
+    );
+    check(
+        "read the replies other users get",
+        !receives(server, user, "_INBOX.>", "_INBOX.admin.reply").await,
     );
     allowed
 }
