@@ -1,7 +1,8 @@
 //! What can be checked of `deploy/` without a container engine: the compose files parse and
 //! give each service only its own secrets, the images' entrypoints are binaries this workspace
 //! builds, and the cluster configuration forms a real three-node JetStream cluster that keeps
-//! the users of the single server and takes only authenticated routes.
+//! the users of the single server and takes only authenticated routes; the operator commands
+//! `deploy/README.md` gives are ones the binaries take.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use async_nats::jetstream;
 use iac_shared::names::EVENTS_STREAM;
 use iac_shared::nats::{ConsumerSettings, StreamSettings, events_stream_config, provision_all};
 use iac_tests::nats::{CLUSTER_USERS, NatsCluster};
-use iac_tests::tools::workspace_root;
+use iac_tests::tools::{project_binary, workspace_root};
 use iac_tests::wait_for;
 use serde_yaml::Value;
 
@@ -288,6 +289,25 @@ fn deploy_readme_gives_each_operator_command_through_docker_compose_exec() {
         assert!(
             line.starts_with(&expected),
             "not run in its container: {line}"
+        );
+        // The command as the binary reads it: a flag or value it does not take fails here, and
+        // a trailing --help keeps it from connecting anywhere.
+        let command = line.split('#').next().unwrap_or_default();
+        let mut words = command
+            .split_whitespace()
+            .skip_while(|w| !w.starts_with("iac-"));
+        let binary = words.next().expect("the binary");
+        let args: Vec<&str> = words.collect();
+        let parsed = std::process::Command::new(project_binary(binary))
+            .args(&args)
+            .arg("--help")
+            .env_clear()
+            .output()
+            .expect("the binary runs");
+        assert!(
+            parsed.status.success(),
+            "{binary} does not take {args:?}: {}",
+            String::from_utf8_lossy(&parsed.stderr)
         );
     }
     assert!(
