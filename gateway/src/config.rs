@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use iac_shared::deploy::{DEFAULT_DEPLOY_ENVS, parse_env_list};
+use iac_shared::deploy::{
+    DEFAULT_DEPLOY_ENVS, DEFAULT_PUSH_ENV, PushEnv, parse_env_list, parse_push_env,
+};
 use iac_shared::events::parse_branch;
 use iac_shared::nats::{NatsArgs, parse_duration, parse_positive_duration, parse_secret};
 use iac_shared::rules::{Rules, RulesError};
@@ -180,6 +182,18 @@ pub struct DeployArgs {
         value_parser = parse_envs
     )]
     pub envs: Environments,
+
+    /// The environment pushes and `/sync` deploy to (empty: none), equal across the services:
+    /// the gateway creates the worker's consumers for the environments before it stores an
+    /// event for them (a consumer created later would not see it).
+    #[arg(
+        long = "push-env",
+        env = "PUSH_ENV",
+        value_name = "PUSH_ENV",
+        default_value = DEFAULT_PUSH_ENV,
+        value_parser = parse_push_env
+    )]
+    pub push_env: PushEnv,
 
     /// How long a `wait: true` deployment request is held before it is answered 202
     /// in_progress.

@@ -33,6 +33,8 @@ pub mod webhook;
 use std::sync::Arc;
 
 use anyhow::Context;
+use iac_shared::deploy::Environments;
+use iac_shared::nats::ConsumerSettings;
 use iac_shared::shutdown::Shutdown;
 use prometheus_client::registry::Registry;
 
@@ -62,6 +64,13 @@ pub async fn run(
         .iter()
         .map(|env| &*String::leak(iac_shared::deploy::deploy_subject(env)))
         .collect();
+    let consumers = ConsumerSettings {
+        environments: Environments {
+            deploy: config.deploy.envs.0.clone(),
+            push: config.deploy.push_env.0.clone(),
+        },
+        ..ConsumerSettings::default()
+    };
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(config.publish_timeout)
         .build(client.clone());
@@ -93,7 +102,7 @@ pub async fn run(
         let settings = config.nats.streams.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            app.store.provision(&settings, &shutdown).await;
+            app.store.provision(&settings, &consumers, &shutdown).await;
             app.deployments.provision(&settings, &shutdown).await;
         })
     };

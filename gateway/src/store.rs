@@ -13,7 +13,7 @@ use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use iac_shared::names::{EVENT_ID_HEADER, MSG_ID_HEADER};
-use iac_shared::nats::{StreamSettings, provision_until_ready};
+use iac_shared::nats::{ConsumerSettings, StreamSettings, provision_until_ready_with};
 use iac_shared::shutdown::Shutdown;
 use tokio::sync::{mpsc, oneshot};
 
@@ -71,10 +71,16 @@ impl EventStore {
         }
     }
 
-    /// Creates the streams and missing consumers, retrying until NATS answers or shutdown.
-    /// Nothing is published before this succeeded, so no event lacks its consumers.
-    pub async fn provision(&self, settings: &StreamSettings, shutdown: &Shutdown) {
-        match provision_until_ready(&self.js, settings, shutdown).await {
+    /// Creates the streams and missing consumers (the worker's for every environment of
+    /// `consumers`), retrying until NATS answers or shutdown. Nothing is published before this
+    /// succeeded, so no event lacks its consumer (they take only what is stored after them).
+    pub async fn provision(
+        &self,
+        settings: &StreamSettings,
+        consumers: &ConsumerSettings,
+        shutdown: &Shutdown,
+    ) {
+        match provision_until_ready_with(&self.js, settings, consumers, shutdown).await {
             Ok(()) => {
                 self.provisioned.store(true, Ordering::Release);
                 tracing::info!("streams ready; accepting events");

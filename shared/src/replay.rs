@@ -141,8 +141,20 @@ pub enum ReplayError {
     Publish { seq: u64, reason: String },
 }
 
+/// Whether `subject` is `pattern`, or one subject of a pattern ending in `.*` (one more token,
+/// as in NATS: `iac.events.deploy.*` takes `iac.events.deploy.staging`).
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    match pattern.strip_suffix(".*") {
+        Some(prefix) => subject
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|token| !token.is_empty() && !token.contains(['.', '*', '>', ' '])),
+        None => pattern == subject,
+    }
+}
+
 /// Replays the messages of `stream` selected by `args`; `subjects` are the subjects a replay
-/// may name. Messages stored after the replay began (its own copies among them) are never
+/// may name (a pattern ending in `.*` for one more token). Messages stored after the replay began (its own copies among them) are never
 /// selected, so a replay always ends.
 pub async fn replay(
     js: &jetstream::Context,
@@ -151,7 +163,9 @@ pub async fn replay(
     args: &ReplayArgs,
 ) -> Result<Vec<Replayed>, ReplayError> {
     if let Some(subject) = &args.subject
-        && !subjects.contains(&subject.as_str())
+        && !subjects
+            .iter()
+            .any(|allowed| subject_matches(allowed, subject))
     {
         return Err(ReplayError::BadSubject(
             subject.clone(),
@@ -289,6 +303,23 @@ fn describe(seq: u64, time: OffsetDateTime, subject: &str, payload: &[u8]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_may_name_one_environments_deployments() {
+        let deploys = "iac.events.deploy.*";
+        assert!(subject_matches(deploys, "iac.events.deploy.staging"));
+        assert!(subject_matches("iac.events.push", "iac.events.push"));
+        for not_one in [
+            "iac.events.deploy",
+            "iac.events.deploy.",
+            "iac.events.deploy.a.b",
+            "iac.events.deploy.>",
+            "iac.events.deploy.*",
+            "iac.events.deployx",
+        ] {
+            assert!(!subject_matches(deploys, not_one), "{not_one}");
+        }
+    }
 
     #[test]
     fn replayed_copies_get_a_fresh_message_id_and_the_original_sequence() {

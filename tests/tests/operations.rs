@@ -245,3 +245,82 @@ async fn operator_commands_take_the_global_flags_on_either_side_and_help_lists_t
         }
     }
 }
+
+#[tokio::test]
+async fn replaying_an_environments_deployments_runs_them_there_again() {
+    use iac_shared::deploy::{DeployRequest, deploy_subject, deployment_id, normalize_services};
+
+    let pipeline = Pipeline::new("http://127.0.0.1:9");
+    let _worker = pipeline.start_worker();
+    let commit = pipeline.fixture.head();
+    let services = normalize_services(Some(&["redis".to_string()]));
+    let request = DeployRequest {
+        deployment_id: deployment_id("staging", &commit, &services),
+        env: "staging".into(),
+        commit: commit.clone(),
+        services,
+        triggered_by: Some("operations test".into()),
+        force: false,
+    };
+    let js = async_nats::jetstream::new(pipeline.nats.as_ref().unwrap().client().await);
+    // Published straight to NATS, as the gateway would once the consumer exists (it takes only
+    // what is stored after it).
+    wait_for("the staging consumer", Duration::from_secs(30), || async {
+        let stream = js.get_stream("IAC_EVENTS").await.ok()?;
+        stream
+            .consumer_info("iac-worker-staging")
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    js.publish(
+        deploy_subject("staging"),
+        serde_json::to_vec(&request).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let runs = wait_for_runs(&pipeline, "redis.sync", 1).await;
+    assert_eq!(
+        runs[0].env.get("DEPLOY_ENV").map(String::as_str),
+        Some("staging")
+    );
+
+    let (ok, out, err) = pipeline.operator(
+        "iac-worker",
+        &[
+            "replay",
+            "--subject",
+            "iac.events.deploy.staging",
+            "--since",
+            "1h",
+            "--force",
+        ],
+    );
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains("iac.events.deploy.staging") && out.contains(&commit),
+        "{out}"
+    );
+    let runs = wait_for_runs(&pipeline, "redis.sync", 2).await;
+    assert_eq!(
+        runs[1].env.get("DEPLOY_ENV").map(String::as_str),
+        Some("staging")
+    );
+    assert!(runs[1].force, "the forced replay did not reach the task");
+
+    let (ok, _, err) = pipeline.operator(
+        "iac-worker",
+        &[
+            "replay",
+            "--subject",
+            "iac.events.deploy.>",
+            "--since",
+            "1h",
+        ],
+    );
+    assert!(!ok, "a wildcard was taken as a subject");
+    assert!(err.contains("iac.events.deploy.*"), "{err}");
+}

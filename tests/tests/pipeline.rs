@@ -230,3 +230,34 @@ async fn a_deployment_to_staging_runs_end_to_end_and_its_status_names_the_enviro
     assert_eq!(status.json()["status"], "completed");
     assert_eq!(pipeline.fixture.finished_tasks(), ["redis.sync"]);
 }
+
+#[tokio::test]
+async fn a_deployment_stored_before_any_worker_started_runs_when_one_starts() {
+    use iac_tests::gateway_client::signed_now;
+    use iac_tests::pipeline::SECRET;
+
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::new(&github.url());
+    for service in ["gateway", "worker"] {
+        pipeline.set_env(service, "DEPLOY_ENVS", "qa,production");
+    }
+    // Only the gateway is up: it must have made qa's consumer before storing the deployment,
+    // or a worker starting later would never see it.
+    let _gateway = pipeline.start_gateway().await;
+    let gateway = std::net::SocketAddr::from(([127, 0, 0, 1], pipeline.gateway_port()));
+    let commit = pipeline.fixture.head();
+    let body = serde_json::json!({"env": "qa", "ref": commit, "services": ["redis"]}).to_string();
+    let answer = signed_now(gateway, "/deploy", SECRET, body.as_bytes()).await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+
+    let _worker = pipeline.start_worker();
+    wait_for("the qa deployment run", FINAL, || async {
+        let runs = pipeline.fixture.runs();
+        runs.iter()
+            .find(|r| r.phase == "end" && r.task.as_deref() == Some("redis.sync"))
+            .map(|r| r.env.get("DEPLOY_ENV").cloned())
+    })
+    .await
+    .map(|env| assert_eq!(env, "qa"))
+    .expect("DEPLOY_ENV");
+}

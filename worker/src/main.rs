@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use iac_shared::cli::Invocation;
 use iac_shared::history::StatusCommand;
-use iac_shared::names::{EVENTS_STREAM, PUSH_SUBJECT, SYNC_SUBJECT};
+use iac_shared::names::{DEPLOY_SUBJECT_PREFIX, EVENTS_STREAM, PUSH_SUBJECT, SYNC_SUBJECT};
 use iac_shared::provision::ProvisionCommand;
 use iac_shared::replay::ReplayCommand;
 use iac_shared::telemetry;
@@ -43,7 +43,11 @@ async fn main() -> ExitCode {
                 &nats,
                 "iac-worker replay",
                 EVENTS_STREAM,
-                &[PUSH_SUBJECT, SYNC_SUBJECT],
+                &[
+                    PUSH_SUBJECT,
+                    SYNC_SUBJECT,
+                    &format!("{DEPLOY_SUBJECT_PREFIX}.*"),
+                ],
             )
             .await
             .map_err(|e| e.to_string()),
