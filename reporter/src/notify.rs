@@ -191,6 +191,9 @@ pub struct Unsent {
     /// A reporter sending it, or waiting to try again, holds it until then.
     #[serde(default)]
     pub lease_until_ms: u64,
+    /// Which reporter process holds it (random per process).
+    #[serde(default)]
+    pub holder: String,
 }
 
 /// What one service's result means for its record.
@@ -335,6 +338,8 @@ struct Sender {
     timeout: Duration,
     give_up_after: Duration,
     metrics: Metrics,
+    /// This process, as it holds a notification's lease.
+    id: String,
     /// Keys this process is sending, so a sweep does not start a second sender for one.
     sending: Mutex<HashSet<String>>,
     slots: Semaphore,
@@ -363,6 +368,7 @@ pub fn start(
         timeout: args.timeout,
         give_up_after: args.give_up_after,
         metrics: metrics.clone(),
+        id: format!("{:016x}", rand::random::<u64>()),
         sending: Mutex::new(HashSet::new()),
         slots: Semaphore::new(MAX_SENDING),
     });
@@ -470,6 +476,7 @@ impl Sender {
                         decided_ms: now_ms(),
                         attempts: 0,
                         lease_until_ms: 0,
+                        holder: String::new(),
                     };
                     let record = Record {
                         health,
@@ -500,13 +507,14 @@ impl Sender {
                     return;
                 }
             };
-            if unsent.lease_until_ms > now_ms() {
+            if unsent.lease_until_ms > now_ms() && unsent.holder != self.id {
                 return;
             }
             let lease = self.timeout + LEASE_MARGIN;
             let attempt = Unsent {
                 attempts: unsent.attempts + 1,
                 lease_until_ms: now_ms() + lease.as_millis() as u64,
+                holder: self.id.clone(),
                 ..unsent
             };
             let record = Record {
@@ -718,6 +726,7 @@ mod tests {
                 decided_ms: 1,
                 attempts: 0,
                 lease_until_ms: 0,
+                holder: String::new(),
             }),
         }
     }
