@@ -312,7 +312,7 @@ impl Notifier {
             self.metrics.notification("unknown", "dropped");
             tracing::warn!(
                 %event_id,
-                "the notification queue is full; this result's failures and recoveries are not notified"
+                "the notification queue is full or closed; this result's failures and recoveries are not notified"
             );
         }
     }
@@ -461,15 +461,9 @@ impl Sender {
     ) -> Result<bool, String> {
         loop {
             let (revision, stored) = self.read(key).await?;
-            let (record, owes) = match decide(stored.as_ref(), health, event_seq) {
+            let (record, owes, cancelled) = match decide(stored.as_ref(), health, event_seq) {
                 Decision::Stale => return Ok(false),
-                Decision::Keep { record, cancelled } => {
-                    if let Some(event) = cancelled {
-                        self.metrics.notification(event.as_str(), "cancelled");
-                        tracing::info!(%key, event = event.as_str(), "an unsent notification is cancelled: the state it announced is over");
-                    }
-                    (*record, false)
-                }
+                Decision::Keep { record, cancelled } => (*record, false, cancelled),
                 Decision::Notify(_) => {
                     let unsent = Unsent {
                         notification: notification.clone(),
@@ -483,10 +477,14 @@ impl Sender {
                         event_seq,
                         unsent: Some(unsent),
                     };
-                    (record, true)
+                    (record, true, None)
                 }
             };
             if self.write(key, revision, &record).await?.is_some() {
+                if let Some(event) = cancelled {
+                    self.metrics.notification(event.as_str(), "cancelled");
+                    tracing::info!(%key, event = event.as_str(), "an unsent notification is cancelled: the state it announced is over");
+                }
                 return Ok(owes);
             }
         }
@@ -534,7 +532,7 @@ impl Sender {
             let error = match self.post(notification).await {
                 Ok(()) => {
                     self.metrics.notification(event, "sent");
-                    tracing::info!(%key, event, commit = ?notification.commit, "sent the notification");
+                    tracing::info!(%key, event, event_id = %notification.event_id, "sent the notification");
                     self.clear(key, revision, record).await;
                     return;
                 }
@@ -543,13 +541,13 @@ impl Sender {
             let refused = matches!(error, SendError::Refused(_));
             if refused || since(attempt.decided_ms) >= self.give_up_after {
                 self.metrics.notification(event, "given_up");
-                tracing::error!(%key, event, attempts = attempt.attempts, error = %error, "gave up on the notification");
+                tracing::error!(%key, event, event_id = %notification.event_id, attempts = attempt.attempts, error = %error, "gave up on the notification");
                 self.clear(key, revision, record).await;
                 return;
             }
             self.metrics.notification(event, "retried");
             let delay = retry_delay(attempt.attempts, rand::random());
-            tracing::warn!(%key, event, error = %error, retry_in = ?delay, "the notification was not accepted; trying again");
+            tracing::warn!(%key, event, event_id = %notification.event_id, error = %error, retry_in = ?delay, "the notification was not accepted; trying again");
             // Hold it while waiting, so that no sweep starts a second sender.
             let waiting = Record {
                 unsent: Some(Unsent {
