@@ -103,6 +103,85 @@ pub struct Config {
         value_parser = parse_positive_duration
     )]
     pub give_up_after: Duration,
+
+    #[command(flatten)]
+    pub notify: NotifyArgs,
+}
+
+/// Where failures and recoveries are announced (`NOTIFY_*`); off without `NOTIFY_URL`.
+#[derive(Debug, Clone, Args)]
+pub struct NotifyArgs {
+    /// Receives one JSON POST when a service's sync starts failing and one when it recovers.
+    /// Kept secret: a chat webhook's URL is its password.
+    #[arg(
+        id = "notify_url",
+        long = "notify-url",
+        env = "NOTIFY_URL",
+        value_name = "NOTIFY_URL",
+        hide_env_values = true,
+        value_parser = parse_notify_url
+    )]
+    pub url: Option<SecretString>,
+
+    /// Signs each notification (`X-Hub-Signature-256`, HMAC-SHA256 of the body).
+    #[arg(
+        id = "notify_secret",
+        long = "notify-secret",
+        env = "NOTIFY_SECRET",
+        value_name = "NOTIFY_SECRET",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub secret: Option<SecretString>,
+
+    /// `json` (the notification as it is) or `slack` (`{"text": ...}` for an incoming webhook).
+    #[arg(
+        id = "notify_format",
+        long = "notify-format",
+        env = "NOTIFY_FORMAT",
+        value_name = "NOTIFY_FORMAT",
+        default_value = "json"
+    )]
+    pub format: NotifyFormat,
+
+    /// How long a notification the endpoint keeps refusing (or not answering) is tried before
+    /// it is given up, e.g. `1h`.
+    #[arg(
+        id = "notify_give_up_after",
+        long = "notify-give-up-after",
+        env = "NOTIFY_GIVE_UP_AFTER",
+        value_name = "NOTIFY_GIVE_UP_AFTER",
+        default_value = "1h",
+        value_parser = parse_positive_duration
+    )]
+    pub give_up_after: Duration,
+
+    /// Time limit of one notification request, e.g. `10s`.
+    #[arg(
+        id = "notify_timeout",
+        long = "notify-timeout",
+        env = "NOTIFY_TIMEOUT",
+        value_name = "NOTIFY_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_positive_duration
+    )]
+    pub timeout: Duration,
+}
+
+/// The body a notification is sent as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NotifyFormat {
+    Json,
+    Slack,
+}
+
+/// An http(s) URL; the error never repeats it, as it may hold a token.
+fn parse_notify_url(s: &str) -> Result<SecretString, String> {
+    let url = Url::parse(s.trim()).map_err(|_| "not a URL".to_string())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("expected an http(s) URL".into());
+    }
+    Ok(SecretString::from(url.to_string()))
 }
 
 /// How to reach GitHub: the service's settings, and those of `undelivered replay`.
@@ -249,6 +328,9 @@ mod tests {
                 &["--status-target-url", "not a url"][..],
                 "STATUS_TARGET_URL",
             ),
+            (&["--notify-url", "ftp://x"][..], "NOTIFY_URL"),
+            (&["--notify-format", "teams"][..], "NOTIFY_FORMAT"),
+            (&["--notify-give-up-after", "0"][..], "NOTIFY_GIVE_UP_AFTER"),
         ] {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(name), "{args:?}: {err}");
@@ -259,6 +341,27 @@ mod tests {
     fn the_token_is_never_printed() {
         let config = parse(&["--github-token", "ghp_supersecret"]).unwrap();
         assert!(!format!("{config:?}").contains("ghp_supersecret"));
+    }
+
+    #[test]
+    fn notifications_are_off_until_a_url_is_given_and_their_secret_is_never_printed() {
+        let config = parse(&[]).unwrap();
+        assert!(config.notify.url.is_none());
+        assert_eq!(config.notify.format, NotifyFormat::Json);
+        assert_eq!(config.notify.give_up_after, Duration::from_secs(3600));
+        let config = parse(&[
+            "--notify-url",
+            "https://hooks.example.com/services/T0/B0/webhooktoken",
+            "--notify-secret",
+            "notify-supersecret",
+            "--notify-format",
+            "slack",
+        ])
+        .unwrap();
+        assert_eq!(config.notify.format, NotifyFormat::Slack);
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("notify-supersecret"), "{printed}");
+        assert!(!printed.contains("webhooktoken"), "{printed}");
     }
 
     #[test]
@@ -284,6 +387,7 @@ mod tests {
         assert!(config.github.token.is_none());
         assert!(config.github_repo.is_none());
         assert!(config.status_target_url.is_none());
+        assert!(config.notify.url.is_none() && config.notify.secret.is_none());
         assert_eq!(config.status_context, "IaC Runner / Sync");
         assert_eq!(config.github.timeout, Duration::from_secs(10));
         assert_eq!(config.give_up_after, Duration::from_secs(30 * 60));

@@ -94,6 +94,8 @@ impl Turn {
 struct Parsed {
     event_id: String,
     plan: status::Plan,
+    /// A finished result, for the notifier.
+    finished: Option<SyncFinished>,
 }
 
 /// A lease taken, or the reason there is nothing to post.
@@ -116,6 +118,8 @@ pub struct Reporter {
     pub give_up_after: Duration,
     /// Where given-up statuses are kept.
     pub js: jetstream::Context,
+    /// Announces failures and recoveries (`NOTIFY_URL`); `None` when not configured.
+    pub notifier: Option<crate::notify::Notifier>,
 }
 
 impl Reporter {
@@ -157,6 +161,9 @@ impl Reporter {
                 }
                 Ok(parsed) => {
                     tracing::Span::current().record("event_id", parsed.event_id.as_str());
+                    if let (Some(notifier), Some(finished)) = (&self.notifier, parsed.finished) {
+                        notifier.offer(finished, &parsed.plan);
+                    }
                     let work = self.report(parsed.plan, turn);
                     with_progress(&message, REPORTER_DEFAULT_ACK_WAIT / 3, work).await
                 }
@@ -562,6 +569,7 @@ fn parse(
             Ok(Parsed {
                 plan: status::for_started(&started, settings),
                 event_id: started.event_id,
+                finished: None,
             })
         }
         FINISHED_SUBJECT => {
@@ -569,7 +577,8 @@ fn parse(
                 serde_json::from_slice(payload).map_err(|e| e.to_string())?;
             Ok(Parsed {
                 plan: status::for_finished(&finished, settings),
-                event_id: finished.event_id,
+                event_id: finished.event_id.clone(),
+                finished: Some(finished),
             })
         }
         PUSH_SUBJECT => {
@@ -581,6 +590,7 @@ fn parse(
             Ok(Parsed {
                 plan: status::for_push(&push, &event_id, envelope.seq, settings),
                 event_id,
+                finished: None,
             })
         }
         other => Err(format!("unexpected subject {other}")),

@@ -10,12 +10,15 @@
 //! - [`deliver`]: one message end to end: plan, claim, post, ack, retry or give up.
 //! - [`undelivered`]: the statuses given up, kept in `IAC_UNDELIVERED`: when to give up (pure),
 //!   and `iac-reporter undelivered list|replay`.
+//! - [`notify`]: failures and recoveries announced to `NOTIFY_URL`, decided once per state
+//!   change in `IAC_NOTIFY` and sent in a task of their own.
 //! - [`metrics`]: the Prometheus metrics.
 
 pub mod config;
 pub mod deliver;
 pub mod github;
 pub mod metrics;
+pub mod notify;
 pub mod order;
 pub mod status;
 pub mod undelivered;
@@ -30,8 +33,9 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
 use iac_shared::names::*;
 use iac_shared::nats::{
-    ProvisionError, REPORTER_DEFAULT_ACK_WAIT, connect, ensure_status_bucket, ensure_stream,
-    reporter_consumer_config, reporter_events_consumer_config, undelivered_stream_config,
+    ProvisionError, REPORTER_DEFAULT_ACK_WAIT, connect, ensure_notify_bucket, ensure_status_bucket,
+    ensure_stream, reporter_consumer_config, reporter_events_consumer_config,
+    undelivered_stream_config,
 };
 use iac_shared::runtime::{retry_until_shutdown, start_consumers};
 use iac_shared::shutdown::Shutdown;
@@ -106,6 +110,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let Some(notifications) = start_notifier(&config, &js, &metrics, &shutdown).await? else {
+        return Ok(());
+    };
+    let (notifier, notifier_task) = notifications.unzip();
+
     let reporter = Arc::new(Reporter {
         settings: config.status_settings(),
         github,
@@ -115,6 +124,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         lease: config.github.lease(),
         give_up_after: config.give_up_after,
         js,
+        notifier,
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.into()));
     ready.store(true, Ordering::Relaxed);
@@ -126,8 +136,48 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         consume(results, reporter.clone(), slots.clone(), shutdown.clone()),
         consume(events, reporter, slots, shutdown),
     );
+    // Every handle to the notifier is gone with the consumers: it decides what is queued, ends.
+    if let Some(task) = notifier_task {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+type Notifications = Option<(notify::Notifier, tokio::task::JoinHandle<()>)>;
+
+/// The notification task with `IAC_NOTIFY`, when `NOTIFY_URL` is set: `Ok(Some(None))` when it
+/// is not, `Ok(None)` when shutdown came first.
+async fn start_notifier(
+    config: &Config,
+    js: &jetstream::Context,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<Notifications>> {
+    let Some(url) = &config.notify.url else {
+        return Ok(Some(None));
+    };
+    let Some(store) = when_ready(shutdown, NOTIFY_BUCKET, || {
+        ensure_notify_bucket(js, &config.nats.streams)
+    })
+    .await?
+    else {
+        return Ok(None);
+    };
+    let started = notify::start(
+        &config.notify,
+        url.clone(),
+        store,
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .context("building the notification client")?;
+    tracing::info!(
+        format = ?config.notify.format,
+        signed = config.notify.secret.is_some(),
+        "notifying failures and recoveries to NOTIFY_URL"
+    );
+    Ok(Some(Some(started)))
 }
 
 /// What the reporter keeps besides its consumers (`IAC_STATUSES`, `IAC_UNDELIVERED`), created

@@ -16,6 +16,7 @@ pub struct Metrics {
     undelivered: Counter,
     rate_limit_remaining: Gauge,
     replays: Counter,
+    notifications: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -56,7 +57,20 @@ impl Metrics {
             "Replayed results handled (published again by iac-reporter replay)",
             metrics.replays.clone(),
         );
+        registry.register(
+            "iac_reporter_notifications",
+            "Notifications (NOTIFY_URL) by event (failure, recovery) and outcome: sent, retried (an \
+             attempt failed), given_up, cancelled (the state it announced ended before it was sent), \
+             dropped (the queue was full; event unknown)",
+            metrics.notifications.clone(),
+        );
         metrics
+    }
+
+    pub fn notification(&self, event: &str, outcome: &str) {
+        self.notifications
+            .get_or_create(&vec![("event", event.into()), ("outcome", outcome.into())])
+            .inc();
     }
 
     pub fn replay(&self) {

@@ -353,7 +353,8 @@ fn finished_summary(finished: &SyncFinished) -> (StatusState, String) {
     }
 }
 
-fn service_summary(result: &ServiceResult) -> (StatusState, String) {
+/// The state and description of one service's status.
+pub(crate) fn service_summary(result: &ServiceResult) -> (StatusState, String) {
     match (result.outcome, result.exit_code) {
         (SyncOutcome::Synced, _) => (StatusState::Success, "Synced".to_string()),
         (SyncOutcome::Failed, Some(code)) => (

@@ -273,6 +273,8 @@ async fn replaying_reporter(
         lease: github.lease(),
         give_up_after: Duration::MAX,
         js: js.clone(),
+        // A replayed status is no sync result: nothing to notify.
+        notifier: None,
     })
 }
 

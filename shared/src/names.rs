@@ -33,6 +33,10 @@ pub const REPORTER_EVENTS_CONSUMER: &str = "iac-reporter-events";
 /// Key-value bucket with the last status claimed per (repository, commit, context).
 pub const STATUS_BUCKET: &str = "IAC_STATUSES";
 
+/// Key-value bucket with the last notified state per (environment, service), and the
+/// notification a state change asked for until it is sent (`NOTIFY_URL`).
+pub const NOTIFY_BUCKET: &str = "IAC_NOTIFY";
+
 /// Key-value bucket of deployment summaries, keyed by deployment id (`POST /deploy/status`).
 pub const DEPLOYMENTS_BUCKET: &str = "IAC_DEPLOYMENTS";
 /// Key-value bucket of the nonces of signed requests, each kept past the timestamp window, so a

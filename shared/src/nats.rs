@@ -740,6 +740,26 @@ pub async fn ensure_deployments_bucket(
     ensure_bucket(js, deployments_bucket_config(settings)).await
 }
 
+/// `IAC_NOTIFY`: the last notified state per (environment, service). Kept without an age limit:
+/// a record that expired while a service was failing would lose its recovery.
+pub fn notify_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: NOTIFY_BUCKET.to_string(),
+        description: "iac-runner: last notified state per environment and service".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        ..Default::default()
+    }
+}
+
+/// Creates the notification bucket, or corrects its drifted limits, like [`ensure_stream`].
+pub async fn ensure_notify_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<kv::Store, ProvisionError> {
+    ensure_bucket(js, notify_bucket_config(settings)).await
+}
+
 /// Creates a key-value bucket, or corrects its drifted limits, like [`ensure_stream`]: a
 /// correction this user may not make is logged and the bucket used as provisioned.
 pub async fn ensure_bucket(
@@ -868,7 +888,7 @@ impl Default for ConsumerSettings {
 }
 
 /// Everything the services rely on, created or corrected: the streams, the consumers, the
-/// status, deployment and nonce buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
+/// status, deployment, nonce and notification buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
 /// user), so unlike [`provision`] it corrects every consumer.
 pub async fn provision_all(
     js: &jetstream::Context,
@@ -883,6 +903,7 @@ pub async fn provision_all(
     ensure_status_bucket(js, streams).await?;
     ensure_stream(js, undelivered_stream_config(streams)).await?;
     ensure_deploy_buckets(js, streams).await?;
+    ensure_notify_bucket(js, streams).await?;
     Ok(())
 }
 

@@ -681,3 +681,122 @@ async fn the_gateway_keeps_deployment_summaries_and_nonces_and_can_do_nothing_el
     let info = kv_stream.info().await.unwrap();
     assert_eq!(info.config.max_age, iac_shared::nats::NONCE_RETENTION);
 }
+
+#[tokio::test]
+async fn the_reporter_notifies_under_its_own_user_and_only_it_opens_the_notification_bucket() {
+    use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, Totals, Trigger};
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let server = provisioned_server().await;
+    for user in ["gateway", "worker"] {
+        let js = connect_as(&server, user).await;
+        assert!(
+            js.get_key_value(NOTIFY_BUCKET).await.is_err(),
+            "{user} opened the bucket"
+        );
+    }
+    let reporter = connect_as(&server, "reporter").await;
+    let mut changed = iac_shared::nats::notify_bucket_config(&StreamSettings::default());
+    changed.history = 5;
+    assert!(reporter.create_or_update_key_value(changed).await.is_err());
+    assert!(reporter.delete_key_value(NOTIFY_BUCKET).await.is_err());
+
+    // A notification a stopped reporter left unsent (found by listing the bucket), and a new
+    // failure (decided with compare-and-set): both sent by a reporter under its own user.
+    let admin = connect_as(&server, "admin").await;
+    let unsent = serde_json::json!({
+        "health": "failing",
+        "event_seq": 1,
+        "unsent": {
+            "notification": {
+                "event": "failure", "service": "platform/redis", "env": "production",
+                "repository": "acme/infra", "commit": null, "outcome": "failed",
+                "description": "Failed", "target_url": null, "time": "2026-01-01T00:00:00Z",
+                "event_id": "event-1"
+            },
+            "decided_ms": 1
+        }
+    });
+    admin
+        .get_key_value(NOTIFY_BUCKET)
+        .await
+        .unwrap()
+        .put(
+            "production.platform/redis",
+            serde_json::to_vec(&unsent).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let endpoint = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&endpoint)
+        .await;
+    let github = FakeGithub::start().await;
+    let (nats_url, api, hook) = (server.url(), github.url(), endpoint.uri());
+    let config = iac_reporter::Config::from_args([
+        "iac-reporter",
+        "--nats-url",
+        &nats_url,
+        "--nats-user",
+        "reporter",
+        "--nats-password",
+        password("reporter"),
+        "--github-api-url",
+        &api,
+        "--notify-url",
+        &hook,
+    ])
+    .unwrap();
+    let service = iac_tests::services::InProcessReporter::start(config);
+    let services = vec![ServiceResult {
+        service: "platform/postgres".into(),
+        task: None,
+        outcome: SyncOutcome::Failed,
+        exit_code: Some(1),
+        output_tail: vec![],
+        duration_ms: 1,
+        reason: None,
+    }];
+    let finished = SyncFinished {
+        event_id: "event-2".into(),
+        event_seq: 2,
+        trigger: Trigger::Push,
+        repository: Some("acme/infra".into()),
+        commit: Some(format!("{:040x}", 2)),
+        state: iac_shared::events::FinishedState::Failure,
+        totals: Totals::of(&services),
+        services,
+        error: None,
+        duration_ms: 1,
+        replay_of: None,
+        finished_at: iac_shared::events::now_rfc3339(),
+        env: Some("production".into()),
+        deployment_id: None,
+    };
+    admin
+        .publish(
+            FINISHED_SUBJECT,
+            serde_json::to_vec(&finished).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut services: Vec<String> = iac_tests::wait_for("2 notifications", SHOWN, || {
+        service.task.assert_running();
+        let endpoint = &endpoint;
+        async move {
+            let received = endpoint.received_requests().await.unwrap_or_default();
+            (received.len() >= 2).then_some(received)
+        }
+    })
+    .await
+    .iter()
+    .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["service"].to_string())
+    .collect();
+    services.sort();
+    assert_eq!(services, [r#""platform/postgres""#, r#""platform/redis""#]);
+    service.stop().await;
+}
