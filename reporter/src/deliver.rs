@@ -13,6 +13,7 @@ use iac_shared::nats::{REPORTER_DEFAULT_ACK_WAIT, REPORTER_MAX_DELIVER};
 use iac_shared::runtime::{Envelope, with_progress};
 use tracing::Instrument;
 
+use crate::checks::{self, CheckError, CheckRuns, PlannedCheck};
 use crate::github::{Gate, GithubClient, PostError, backoff};
 use crate::metrics::Metrics;
 use crate::order::{AfterPost, Attempts, Claim, Decision, after_post, decide, now_ms, status_key};
@@ -94,6 +95,8 @@ impl Turn {
 struct Parsed {
     event_id: String,
     plan: status::Plan,
+    /// Empty unless `CHECK_RUNS=true`.
+    checks: Vec<PlannedCheck>,
 }
 
 /// A lease taken, or the reason there is nothing to post.
@@ -116,6 +119,10 @@ pub struct Reporter {
     pub give_up_after: Duration,
     /// Where given-up statuses are kept.
     pub js: jetstream::Context,
+    /// `CHECK_RUNS`: a check run per service and sync.
+    pub check_runs: bool,
+    /// `COMMIT_STATUSES`: false leaves only the check runs.
+    pub commit_statuses: bool,
 }
 
 impl Reporter {
@@ -150,14 +157,20 @@ impl Reporter {
             span.in_scope(|| tracing::info!("a replayed message"));
         }
         let disposition = async {
-            match parse(&message, &envelope, &self.settings) {
+            match parse(&message, &envelope, &self.settings, self.check_runs) {
                 Err(reason) => {
                     tracing::error!(%reason, "dropping a message that cannot be read");
                     Disposition::Ack
                 }
                 Ok(parsed) => {
                     tracing::Span::current().record("event_id", parsed.event_id.as_str());
-                    let work = self.report(parsed.plan, turn);
+                    let work = async {
+                        let (statuses, checks) = tokio::join!(
+                            self.report(parsed.plan, turn),
+                            self.report_checks(&parsed.checks, turn)
+                        );
+                        worse(statuses, checks)
+                    };
                     with_progress(&message, REPORTER_DEFAULT_ACK_WAIT / 3, work).await
                 }
             }
@@ -175,6 +188,7 @@ impl Reporter {
 
     async fn report(&self, plan: status::Plan, turn: Turn) -> Disposition {
         let planned = match plan {
+            Ok(_) if !self.commit_statuses => return Disposition::Ack,
             Ok(planned) => planned,
             Err(reason) => {
                 match reason {
@@ -202,6 +216,41 @@ impl Reporter {
                 other => other,
             };
             disposition = worse(disposition, self.settle(status, result, turn));
+        }
+        disposition
+    }
+
+    /// Creates or updates the check runs; any failure but a refused token brings the message
+    /// back (a check run is never given up into `IAC_UNDELIVERED`).
+    async fn report_checks(&self, checks: &[PlannedCheck], turn: Turn) -> Disposition {
+        let Some(github) = self.github.as_ref().filter(|_| !checks.is_empty()) else {
+            return Disposition::Ack;
+        };
+        let runs = CheckRuns {
+            github,
+            records: &self.statuses,
+            lease: self.lease,
+        };
+        let results = futures::future::join_all(checks.iter().map(|c| runs.deliver(c))).await;
+        let mut disposition = Disposition::Ack;
+        for (check, result) in checks.iter().zip(results) {
+            let Err(error) = result else { continue };
+            if let CheckError::Github(e) = &error
+                && e.is_final()
+            {
+                tracing::error!(error = %e, check_run = %check.name, commit = %check.commit, "GitHub refused the check run; not trying again");
+                continue;
+            }
+            let delay = match &error {
+                CheckError::Github(PostError::RateLimited { wait, .. }) => {
+                    self.gate.hold(*wait);
+                    *wait
+                }
+                _ => backoff(turn.delivered, rand::random()),
+            };
+            self.metrics.retry("check_run");
+            tracing::warn!(%error, check_run = %check.name, commit = %check.commit, retry_in = ?delay, "check run not updated yet; retrying");
+            disposition = worse(disposition, Disposition::RetryIn(delay));
         }
         disposition
     }
@@ -553,6 +602,7 @@ fn parse(
     message: &jetstream::Message,
     envelope: &Envelope,
     settings: &StatusSettings,
+    check_runs: bool,
 ) -> Result<Parsed, String> {
     let payload = &message.payload;
     match message.subject.as_str() {
@@ -561,6 +611,11 @@ fn parse(
                 serde_json::from_slice(payload).map_err(|e| e.to_string())?;
             Ok(Parsed {
                 plan: status::for_started(&started, settings),
+                checks: if check_runs {
+                    checks::for_started(&started, settings)
+                } else {
+                    Vec::new()
+                },
                 event_id: started.event_id,
             })
         }
@@ -569,6 +624,11 @@ fn parse(
                 serde_json::from_slice(payload).map_err(|e| e.to_string())?;
             Ok(Parsed {
                 plan: status::for_finished(&finished, settings),
+                checks: if check_runs {
+                    checks::for_finished(&finished, settings)
+                } else {
+                    Vec::new()
+                },
                 event_id: finished.event_id,
             })
         }
@@ -580,6 +640,7 @@ fn parse(
                 .unwrap_or_else(|| push.delivery_id.clone());
             Ok(Parsed {
                 plan: status::for_push(&push, &event_id, envelope.seq, settings),
+                checks: Vec::new(),
                 event_id,
             })
         }

@@ -273,6 +273,8 @@ async fn replaying_reporter(
         lease: github.lease(),
         give_up_after: Duration::MAX,
         js: js.clone(),
+        check_runs: false,
+        commit_statuses: true,
     })
 }
 
