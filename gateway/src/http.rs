@@ -410,7 +410,7 @@ where
             ));
         }
         Decision::IgnoredEvent { event } => {
-            tracing::info!(%event, "event ignored: only push and ping are handled");
+            tracing::info!(%event, "event ignored: only push, ping, check_run and check_suite are handled");
             return Ok(Answer::ok(
                 "ignored",
                 json!({ "status": "ignored", "event": event }),

@@ -77,7 +77,7 @@ fn rerequested(commit: &str, external_id: &str, app_id: u64) -> Value {
 async fn an_app_reports_a_check_run_per_service_refreshes_its_token_and_re_runs_on_request() {
     let github = fake_app().await;
     let pipeline = app_pipeline(&github);
-    let _services = pipeline.start_all().await;
+    let services = pipeline.start_all().await;
 
     let (commit, status, answer) = pipeline
         .push_change("platform/01.postgres/compose.yaml")
@@ -200,6 +200,16 @@ async fn an_app_reports_a_check_run_per_service_refreshes_its_token_and_re_runs_
         github.requests().iter().any(|r| r.answered == 401),
         "the revoked token was refused once"
     );
+    let logged = services.reporter.output();
+    assert!(
+        logged.contains("received a GitHub App installation token"),
+        "{logged}"
+    );
+    for issued in github.issued_tokens() {
+        assert!(!logged.contains(&issued.token), "a token in the log");
+    }
+    // Every JWT starts with the base64url of `{"typ":"JWT","alg":"RS256"}` or `{"alg":…`.
+    assert!(!logged.contains("eyJ"), "a JWT in the log");
 }
 
 fn reporter_refuses_to_start(env: &[(&str, String)]) -> String {
