@@ -78,6 +78,8 @@ async fn an_app_reports_a_check_run_per_service_refreshes_its_token_and_re_runs_
     let github = fake_app().await;
     let pipeline = app_pipeline(&github);
     let services = pipeline.start_all().await;
+    // A second reporter shares the work: each check run must still be created once.
+    let _second_reporter = pipeline.start_reporter();
 
     let (commit, status, answer) = pipeline
         .push_change("platform/01.postgres/compose.yaml")
