@@ -155,6 +155,15 @@ pub struct Config {
     #[arg(long = "iac-rules", env = "IAC_RULES", value_name = "IAC_RULES")]
     pub rules: Option<PathBuf>,
 
+    /// The reporter's GitHub App: a check run's or suite's Re-run is stored only when the run
+    /// belongs to it (unset: Re-run is answered "ignored").
+    #[arg(
+        long = "github-app-id",
+        env = "GITHUB_APP_ID",
+        value_name = "GITHUB_APP_ID"
+    )]
+    pub github_app_id: Option<u64>,
+
     #[command(flatten)]
     pub deploy: DeployArgs,
 }

@@ -27,7 +27,7 @@ use crate::deployments::Deployments;
 use crate::error::GatewayError;
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels, SubjectLabels};
 use crate::store::{EventStore, Stored};
-use crate::webhook::{Decision, decide, other_repository, payload_json, serialize_within};
+use crate::webhook::{Decision, Rerun, decide, other_repository, payload_json, serialize_within};
 
 const EVENT_HEADER: &str = "x-github-event";
 const DELIVERY_HEADER: &str = "x-github-delivery";
@@ -55,6 +55,8 @@ pub struct App {
     pub cache_ttl: Duration,
     /// Whether `/sync` is served.
     pub legacy_sync: bool,
+    /// `GITHUB_APP_ID`: the App whose check runs a Re-run is accepted for.
+    pub github_app_id: Option<u64>,
     pub deployments: Deployments,
     /// Ends held deployment requests (answered in progress) when the gateway stops.
     pub shutdown: Shutdown,
@@ -408,7 +410,7 @@ where
             ));
         }
         Decision::IgnoredEvent { event } => {
-            tracing::info!(%event, "event ignored: only push and ping are handled");
+            tracing::info!(%event, "event ignored: only push, ping, check_run and check_suite are handled");
             return Ok(Answer::ok(
                 "ignored",
                 json!({ "status": "ignored", "event": event }),
@@ -421,6 +423,14 @@ where
                 json!({ "status": "ignored", "reason": reason }),
             ));
         }
+        Decision::IgnoredCheck { reason } => {
+            tracing::info!(%reason, "check event ignored");
+            return Ok(Answer::ok(
+                "ignored",
+                json!({ "status": "ignored", "reason": reason }),
+            ));
+        }
+        Decision::Rerun(rerun) => return store_rerun(app, *rerun, &delivery_id).await,
         Decision::Store(plan) => *plan,
     };
     if let Some(reason) = other_repository(app.repository.as_deref(), &plan.event) {
@@ -460,6 +470,63 @@ where
         body["duplicate"] = json!(true);
     }
     Ok(Answer::ok(status, body))
+}
+
+/// Stores a Re-run asked on one of this runner's check runs (a forced sync of its service at
+/// its commit) or suites (its push again), deduplicated by the delivery id.
+async fn store_rerun(app: &App, rerun: Rerun, delivery_id: &str) -> Result<Answer, GatewayError> {
+    let refused = match (app.github_app_id, rerun.app_id()) {
+        (None, _) => Some("GITHUB_APP_ID is not set, so no check run is this runner's".to_string()),
+        (Some(ours), theirs) if theirs != Some(ours) => Some(format!(
+            "the check run belongs to another GitHub App than {ours}"
+        )),
+        _ => match (app.repository.as_deref(), rerun.repository()) {
+            (Some(expected), Some(name)) if !name.eq_ignore_ascii_case(expected) => Some(format!(
+                "the check run is on {}, not {expected}",
+                iac_shared::events::truncate_chars(name, 200)
+            )),
+            _ => None,
+        },
+    };
+    if let Some(reason) = refused {
+        tracing::info!(%reason, "re-run ignored");
+        return Ok(Answer::ok(
+            "ignored",
+            json!({ "status": "ignored", "reason": reason }),
+        ));
+    }
+    let (subject, payload, services, commit) = match &rerun {
+        Rerun::Service { request, .. } => (
+            SYNC_SUBJECT,
+            serde_json::to_vec(request).expect("a SyncRequest serializes"),
+            request.services.clone(),
+            request.git_ref.clone(),
+        ),
+        Rerun::Suite { push, .. } => (
+            PUSH_SUBJECT,
+            serde_json::to_vec(push).expect("a PushEvent serializes"),
+            Vec::new(),
+            push.after.clone(),
+        ),
+    };
+    let stored = publish(app, subject, delivery_id, payload).await?;
+    tracing::info!(
+        services = ?services,
+        commit = commit.as_deref().unwrap_or("-"),
+        sequence = stored.sequence,
+        duplicate = stored.duplicate,
+        "re-run stored"
+    );
+    let mut body = json!({
+        "status": "accepted",
+        "services": services,
+        "commit": commit,
+        "event_id": delivery_id,
+    });
+    if stored.duplicate {
+        body["duplicate"] = json!(true);
+    }
+    Ok(Answer::ok("accepted", body))
 }
 
 async fn handle_sync<S, B>(app: &App, headers: &HeaderMap, body: S) -> Result<Answer, GatewayError>

@@ -84,6 +84,7 @@ pub async fn run(
         wait_timeout: config.deploy.wait_timeout,
         cache_ttl: config.deploy.cache_ttl,
         legacy_sync: config.deploy.legacy_sync,
+        github_app_id: config.github_app_id,
         deployments: deployments::Deployments::new(js),
         shutdown: shutdown.clone(),
         rules,

@@ -4,7 +4,9 @@
 
 use std::borrow::Cow;
 
-use iac_shared::events::{PushEvent, is_null_commit, truncate_chars};
+use iac_shared::events::{
+    PushEvent, SyncRequest, is_null_commit, is_valid_git_ref, truncate_chars,
+};
 use iac_shared::rules::Rules;
 use std::fmt;
 use std::marker::PhantomData;
@@ -71,6 +73,44 @@ pub enum Decision<'a> {
     IgnoredPush { reason: String },
     /// A push to the deployed branch: store it.
     Store(Box<PushPlan<'a>>),
+    /// A `check_run` or `check_suite` event the runner does not act on (not `rerequested`).
+    IgnoredCheck { reason: String },
+    /// Re-run asked on a check run or a check suite: store it, if the App is this runner's.
+    Rerun(Box<Rerun>),
+}
+
+/// What a `rerequested` check run or check suite asks to run again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rerun {
+    /// One service's check run: a forced sync of that service at that commit.
+    Service {
+        app_id: Option<u64>,
+        repository: Option<String>,
+        request: SyncRequest,
+    },
+    /// The whole suite of a commit: its push again, whose services the worker derives from
+    /// git (`before`..`after`), as it did for the push.
+    Suite {
+        app_id: Option<u64>,
+        push: PushEvent,
+    },
+}
+
+impl Rerun {
+    /// The GitHub App the check run or suite belongs to.
+    pub fn app_id(&self) -> Option<u64> {
+        match self {
+            Rerun::Service { app_id, .. } | Rerun::Suite { app_id, .. } => *app_id,
+        }
+    }
+
+    /// The repository it names.
+    pub fn repository(&self) -> Option<&str> {
+        match self {
+            Rerun::Service { repository, .. } => repository.as_deref(),
+            Rerun::Suite { push, .. } => push.repository.as_deref(),
+        }
+    }
 }
 
 /// A push to store, with what the answer shows.
@@ -431,6 +471,8 @@ pub fn decide<'a>(
             })
         }
         Some("push") => decide_push(parse(json)?, delivery_id, branch, rules),
+        Some("check_run") => Ok(decide_check_run(parse(json)?)),
+        Some("check_suite") => Ok(decide_check_suite(parse(json)?, delivery_id, branch)),
         Some(other) => {
             parse::<serde::de::IgnoredAny>(json)?;
             Ok(Decision::IgnoredEvent {
@@ -438,6 +480,127 @@ pub fn decide<'a>(
             })
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckApp {
+    id: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckRunPayload {
+    action: Option<String>,
+    check_run: Option<CheckRunFields>,
+    repository: Option<Repository>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckRunFields {
+    head_sha: Option<String>,
+    external_id: Option<String>,
+    app: Option<CheckApp>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckSuitePayload {
+    action: Option<String>,
+    check_suite: Option<CheckSuiteFields>,
+    repository: Option<Repository>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckSuiteFields {
+    head_sha: Option<String>,
+    head_branch: Option<String>,
+    before: Option<String>,
+    after: Option<String>,
+    app: Option<CheckApp>,
+}
+
+fn ignored_check(reason: impl Into<String>) -> Decision<'static> {
+    Decision::IgnoredCheck {
+        reason: reason.into(),
+    }
+}
+
+/// A check run's Re-run: `external_id` is the service (`platform/postgres`), or the service and
+/// a deployment environment (`platform/postgres@staging`), which only `/deploy` re-runs.
+fn decide_check_run(payload: CheckRunPayload) -> Decision<'static> {
+    let action = payload.action.unwrap_or_default();
+    if action != "rerequested" {
+        return ignored_check(format!(
+            "check_run {} needs nothing",
+            truncate_chars(&action, 40)
+        ));
+    }
+    let Some(run) = payload.check_run else {
+        return ignored_check("the check_run event has no check_run");
+    };
+    let external_id = run.external_id.unwrap_or_default();
+    if let Some((_, env)) = external_id.split_once('@') {
+        return ignored_check(format!(
+            "the check run is a deployment to {}: deploy it again with POST /deploy",
+            truncate_chars(env, 40)
+        ));
+    }
+    let request = SyncRequest {
+        services: vec![external_id],
+        all: false,
+        git_ref: run.head_sha,
+        force: true,
+    };
+    if let Err(e) = request.validate() {
+        return ignored_check(format!("the check run names no service to sync: {e}"));
+    }
+    Decision::Rerun(Box::new(Rerun::Service {
+        app_id: run.app.and_then(|a| a.id),
+        repository: payload.repository.and_then(|r| r.full_name),
+        request,
+    }))
+}
+
+/// A check suite's Re-run: the push of `before`..`after` on the deployed branch, again.
+fn decide_check_suite(
+    payload: CheckSuitePayload,
+    delivery_id: &str,
+    branch: &str,
+) -> Decision<'static> {
+    let action = payload.action.unwrap_or_default();
+    if action != "rerequested" {
+        return ignored_check(format!(
+            "check_suite {} needs nothing",
+            truncate_chars(&action, 40)
+        ));
+    }
+    let Some(suite) = payload.check_suite else {
+        return ignored_check("the check_suite event has no check_suite");
+    };
+    if suite.head_branch.as_deref() != Some(branch) {
+        return ignored_check(format!("the check suite is not on {branch}"));
+    }
+    let after = suite.after.or(suite.head_sha);
+    if after
+        .as_deref()
+        .is_none_or(|a| !is_valid_git_ref(a) || is_null_commit(a))
+    {
+        return ignored_check("the check suite names no commit");
+    }
+    Decision::Rerun(Box::new(Rerun::Suite {
+        app_id: suite.app.and_then(|a| a.id),
+        push: PushEvent {
+            delivery_id: delivery_id.to_string(),
+            repository: payload.repository.and_then(|r| r.full_name),
+            git_ref: format!("refs/heads/{branch}"),
+            before: suite.before.filter(|b| is_valid_git_ref(b)),
+            head_commit: after.clone(),
+            after,
+            pusher: None,
+            paths: Vec::new(),
+            // No paths: the worker derives the services from git, as for a push too large
+            // to list them.
+            paths_truncated: true,
+        },
+    }))
 }
 
 fn parse<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, BodyError> {
@@ -577,6 +740,84 @@ pub fn serialize_within<P: Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check_event(event: &str, body: serde_json::Value) -> Decision<'static> {
+        let json: &'static str = Box::leak(body.to_string().into_boxed_str());
+        decide(Some(event), json, "d-9", BRANCH, &Rules::default()).unwrap()
+    }
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn a_rerequested_check_run_is_a_forced_sync_of_its_service_at_its_commit() {
+        let body = serde_json::json!({
+            "action": "rerequested",
+            "check_run": { "head_sha": SHA, "external_id": "platform/postgres", "app": { "id": 42 } },
+            "repository": { "full_name": "acme/infra" },
+        });
+        let Decision::Rerun(rerun) = check_event("check_run", body) else {
+            panic!("a rerun");
+        };
+        assert_eq!(
+            *rerun,
+            Rerun::Service {
+                app_id: Some(42),
+                repository: Some("acme/infra".into()),
+                request: SyncRequest {
+                    services: vec!["platform/postgres".into()],
+                    all: false,
+                    git_ref: Some(SHA.into()),
+                    force: true,
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn other_check_run_actions_and_deployments_are_ignored_with_a_reason() {
+        for (action, external_id, words) in [
+            ("created", "platform/postgres", "check_run created"),
+            ("completed", "platform/postgres", "check_run completed"),
+            ("rerequested", "platform/postgres@staging", "POST /deploy"),
+            ("rerequested", "../etc", "no service"),
+        ] {
+            let body = serde_json::json!({
+                "action": action,
+                "check_run": { "head_sha": SHA, "external_id": external_id, "app": { "id": 42 } },
+            });
+            match check_event("check_run", body) {
+                Decision::IgnoredCheck { reason } => assert!(reason.contains(words), "{reason}"),
+                other => panic!("{action} {external_id}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_rerequested_check_suite_on_the_branch_is_its_push_again_without_paths() {
+        let body = serde_json::json!({
+            "action": "rerequested",
+            "check_suite": { "head_sha": SHA, "head_branch": BRANCH, "before": "1".repeat(40), "after": SHA, "app": { "id": 42 } },
+            "repository": { "full_name": "acme/infra" },
+        });
+        let Decision::Rerun(rerun) = check_event("check_suite", body) else {
+            panic!("a rerun");
+        };
+        let Rerun::Suite { app_id, push } = *rerun else {
+            panic!("a suite");
+        };
+        assert_eq!(app_id, Some(42));
+        assert_eq!(push.after.as_deref(), Some(SHA));
+        assert_eq!(push.git_ref, format!("refs/heads/{BRANCH}"));
+        assert!(push.paths.is_empty() && push.paths_truncated);
+        let elsewhere = serde_json::json!({
+            "action": "rerequested",
+            "check_suite": { "head_sha": SHA, "head_branch": "feature", "app": { "id": 42 } },
+        });
+        assert!(matches!(
+            check_event("check_suite", elsewhere),
+            Decision::IgnoredCheck { .. }
+        ));
+    }
 
     const BRANCH: &str = "main";
 

@@ -1,5 +1,6 @@
 //! The reporter's settings: flags, each also read from the environment.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
@@ -9,7 +10,8 @@ use iac_shared::telemetry::LogArgs;
 use reqwest::Url;
 use secrecy::SecretString;
 
-use crate::github::GithubClient;
+use crate::app_auth::{AppAuthError, AppCredentials, Installation};
+use crate::github::{Auth, GithubClient};
 use crate::status::{StatusSettings, is_valid_repository};
 
 /// Posts GitHub commit statuses from iac-runner results.
@@ -106,6 +108,34 @@ pub struct Config {
 
     #[command(flatten)]
     pub notify: NotifyArgs,
+
+    #[command(flatten)]
+    pub checks: ChecksArgs,
+}
+
+/// Check runs, and whether commit statuses still flow beside them.
+#[derive(Debug, Clone, Args)]
+pub struct ChecksArgs {
+    /// One check run per service and sync (`IaC Runner / <service>`), with its output and a
+    /// Re-run button; needs GitHub App authentication.
+    #[arg(
+        long = "check-runs",
+        env = "CHECK_RUNS",
+        value_name = "CHECK_RUNS",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub check_runs: bool,
+
+    /// Post commit statuses (`false` leaves only the check runs).
+    #[arg(
+        long = "commit-statuses",
+        env = "COMMIT_STATUSES",
+        value_name = "COMMIT_STATUSES",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub commit_statuses: bool,
 }
 
 /// Where failures and recoveries are announced (`NOTIFY_*`); off without `NOTIFY_URL`.
@@ -194,9 +224,13 @@ pub struct GithubArgs {
         env = "GITHUB_TOKEN",
         value_name = "GITHUB_TOKEN",
         hide_env_values = true,
-        value_parser = parse_secret
+        value_parser = parse_secret,
+        conflicts_with_all = ["github_app_id", "github_app_private_key_file", "github_app_installation_id"]
     )]
     pub token: Option<SecretString>,
+
+    #[command(flatten)]
+    pub app: GithubAppArgs,
 
     /// GitHub REST API base URL (GitHub Enterprise: https://HOST/api/v3).
     #[arg(
@@ -221,13 +255,73 @@ pub struct GithubArgs {
     pub timeout: Duration,
 }
 
+/// GitHub App authentication, the alternative to `GITHUB_TOKEN`: all three or none.
+#[derive(Debug, Clone, Args)]
+pub struct GithubAppArgs {
+    /// The GitHub App's id (its settings page, "App ID").
+    #[arg(
+        id = "github_app_id",
+        long = "github-app-id",
+        env = "GITHUB_APP_ID",
+        value_name = "GITHUB_APP_ID",
+        requires_all = ["github_app_private_key_file", "github_app_installation_id"]
+    )]
+    pub app_id: Option<u64>,
+
+    /// The App's private key (PEM, as GitHub generates it), a file only the reporter reads.
+    #[arg(
+        id = "github_app_private_key_file",
+        long = "github-app-private-key-file",
+        env = "GITHUB_APP_PRIVATE_KEY_FILE",
+        value_name = "GITHUB_APP_PRIVATE_KEY_FILE",
+        requires_all = ["github_app_id", "github_app_installation_id"]
+    )]
+    pub private_key_file: Option<PathBuf>,
+
+    /// The installation of the App on the repository's account (the number ending its
+    /// installation's settings URL).
+    #[arg(
+        id = "github_app_installation_id",
+        long = "github-app-installation-id",
+        env = "GITHUB_APP_INSTALLATION_ID",
+        value_name = "GITHUB_APP_INSTALLATION_ID",
+        requires_all = ["github_app_id", "github_app_private_key_file"]
+    )]
+    pub installation_id: Option<u64>,
+}
+
+/// Why the GitHub client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    App(#[from] AppAuthError),
+    #[error("building the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
 impl GithubArgs {
-    /// The client, or `None` without a token (log-only mode).
-    pub fn client(&self) -> Result<Option<GithubClient>, reqwest::Error> {
-        self.token
-            .as_ref()
-            .map(|token| GithubClient::new(self.api_url.clone(), token.clone(), self.timeout))
-            .transpose()
+    /// The client, or `None` with neither a token nor an App (log-only mode).
+    pub fn client(&self) -> Result<Option<GithubClient>, ClientError> {
+        let auth = match (&self.token, &self.app) {
+            (Some(token), _) => Auth::Token(token.clone()),
+            (
+                None,
+                GithubAppArgs {
+                    app_id: Some(app_id),
+                    private_key_file: Some(key),
+                    installation_id: Some(installation_id),
+                },
+            ) => {
+                let credentials = AppCredentials::load(*app_id, *installation_id, key)?;
+                Auth::App(Installation::new(credentials, &self.api_url))
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(GithubClient::new(
+            self.api_url.clone(),
+            auth,
+            self.timeout,
+        )?))
     }
 
     /// How long a lease covers one post: the timeout plus [`crate::order::LEASE_MARGIN`].
@@ -244,6 +338,19 @@ impl Config {
         T: Into<std::ffi::OsString> + Clone,
     {
         Config::try_parse_from(args)
+    }
+
+    /// What clap cannot check: check runs need GitHub App authentication.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.checks.check_runs && self.github.app.app_id.is_none() {
+            return Err(
+                "CHECK_RUNS=true needs GitHub App authentication (GITHUB_APP_ID, \
+                 GITHUB_APP_PRIVATE_KEY_FILE, GITHUB_APP_INSTALLATION_ID): a GITHUB_TOKEN \
+                 cannot create check runs"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     pub fn status_settings(&self) -> StatusSettings {
@@ -393,6 +500,56 @@ mod tests {
         assert_eq!(config.give_up_after, Duration::from_secs(30 * 60));
         // The one exception: `PUSH_ENV=` means "no push environment", as for the worker.
         assert_eq!(config.status_settings().push_env, None);
+    }
+
+    #[test]
+    fn a_token_and_an_app_together_are_refused_naming_both() {
+        let err = parse(&[
+            "--github-token",
+            "ghp_x",
+            "--github-app-id",
+            "1",
+            "--github-app-private-key-file",
+            "/k.pem",
+            "--github-app-installation-id",
+            "2",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("GITHUB_TOKEN") && err.contains("GITHUB_APP"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_app_needs_its_id_key_and_installation_together() {
+        let err = parse(&["--github-app-id", "1"]).unwrap_err().to_string();
+        assert!(err.contains("GITHUB_APP_PRIVATE_KEY_FILE"), "{err}");
+        assert!(err.contains("GITHUB_APP_INSTALLATION_ID"), "{err}");
+    }
+
+    #[test]
+    fn check_runs_are_refused_without_an_app_and_statuses_flow_by_default() {
+        let config = parse(&["--github-token", "ghp_x", "--check-runs", "true"]).unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.contains("CHECK_RUNS") && err.contains("GITHUB_APP_ID"),
+            "{err}"
+        );
+        let app = parse(&[
+            "--github-app-id",
+            "1",
+            "--github-app-private-key-file",
+            "/k.pem",
+            "--github-app-installation-id",
+            "2",
+            "--check-runs",
+            "true",
+        ])
+        .unwrap();
+        assert!(app.validate().is_ok());
+        assert!(app.checks.commit_statuses);
     }
 
     #[test]

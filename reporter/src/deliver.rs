@@ -13,6 +13,7 @@ use iac_shared::nats::{REPORTER_DEFAULT_ACK_WAIT, REPORTER_MAX_DELIVER};
 use iac_shared::runtime::{Envelope, with_progress};
 use tracing::Instrument;
 
+use crate::checks::{self, CheckError, CheckRuns, PlannedCheck};
 use crate::github::{Gate, GithubClient, PostError, backoff};
 use crate::metrics::Metrics;
 use crate::order::{AfterPost, Attempts, Claim, Decision, after_post, decide, now_ms, status_key};
@@ -96,6 +97,8 @@ struct Parsed {
     plan: status::Plan,
     /// A finished result, for the notifier.
     finished: Option<SyncFinished>,
+    /// Empty unless `CHECK_RUNS=true`.
+    checks: Vec<PlannedCheck>,
 }
 
 /// A lease taken, or the reason there is nothing to post.
@@ -120,6 +123,10 @@ pub struct Reporter {
     pub js: jetstream::Context,
     /// Announces failures and recoveries (`NOTIFY_URL`); `None` when not configured.
     pub notifier: Option<crate::notify::Notifier>,
+    /// `CHECK_RUNS`: a check run per service and sync.
+    pub check_runs: bool,
+    /// `COMMIT_STATUSES`: false leaves only the check runs.
+    pub commit_statuses: bool,
 }
 
 impl Reporter {
@@ -154,7 +161,7 @@ impl Reporter {
             span.in_scope(|| tracing::info!("a replayed message"));
         }
         let disposition = async {
-            match parse(&message, &envelope, &self.settings) {
+            match parse(&message, &envelope, &self.settings, self.check_runs) {
                 Err(reason) => {
                     tracing::error!(%reason, "dropping a message that cannot be read");
                     Disposition::Ack
@@ -164,7 +171,13 @@ impl Reporter {
                     if let (Some(notifier), Some(finished)) = (&self.notifier, parsed.finished) {
                         notifier.offer(finished, &parsed.plan);
                     }
-                    let work = self.report(parsed.plan, turn);
+                    let work = async {
+                        let (statuses, checks) = tokio::join!(
+                            self.report(parsed.plan, turn),
+                            self.report_checks(&parsed.checks, turn)
+                        );
+                        worse(statuses, checks)
+                    };
                     with_progress(&message, REPORTER_DEFAULT_ACK_WAIT / 3, work).await
                 }
             }
@@ -182,6 +195,7 @@ impl Reporter {
 
     async fn report(&self, plan: status::Plan, turn: Turn) -> Disposition {
         let planned = match plan {
+            Ok(_) if !self.commit_statuses => return Disposition::Ack,
             Ok(planned) => planned,
             Err(reason) => {
                 match reason {
@@ -209,6 +223,41 @@ impl Reporter {
                 other => other,
             };
             disposition = worse(disposition, self.settle(status, result, turn));
+        }
+        disposition
+    }
+
+    /// Creates or updates the check runs; any failure but a refused token brings the message
+    /// back (a check run is never given up into `IAC_UNDELIVERED`).
+    async fn report_checks(&self, checks: &[PlannedCheck], turn: Turn) -> Disposition {
+        let Some(github) = self.github.as_ref().filter(|_| !checks.is_empty()) else {
+            return Disposition::Ack;
+        };
+        let runs = CheckRuns {
+            github,
+            records: &self.statuses,
+            lease: self.lease,
+        };
+        let results = futures::future::join_all(checks.iter().map(|c| runs.deliver(c))).await;
+        let mut disposition = Disposition::Ack;
+        for (check, result) in checks.iter().zip(results) {
+            let Err(error) = result else { continue };
+            if let CheckError::Github(e) = &error
+                && e.is_final()
+            {
+                tracing::error!(error = %e, check_run = %check.name, commit = %check.commit, "GitHub refused the check run; not trying again");
+                continue;
+            }
+            let delay = match &error {
+                CheckError::Github(PostError::RateLimited { wait, .. }) => {
+                    self.gate.hold(*wait);
+                    *wait
+                }
+                _ => backoff(turn.delivered, rand::random()),
+            };
+            self.metrics.retry("check_run");
+            tracing::warn!(%error, check_run = %check.name, commit = %check.commit, retry_in = ?delay, "check run not updated yet; retrying");
+            disposition = worse(disposition, Disposition::RetryIn(delay));
         }
         disposition
     }
@@ -560,6 +609,7 @@ fn parse(
     message: &jetstream::Message,
     envelope: &Envelope,
     settings: &StatusSettings,
+    check_runs: bool,
 ) -> Result<Parsed, String> {
     let payload = &message.payload;
     match message.subject.as_str() {
@@ -568,6 +618,11 @@ fn parse(
                 serde_json::from_slice(payload).map_err(|e| e.to_string())?;
             Ok(Parsed {
                 plan: status::for_started(&started, settings),
+                checks: if check_runs {
+                    checks::for_started(&started, settings)
+                } else {
+                    Vec::new()
+                },
                 event_id: started.event_id,
                 finished: None,
             })
@@ -577,6 +632,11 @@ fn parse(
                 serde_json::from_slice(payload).map_err(|e| e.to_string())?;
             Ok(Parsed {
                 plan: status::for_finished(&finished, settings),
+                checks: if check_runs {
+                    checks::for_finished(&finished, settings)
+                } else {
+                    Vec::new()
+                },
                 event_id: finished.event_id.clone(),
                 finished: Some(finished),
             })
@@ -589,6 +649,7 @@ fn parse(
                 .unwrap_or_else(|| push.delivery_id.clone());
             Ok(Parsed {
                 plan: status::for_push(&push, &event_id, envelope.seq, settings),
+                checks: Vec::new(),
                 event_id,
                 finished: None,
             })

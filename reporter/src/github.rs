@@ -8,6 +8,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER
 use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::app_auth::Installation;
 use crate::status::Status;
 
 /// `User-Agent` of every request.
@@ -57,7 +58,7 @@ impl PostError {
         }
     }
 
-    fn transport(e: reqwest::Error) -> Self {
+    pub(crate) fn transport(e: reqwest::Error) -> Self {
         let reason = if e.is_timeout() {
             "timeout"
         } else if e.is_connect() {
@@ -219,15 +220,21 @@ impl Answer {
     }
 }
 
-/// Posts commit statuses with the token (the only holder of it).
+/// How the client proves who it is: a token (`GITHUB_TOKEN`) or a GitHub App installation.
+pub enum Auth {
+    Token(SecretString),
+    App(Installation),
+}
+
+/// Posts commit statuses and check runs with the token (the only holder of it).
 pub struct GithubClient {
     http: reqwest::Client,
     api: Url,
-    token: SecretString,
+    auth: Auth,
 }
 
 impl GithubClient {
-    pub fn new(api: Url, token: SecretString, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(api: Url, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -244,37 +251,70 @@ impl GithubClient {
             .connect_timeout(timeout)
             .default_headers(headers)
             .build()?;
-        Ok(GithubClient { http, api, token })
+        Ok(GithubClient { http, api, auth })
     }
 
-    fn statuses_url(&self, repository: &str, commit: &str) -> String {
+    /// True with GitHub App authentication (check runs need it).
+    pub fn is_app(&self) -> bool {
+        matches!(self.auth, Auth::App(_))
+    }
+
+    fn repo_url(&self, repository: &str, rest: &str) -> String {
         format!(
-            "{}/repos/{repository}/statuses/{commit}",
+            "{}/repos/{repository}/{rest}",
             self.api.as_str().trim_end_matches('/')
         )
     }
 
+    /// Sends `body` with the token; with App authentication a 401 fetches a new installation
+    /// token and sends once more (the token may have been revoked before it expired).
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<reqwest::Response, PostError> {
+        let mut refreshed = false;
+        loop {
+            let token = match &self.auth {
+                Auth::Token(token) => token.clone(),
+                Auth::App(app) => app.token(&self.http).await?,
+            };
+            let Ok(mut authorization) =
+                HeaderValue::try_from(format!("Bearer {}", token.expose_secret()))
+            else {
+                return Err(refused(
+                    401,
+                    "GITHUB_TOKEN holds characters a header cannot carry",
+                ));
+            };
+            authorization.set_sensitive(true);
+            let response = self
+                .http
+                .request(method.clone(), url)
+                .header(AUTHORIZATION, authorization)
+                .json(body)
+                .send()
+                .await
+                .map_err(PostError::transport)?;
+            if let (Auth::App(app), StatusCode::UNAUTHORIZED, false) =
+                (&self.auth, response.status(), refreshed)
+            {
+                tracing::warn!("GitHub refused the installation token; fetching a new one");
+                app.forget(&token).await;
+                refreshed = true;
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
     /// `POST /repos/{repository}/statuses/{commit}`.
     pub async fn post(&self, repository: &str, commit: &str, status: &Status) -> Answer {
-        let Ok(mut authorization) =
-            HeaderValue::try_from(format!("Bearer {}", self.token.expose_secret()))
-        else {
-            return Answer::failed(refused(
-                401,
-                "GITHUB_TOKEN holds characters a header cannot carry",
-            ));
-        };
-        authorization.set_sensitive(true);
-        let response = match self
-            .http
-            .post(self.statuses_url(repository, commit))
-            .header(AUTHORIZATION, authorization)
-            .json(status)
-            .send()
-            .await
-        {
+        let url = self.repo_url(repository, &format!("statuses/{commit}"));
+        let response = match self.send(reqwest::Method::POST, &url, status).await {
             Ok(response) => response,
-            Err(e) => return Answer::failed(PostError::transport(e)),
+            Err(error) => return Answer::failed(error),
         };
         let code = response.status();
         let headers = response.headers().clone();
@@ -294,10 +334,53 @@ impl GithubClient {
             exhausted_for,
         }
     }
+
+    /// `POST /repos/{repository}/check-runs` (no `id`) or `PATCH …/check-runs/{id}`; returns
+    /// the check run's id.
+    pub async fn check_run(
+        &self,
+        repository: &str,
+        id: Option<u64>,
+        body: &serde_json::Value,
+    ) -> Result<u64, PostError> {
+        let (method, url) = match id {
+            None => (
+                reqwest::Method::POST,
+                self.repo_url(repository, "check-runs"),
+            ),
+            Some(id) => (
+                reqwest::Method::PATCH,
+                self.repo_url(repository, &format!("check-runs/{id}")),
+            ),
+        };
+        let response = self.send(method, &url, body).await?;
+        let code = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(PostError::transport)?;
+        let message = if code.is_success() {
+            String::new()
+        } else {
+            github_message(&bytes)
+        };
+        classify(code, &headers, &message, now_epoch())?;
+        #[derive(serde::Deserialize)]
+        struct Created {
+            id: u64,
+        }
+        match (id, serde_json::from_slice::<Created>(&bytes)) {
+            (Some(id), _) => Ok(id),
+            (None, Ok(created)) => Ok(created.id),
+            (None, Err(e)) => Err(PostError::Transient {
+                reason: "server_error",
+                detail: format!("the created check run has no id: {e}"),
+                code: Some(code.as_u16()),
+            }),
+        }
+    }
 }
 
 /// GitHub's `message` (and the first validation error), or the start of a non-JSON body.
-fn github_message(body: &[u8]) -> String {
+pub(crate) fn github_message(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct ErrorBody {
         #[serde(default)]

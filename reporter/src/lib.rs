@@ -6,7 +6,11 @@
 //! - [`order`]: the claim per commit and context that keeps an older status from overwriting a
 //!   newer one, with the lease that allows one post in flight at a time, and the decisions
 //!   taken on it (pure).
-//! - [`github`]: the commit status client, its error kinds, backoff and the rate-limit gate.
+//! - [`github`]: the commit status and check run client, its error kinds, backoff and the
+//!   rate-limit gate.
+//! - [`app_auth`]: GitHub App authentication: the JWT and the installation token, refreshed.
+//! - [`checks`]: one check run per service and sync (`CHECK_RUNS=true`): what to send (pure),
+//!   and its id and last state kept in `IAC_STATUSES`.
 //! - [`deliver`]: one message end to end: plan, claim, post, ack, retry or give up.
 //! - [`undelivered`]: the statuses given up, kept in `IAC_UNDELIVERED`: when to give up (pure),
 //!   and `iac-reporter undelivered list|replay`.
@@ -14,6 +18,8 @@
 //!   change in `IAC_NOTIFY` and sent in a task of their own.
 //! - [`metrics`]: the Prometheus metrics.
 
+pub mod app_auth;
+pub mod checks;
 pub mod config;
 pub mod deliver;
 pub mod github;
@@ -50,6 +56,7 @@ use metrics::Metrics;
 
 /// Runs the reporter until `shutdown`, then finishes the messages in hand.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
     let github = config
         .github
         .client()
@@ -57,6 +64,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     if github.is_none() {
         tracing::warn!(
             "GITHUB_TOKEN is not set: log-only mode, each status is logged instead of posted"
+        );
+    } else if github.as_ref().is_some_and(|g| g.is_app()) {
+        tracing::info!(
+            check_runs = config.checks.check_runs,
+            commit_statuses = config.checks.commit_statuses,
+            "authenticating as a GitHub App installation"
         );
     }
     let mut registry = Registry::default();
@@ -125,6 +138,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         give_up_after: config.give_up_after,
         js,
         notifier,
+        check_runs: config.checks.check_runs,
+        commit_statuses: config.checks.commit_statuses,
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.into()));
     ready.store(true, Ordering::Relaxed);

@@ -135,7 +135,12 @@ impl StatusSettings {
 
     /// The link, with the event id percent-encoded: unlike the repository and the commit,
     /// which are checked to be URL-safe, it is whatever delivery id the request carried.
-    fn target_url(&self, repository: &str, commit: &str, event_id: &str) -> Option<String> {
+    pub(crate) fn target_url(
+        &self,
+        repository: &str,
+        commit: &str,
+        event_id: &str,
+    ) -> Option<String> {
         self.target_url.as_ref().map(|template| {
             let event_id = utf8_percent_encode(event_id, URL_COMPONENT).to_string();
             template

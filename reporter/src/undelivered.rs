@@ -275,6 +275,8 @@ async fn replaying_reporter(
         js: js.clone(),
         // A replayed status is no sync result: nothing to notify.
         notifier: None,
+        check_runs: false,
+        commit_statuses: true,
     })
 }
 

@@ -1,5 +1,7 @@
 //! A fake GitHub commit status API (wiremock) that records every request in arrival order and
-//! can answer slowly, with server errors, rate limits, or refusals.
+//! can answer slowly, with server errors, rate limits, or refusals; started as a GitHub App's
+//! API ([`FakeGithub::start_app`]) it also verifies App JWTs, issues short-lived installation
+//! tokens (refusing expired or revoked ones with a 401) and keeps check runs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +80,160 @@ struct State {
     requests: Mutex<Vec<StatusRequest>>,
     faults: Mutex<Faults>,
     count: AtomicU64,
+    /// Set by [`FakeGithub::start_app`].
+    app: Option<AppState>,
+}
+
+/// The GitHub App the fake knows.
+#[derive(Debug, Clone)]
+pub struct FakeApp {
+    pub app_id: u64,
+    pub installation_id: u64,
+    /// The App's public key (PEM): every JWT must verify with it.
+    pub public_key_pem: Vec<u8>,
+    /// How long an installation token lives (GitHub: an hour).
+    pub token_lifetime: Duration,
+}
+
+/// An installation token the fake issued.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: String,
+    pub issued: Instant,
+    pub expires: Instant,
+}
+
+/// One check run request (`POST …/check-runs` or `PATCH …/check-runs/{id}`), as received.
+#[derive(Debug, Clone)]
+pub struct CheckRunRequest {
+    pub method: String,
+    pub repository: String,
+    pub id: u64,
+    pub body: serde_json::Value,
+}
+
+struct AppState {
+    app: FakeApp,
+    tokens: Mutex<Vec<IssuedToken>>,
+    revoked: Mutex<Vec<String>>,
+    /// Token exchanges refused: the JWT did not verify (with why).
+    refused_jwts: Mutex<Vec<String>>,
+    check_runs: Mutex<Vec<CheckRunRequest>>,
+    /// Each check run as GitHub shows it: the creation with every update merged in.
+    shown_runs: Mutex<BTreeMap<u64, serde_json::Value>>,
+}
+
+impl AppState {
+    fn bearer(request: &Request) -> String {
+        request
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// `POST /app/installations/{id}/access_tokens` with the App's JWT.
+    fn exchange(&self, request: &Request, installation: &str) -> ResponseTemplate {
+        if let Err(why) = self.verify_jwt(&Self::bearer(request)) {
+            self.refused_jwts.lock().unwrap().push(why.clone());
+            return error(
+                401,
+                &format!("A JSON web token could not be decoded: {why}"),
+            );
+        }
+        if installation != self.app.installation_id.to_string() {
+            return error(404, "Not Found");
+        }
+        let mut tokens = self.tokens.lock().unwrap();
+        let token = format!("ghs_fakeInstallationToken{:04}", tokens.len() + 1);
+        let now = Instant::now();
+        tokens.push(IssuedToken {
+            token: token.clone(),
+            issued: now,
+            expires: now + self.app.token_lifetime,
+        });
+        let expires_at = time::OffsetDateTime::now_utc() + self.app.token_lifetime;
+        let expires_at = expires_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        ResponseTemplate::new(201).set_body_json(serde_json::json!({
+            "token": token,
+            "expires_at": expires_at,
+            "permissions": { "checks": "write", "statuses": "write", "contents": "read" },
+        }))
+    }
+
+    /// RS256 with the App's key, issued by the App, at most 10 minutes ahead.
+    fn verify_jwt(&self, jwt: &str) -> Result<(), String> {
+        use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+        #[derive(serde::Deserialize)]
+        struct Claims {
+            iat: u64,
+            exp: u64,
+        }
+        let key = DecodingKey::from_rsa_pem(&self.app.public_key_pem).map_err(|e| e.to_string())?;
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_issuer(&[self.app.app_id.to_string()]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss"]);
+        let claims = decode::<Claims>(jwt, &key, &validation)
+            .map_err(|e| e.to_string())?
+            .claims;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if claims.exp > now + 600 {
+            return Err("exp is more than 10 minutes in the future".into());
+        }
+        if claims.iat > now {
+            return Err("iat is in the future".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the request carries an issued token that is neither expired nor revoked.
+    fn authorized(&self, request: &Request) -> bool {
+        let token = Self::bearer(request);
+        let live = self
+            .tokens
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.token == token && t.expires > Instant::now());
+        live && !self.revoked.lock().unwrap().contains(&token)
+    }
+
+    /// `POST /repos/{repository}/check-runs`, or `PATCH …/check-runs/{id}` when `id` is set.
+    fn check_run(
+        &self,
+        method: &str,
+        repository: String,
+        id: Option<u64>,
+        body: serde_json::Value,
+    ) -> (u16, ResponseTemplate) {
+        let mut shown = self.shown_runs.lock().unwrap();
+        let (code, id) = match id {
+            None if method == "POST" => (201, 1000 + shown.len() as u64 + 1),
+            Some(id) if method == "PATCH" && shown.contains_key(&id) => (200, id),
+            _ => return (404, error(404, "Not Found")),
+        };
+        let run = shown
+            .entry(id)
+            .or_insert_with(|| serde_json::json!({ "id": id }));
+        for (key, value) in body.as_object().into_iter().flatten() {
+            run[key] = value.clone();
+        }
+        let answer = run.clone();
+        self.check_runs.lock().unwrap().push(CheckRunRequest {
+            method: method.to_string(),
+            repository,
+            id,
+            body,
+        });
+        (code, ResponseTemplate::new(code).set_body_json(answer))
+    }
 }
 
 /// A running fake GitHub API on a free port.
@@ -99,6 +255,36 @@ impl Respond for Responder {
             _ => (String::new(), String::new()),
         };
         let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        if let Some(app) = &self.0.app {
+            match parts.as_slice() {
+                ["app", "installations", installation, "access_tokens"] => {
+                    return app.exchange(request, installation);
+                }
+                _ if !app.authorized(request) => {
+                    self.0.requests.lock().unwrap().push(StatusRequest {
+                        number,
+                        method: request.method.to_string(),
+                        path,
+                        repository,
+                        commit,
+                        body,
+                        headers: BTreeMap::new(),
+                        answered: 401,
+                        arrived: Instant::now(),
+                        landed: Instant::now(),
+                    });
+                    return error(401, "Bad credentials");
+                }
+                ["repos", owner, repo, "check-runs", rest @ ..] => {
+                    let id = rest.first().and_then(|id| id.parse().ok());
+                    let repository = format!("{owner}/{repo}");
+                    return app
+                        .check_run(request.method.as_str(), repository, id, body)
+                        .1;
+                }
+                _ => {}
+            }
+        }
         let slow = match &faults.slow_state {
             Some((state, extra)) if body["state"] == state.as_str() => *extra,
             _ => Duration::ZERO,
@@ -197,13 +383,100 @@ fn error(code: u16, message: &str) -> ResponseTemplate {
 
 impl FakeGithub {
     pub async fn start() -> Self {
+        Self::start_with(State::default()).await
+    }
+
+    /// A fake GitHub serving `app`: statuses and check runs need one of its tokens.
+    pub async fn start_app(app: FakeApp) -> Self {
+        Self::start_with(State {
+            app: Some(AppState {
+                app,
+                tokens: Mutex::default(),
+                revoked: Mutex::default(),
+                refused_jwts: Mutex::default(),
+                check_runs: Mutex::default(),
+                shown_runs: Mutex::default(),
+            }),
+            ..State::default()
+        })
+        .await
+    }
+
+    async fn start_with(state: State) -> Self {
         let server = MockServer::start().await;
-        let state = Arc::new(State::default());
+        let state = Arc::new(state);
         Mock::given(any())
             .respond_with(Responder(state.clone()))
             .mount(&server)
             .await;
         FakeGithub { server, state }
+    }
+
+    fn app(&self) -> &AppState {
+        self.state
+            .app
+            .as_ref()
+            .expect("a fake GitHub started with start_app")
+    }
+
+    /// Every installation token issued so far, in order.
+    pub fn issued_tokens(&self) -> Vec<IssuedToken> {
+        self.app().tokens.lock().unwrap().clone()
+    }
+
+    /// Why each refused token exchange's JWT did not verify.
+    pub fn refused_jwts(&self) -> Vec<String> {
+        self.app().refused_jwts.lock().unwrap().clone()
+    }
+
+    /// Revokes every token issued so far: requests with them are answered 401.
+    pub fn revoke_tokens(&self) {
+        let app = self.app();
+        let issued: Vec<String> = app
+            .tokens
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.token.clone())
+            .collect();
+        app.revoked.lock().unwrap().extend(issued);
+    }
+
+    /// Every check run request accepted, in arrival order.
+    pub fn check_run_requests(&self) -> Vec<CheckRunRequest> {
+        self.app().check_runs.lock().unwrap().clone()
+    }
+
+    /// The check runs named `name` on `commit` as GitHub shows them, oldest first.
+    pub fn check_runs(&self, commit: &str, name: &str) -> Vec<serde_json::Value> {
+        self.app()
+            .shown_runs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|run| run["head_sha"] == commit && run["name"] == name)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `count` check runs named `name` on `commit` are completed; returns them.
+    pub async fn wait_for_completed_runs(
+        &self,
+        commit: &str,
+        name: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<serde_json::Value> {
+        crate::wait_for(
+            &format!("{count} completed check run(s) {name} on {commit}"),
+            timeout,
+            || {
+                let runs = self.check_runs(commit, name);
+                let done = runs.iter().filter(|r| r["status"] == "completed").count() >= count;
+                async move { done.then_some(runs) }
+            },
+        )
+        .await
     }
 
     /// The API base URL (`GITHUB_API_URL`).
