@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use iac_shared::deploy::{
-    DEFAULT_DEPLOY_ENVS, DEFAULT_PUSH_ENV, PushEnv, parse_env_list, parse_push_env,
-};
+use iac_shared::deploy::EnvironmentArgs;
 use iac_shared::events::parse_branch;
 use iac_shared::nats::{NatsArgs, parse_duration, parse_positive_duration, parse_secret};
 use iac_shared::rules::{Rules, RulesError};
@@ -182,27 +180,11 @@ pub struct DeployArgs {
     )]
     pub deploy_secret: Option<SecretString>,
 
-    /// Environments `/deploy` accepts, comma-separated (equal across the services).
-    #[arg(
-        long = "deploy-envs",
-        env = "DEPLOY_ENVS",
-        value_name = "DEPLOY_ENVS",
-        default_value = DEFAULT_DEPLOY_ENVS,
-        value_parser = parse_envs
-    )]
-    pub envs: Environments,
-
-    /// The environment pushes and `/sync` deploy to (empty: none), equal across the services:
-    /// the gateway creates the worker's consumers for the environments before it stores an
-    /// event for them (a consumer created later would not see it).
-    #[arg(
-        long = "push-env",
-        env = "PUSH_ENV",
-        value_name = "PUSH_ENV",
-        default_value = DEFAULT_PUSH_ENV,
-        value_parser = parse_push_env
-    )]
-    pub push_env: PushEnv,
+    /// `DEPLOY_ENVS` (what `/deploy` accepts) and `PUSH_ENV`, equal across the services: the
+    /// gateway creates the worker's consumer of each environment before it stores an event for
+    /// it (a consumer created later would not see it).
+    #[command(flatten)]
+    pub environments: EnvironmentArgs,
 
     /// How long a `wait: true` deployment request is held before it is answered 202
     /// in_progress.
@@ -255,14 +237,6 @@ pub struct DeployArgs {
         hide_env_values = true
     )]
     pub git_repo_url: Option<String>,
-}
-
-/// The environments of `DEPLOY_ENVS`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Environments(pub Vec<String>);
-
-fn parse_envs(s: &str) -> Result<Environments, String> {
-    parse_env_list(s).map(Environments)
 }
 
 /// `true`/`false` and the words operators use for them.
@@ -410,7 +384,10 @@ mod tests {
         assert_eq!(config.max_connections, 256);
         assert_eq!(config.max_pending_body_bytes, 64 * 1024 * 1024);
         assert!(config.rules.is_none());
-        assert_eq!(config.deploy.envs.0, ["staging", "production"]);
+        assert_eq!(
+            config.deploy.environments.deploy_envs.0,
+            ["staging", "production"]
+        );
         assert_eq!(config.deploy.wait_timeout, Duration::from_secs(30 * 60));
         assert_eq!(config.deploy.cache_ttl, Duration::from_secs(600));
         assert!(config.deploy.legacy_sync);
@@ -439,7 +416,10 @@ mod tests {
             config.deploy_secret().expose_secret(),
             "another-secret-of-24-b"
         );
-        assert_eq!(config.deploy.envs.0, ["qa", "production"]);
+        assert_eq!(
+            config.deploy.environments.deploy_envs.0,
+            ["qa", "production"]
+        );
         assert_eq!(config.deploy.wait_timeout, Duration::from_secs(90));
         assert!(!config.deploy.legacy_sync);
         assert_eq!(config.deploy.repository().as_deref(), Some("acme/infra"));

@@ -33,7 +33,6 @@ pub mod webhook;
 use std::sync::Arc;
 
 use anyhow::Context;
-use iac_shared::deploy::Environments;
 use iac_shared::nats::ConsumerSettings;
 use iac_shared::shutdown::Shutdown;
 use prometheus_client::registry::Registry;
@@ -59,16 +58,14 @@ pub async fn run(
     let metrics = metrics::Metrics::register(&mut registry);
     let deploy_subjects = config
         .deploy
-        .envs
+        .environments
+        .deploy_envs
         .0
         .iter()
         .map(|env| &*String::leak(iac_shared::deploy::deploy_subject(env)))
         .collect();
     let consumers = ConsumerSettings {
-        environments: Environments {
-            deploy: config.deploy.envs.0.clone(),
-            push: config.deploy.push_env.0.clone(),
-        },
+        environments: config.deploy.environments.environments(),
         ..ConsumerSettings::default()
     };
     let js = async_nats::jetstream::ContextBuilder::new()
@@ -79,7 +76,7 @@ pub async fn run(
         secret: config.webhook_secret,
         branch: config.branch,
         repository: config.deploy.repository(),
-        envs: config.deploy.envs.0,
+        envs: config.deploy.environments.deploy_envs.0,
         deploy_subjects,
         wait_timeout: config.deploy.wait_timeout,
         cache_ttl: config.deploy.cache_ttl,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use iac_shared::deploy::{DEFAULT_PUSH_ENV, PushEnv, parse_push_env};
+use iac_shared::deploy::EnvironmentArgs;
 use iac_shared::nats::{NatsArgs, parse_positive_duration, parse_secret};
 use iac_shared::telemetry::LogArgs;
 use reqwest::Url;
@@ -46,16 +46,10 @@ pub struct Config {
     )]
     pub status_context: String,
 
-    /// The environment pushes deploy to, as the worker's; results in any other environment
-    /// name it in their contexts (`IaC Runner / Sync (staging)`). Empty for none.
-    #[arg(
-        long = "push-env",
-        env = "PUSH_ENV",
-        value_name = "PUSH_ENV",
-        default_value = DEFAULT_PUSH_ENV,
-        value_parser = parse_push_env
-    )]
-    pub push_env: PushEnv,
+    /// `PUSH_ENV` (and `DEPLOY_ENVS`), as the worker's: results in any other environment than
+    /// the push one name it in their contexts (`IaC Runner / Sync (staging)`).
+    #[command(flatten)]
+    pub environments: EnvironmentArgs,
 
     /// Also post one status per service (`IaC Runner / <service>`).
     #[arg(
@@ -359,7 +353,7 @@ impl Config {
             per_service: self.status_per_service,
             target_url: self.status_target_url.clone(),
             default_repository: self.github_repo.clone(),
-            push_env: self.push_env.0.clone(),
+            push_env: self.environments.push_env.0.clone(),
         }
     }
 }

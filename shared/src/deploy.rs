@@ -86,7 +86,7 @@ pub struct Environments {
     pub push: Option<String>,
 }
 
-/// `DEPLOY_ENVS` and `PUSH_ENV`, read alike by the worker and `iac-worker provision`.
+/// `DEPLOY_ENVS` and `PUSH_ENV`, read alike by every service and `iac-worker provision`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EnvironmentArgs {
     /// Comma-separated environments `/deploy` may deploy to, each served by the worker apart
