@@ -1,5 +1,5 @@
 //! `iac-worker provision`: the operator creates, or brings back to the expected configuration,
-//! everything the services rely on (both streams, the durable consumers, both buckets and the
+//! everything the services rely on (both streams, the durable consumers, the buckets and the
 //! reporter's dead-letter stream), as the NATS admin user, before the services start. The services' own NATS users may
 //! only check that it is there (see `deploy/nats/permissions.conf`).
 
@@ -85,8 +85,8 @@ impl ProvisionCommand {
         );
         println!(
             "provisioned: streams IAC_EVENTS, IAC_RESULTS and IAC_UNDELIVERED ({} replicas, kept \
-             {}), consumers {}, iac-reporter and iac-reporter-events, buckets IAC_STATUSES and \
-             IAC_DEPLOYMENTS",
+             {}), consumers {}, iac-reporter and iac-reporter-events, buckets IAC_STATUSES, \
+             IAC_DEPLOYMENTS and IAC_APPLIED",
             nats.streams.replicas,
             humantime::format_duration(nats.streams.max_age),
             workers.join(", "),

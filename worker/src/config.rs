@@ -103,6 +103,18 @@ pub struct Config {
     )]
     pub deploy_tag_pattern: String,
 
+    /// How often the push environment's applied commit is compared with the branch head
+    /// (`git ls-remote`), at start and then at this interval; a head never synced (its
+    /// webhook never came) is published as a push. `0` turns it off.
+    #[arg(
+        long = "reconcile-interval",
+        env = "RECONCILE_INTERVAL",
+        value_name = "RECONCILE_INTERVAL",
+        default_value = "5m",
+        value_parser = parse_duration
+    )]
+    pub reconcile_interval: Duration,
+
     /// On SIGTERM, how long a running sync may go on before it is killed and handed back.
     #[arg(
         long = "shutdown-grace",

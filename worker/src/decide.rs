@@ -282,6 +282,57 @@ pub fn push_services(
     rules.fan_out(paths.iter().map(String::as_str), discovered, deps)
 }
 
+/// The paths a push's services are chosen from: git's diff from the push's `before` joined
+/// with git's diff from the environment's applied head (`None` when that head is the commit
+/// itself or not one of its ancestors), so a service changed in a push that was never synced
+/// is still synced. Each path once, in the order first seen; `None` when git can tell neither.
+/// When only the applied diff is known, the payload's own paths are joined too.
+pub fn joined_diff(
+    push: &PushEvent,
+    from_before: Option<Vec<String>>,
+    from_applied: Option<Vec<String>>,
+) -> Option<Vec<String>> {
+    let (first, second) = match (from_before, from_applied) {
+        (None, None) => return None,
+        (Some(before), None) => return Some(before),
+        (Some(before), Some(applied)) => (before, applied),
+        (None, Some(applied)) if push.paths_truncated => return Some(applied),
+        (None, Some(applied)) => (push.paths.clone(), applied),
+    };
+    let mut seen = std::collections::HashSet::with_capacity(first.len() + second.len());
+    Some(
+        first
+            .into_iter()
+            .chain(second)
+            .filter(|path| seen.insert(path.clone()))
+            .collect(),
+    )
+}
+
+/// The push synced in place of `in_hand` and the pushes queued behind it up to `newest`: the
+/// newest commit, diffed from the oldest `before`, with every skipped push's paths (cut short
+/// when any was).
+pub fn merged_push(in_hand: &PushEvent, skipped: &[&PushEvent], newest: &PushEvent) -> PushEvent {
+    let mut seen = std::collections::HashSet::new();
+    let paths = std::iter::once(in_hand)
+        .chain(skipped.iter().copied())
+        .chain(std::iter::once(newest))
+        .flat_map(|push| push.paths.iter())
+        .filter(|path| seen.insert(path.as_str()))
+        .cloned()
+        .collect();
+    let truncated = std::iter::once(in_hand)
+        .chain(skipped.iter().copied())
+        .chain(std::iter::once(newest))
+        .any(|push| push.paths_truncated);
+    PushEvent {
+        before: in_hand.before.clone(),
+        paths,
+        paths_truncated: truncated,
+        ..newest.clone()
+    }
+}
+
 fn every(discovered: &[Service], reason: Reason) -> Vec<(Service, Reason)> {
     discovered
         .iter()
@@ -514,6 +565,27 @@ impl ResultHeader {
         }
     }
 
+    /// A push not synced on its own: the sync of `by`, a newer push that descends from it,
+    /// covered it. Shown on `commit` (else the push's own commit), ending as that sync ended.
+    pub fn superseded(
+        &self,
+        commit: Option<&str>,
+        by: &str,
+        state: FinishedState,
+        totals: Totals,
+        duration_ms: u64,
+    ) -> SyncFinished {
+        SyncFinished {
+            commit: commit
+                .map(str::to_string)
+                .or_else(|| self.status_commit.clone()),
+            state,
+            totals,
+            superseded_by: Some(by.to_string()),
+            ..self.base(duration_ms)
+        }
+    }
+
     /// An event given up after its last attempt. When an attempt got as far as `started`,
     /// the result is on that commit and names each started service as not finished, so that
     /// no status the attempt set to pending stays pending.
@@ -562,6 +634,7 @@ impl ResultHeader {
             finished_at: now_rfc3339(),
             env: self.env.clone(),
             deployment_id: self.deployment_id.clone(),
+            superseded_by: None,
         }
     }
 }
