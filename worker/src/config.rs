@@ -418,4 +418,27 @@ mod tests {
         ]);
         assert_eq!(config.unwrap().shutdown_grace, Duration::from_secs(40));
     }
+
+    #[test]
+    fn reconciliation_runs_every_five_minutes_unless_set_and_zero_turns_it_off() {
+        let with = |extra: &[&str]| {
+            let mut args = vec!["iac-worker", "--git-repo-url", "https://x/acme/infra.git"];
+            args.extend(extra);
+            Config::from_args(args).unwrap().reconcile_interval
+        };
+        assert_eq!(with(&[]), Duration::from_secs(300));
+        assert_eq!(
+            with(&["--reconcile-interval", "90"]),
+            Duration::from_secs(90)
+        );
+        assert_eq!(with(&["--reconcile-interval", "0"]), Duration::ZERO);
+        let bad = Config::from_args([
+            "iac-worker",
+            "--git-repo-url",
+            "https://x/acme/infra.git",
+            "--reconcile-interval",
+            "soon",
+        ]);
+        assert!(bad.unwrap_err().to_string().contains("RECONCILE_INTERVAL"));
+    }
 }

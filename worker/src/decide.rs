@@ -798,6 +798,109 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    fn push_of(before: &str, after: &str, paths: &[&str]) -> PushEvent {
+        PushEvent {
+            delivery_id: format!("d-{after}"),
+            repository: None,
+            git_ref: "refs/heads/main".into(),
+            before: Some(before.into()),
+            after: Some(after.into()),
+            head_commit: Some(after.into()),
+            pusher: None,
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            paths_truncated: false,
+        }
+    }
+
+    fn owned(paths: &[&str]) -> Vec<String> {
+        paths.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn a_push_diffs_from_its_before_and_from_the_applied_head_alike() {
+        let push = push_of("b", "c", &["payload/only"]);
+        let joined = joined_diff(
+            &push,
+            Some(owned(&["platform/01.postgres/a", "shared/x"])),
+            Some(owned(&["shared/x", "platform/02.redis/b"])),
+        );
+        assert_eq!(
+            joined.unwrap(),
+            ["platform/01.postgres/a", "shared/x", "platform/02.redis/b"]
+        );
+        assert_eq!(joined_diff(&push, None, None), None);
+        assert_eq!(
+            joined_diff(&push, Some(owned(&["a/b"])), None).unwrap(),
+            ["a/b"]
+        );
+        // `before` unknown (force push): the payload's paths and the applied diff.
+        assert_eq!(
+            joined_diff(&push, None, Some(owned(&["a/b"]))).unwrap(),
+            ["payload/only", "a/b"]
+        );
+        let cut = PushEvent {
+            paths_truncated: true,
+            ..push
+        };
+        assert_eq!(
+            joined_diff(&cut, None, Some(owned(&["a/b"]))).unwrap(),
+            ["a/b"]
+        );
+    }
+
+    #[test]
+    fn the_newest_push_is_synced_from_the_oldest_before_with_every_skipped_push_paths() {
+        let in_hand = push_of("a", "b", &["platform/01.postgres/x"]);
+        let skipped = push_of("b", "c", &["finance_report/finance_report/10.app/y"]);
+        let mut newest = push_of("c", "d", &["platform/01.postgres/x", "platform/02.redis/z"]);
+        newest.pusher = Some("octocat".into());
+        let merged = merged_push(&in_hand, &[&skipped], &newest);
+        assert_eq!(merged.before.as_deref(), Some("a"));
+        assert_eq!(merged.after.as_deref(), Some("d"));
+        assert_eq!(merged.delivery_id, "d-d");
+        assert_eq!(merged.pusher.as_deref(), Some("octocat"));
+        assert_eq!(
+            merged.paths,
+            [
+                "platform/01.postgres/x",
+                "finance_report/finance_report/10.app/y",
+                "platform/02.redis/z"
+            ]
+        );
+        assert!(!merged.paths_truncated);
+        let cut = PushEvent {
+            paths_truncated: true,
+            ..skipped
+        };
+        assert!(merged_push(&in_hand, &[&cut], &newest).paths_truncated);
+    }
+
+    #[test]
+    fn a_superseded_push_ends_on_its_own_commit_as_the_covering_sync_ended() {
+        let delivery = Delivery::new(PUSH_SUBJECT, 7, 1, |_| Some("e-7".to_string()));
+        let event = Event::Push(push_of("a", "b", &[]));
+        let header = ResultHeader::new(
+            &delivery,
+            Some(&event),
+            Some("acme/infra"),
+            Some("production"),
+        );
+        let totals = Totals {
+            total: 3,
+            synced: 3,
+            ..Totals::default()
+        };
+        let finished = header.superseded(None, "d", FinishedState::Success, totals, 5);
+        assert_eq!(finished.commit.as_deref(), Some("b"));
+        assert_eq!(finished.superseded_by.as_deref(), Some("d"));
+        assert_eq!(
+            (finished.state, finished.totals),
+            (FinishedState::Success, totals)
+        );
+        assert!(finished.services.is_empty() && finished.error.is_none());
+        assert_eq!(finished.event_seq, 7);
+    }
+
     fn discovered() -> Vec<Service> {
         Rules::default().discover([
             "platform/01.postgres/deploy.py",
