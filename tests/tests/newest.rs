@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use iac_shared::events::PushEvent;
-use iac_shared::names::{EVENTS_STREAM, PUSH_SUBJECT};
+use iac_shared::names::{EVENTS_STREAM, PUSH_SUBJECT, SYNC_SUBJECT};
 use iac_tests::fake_github::FakeGithub;
 use iac_tests::fixture::git;
 use iac_tests::pipeline::Pipeline;
@@ -123,6 +123,44 @@ async fn pushes_queued_behind_a_slow_sync_are_synced_once_as_the_newest_and_ever
         .filter(|r| r.phase == "end")
         .count();
     assert_eq!(ends, 4, "the slow sync and one sync of the newest");
+}
+
+#[tokio::test]
+async fn a_manual_sync_queued_between_pushes_is_never_overtaken() {
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::new(&github.url());
+    pipeline.set_env("worker", "RECONCILE_INTERVAL", "0");
+    let _services = pipeline.start_all().await;
+
+    pipeline.fixture.set_behaviour(REDIS, 3.0, 0);
+    pipeline.push_change("platform/02.redis/compose.yaml").await;
+    wait_for_a_task_to_start(&pipeline).await;
+    let (before_sync, _, _) = pipeline
+        .push_change("platform/01.postgres/compose.yaml")
+        .await;
+    let nats = pipeline.nats.as_ref().unwrap();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.publish(SYNC_SUBJECT, r#"{"services":["platform/postgres"]}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (after_sync, _, _) = pipeline
+        .push_change("finance_report/finance_report/10.app/compose.yaml")
+        .await;
+
+    let shown = github
+        .wait_for_shown(&before_sync, CONTEXT, "success", FINAL)
+        .await;
+    assert_eq!(shown.description(), "1 service(s) synced successfully");
+    assert_eq!(ran_at(&pipeline, &before_sync), ["postgres.sync"]);
+    // The manual sync ran at the branch head of its turn, then the last push on its own.
+    let at_head = wait_for("the last push to sync", FINAL, || {
+        let ran = ran_at(&pipeline, &after_sync);
+        async move { (ran.len() == 2).then_some(ran) }
+    })
+    .await;
+    assert_eq!(at_head, ["postgres.sync", "fr-app.sync"]);
 }
 
 #[tokio::test]
