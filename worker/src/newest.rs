@@ -51,7 +51,7 @@ pub struct Covered {
 
 /// The applied state of one environment and the covered marks, in `IAC_APPLIED`.
 #[derive(Clone)]
-pub(crate) struct AppliedState {
+pub struct AppliedState {
     pub bucket: kv::Store,
     pub env: Option<String>,
 }
@@ -262,7 +262,7 @@ fn is_full_commit_id(id: &str) -> bool {
 
 /// What reconciliation needs: the branch on the remote, the push environment's applied state,
 /// its consumer, and where to publish.
-pub(crate) struct Reconciler {
+pub struct Reconciler {
     pub checkout: Checkout,
     pub applied: AppliedState,
     pub js: jetstream::Context,
