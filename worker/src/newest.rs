@@ -336,7 +336,12 @@ impl Reconciler {
             .bucket
             .put(branch_key(env), seen.into())
             .await?;
-        let applied = self.applied.read().await;
+        let key = applied_key(env);
+        let entry = self.applied.bucket.entry(&key).await?;
+        let applied: Applied = entry
+            .as_ref()
+            .and_then(|e| serde_json::from_slice(&e.value).ok())
+            .unwrap_or_default();
         let Some(applied_head) = applied.head else {
             let baseline = Applied {
                 head: Some(AppliedHead {
@@ -347,12 +352,21 @@ impl Reconciler {
                 ..applied
             };
             let value = serde_json::to_vec(&baseline).expect("the applied state serializes");
-            // Only where nothing is yet: a sync that finished meanwhile wins.
-            let _ = self
-                .applied
-                .bucket
-                .create(applied_key(env), value.into())
-                .await;
+            // Only over what was read (a manual sync or a deployment may have recorded its
+            // services): a push sync that finished meanwhile wins, and the next check sees it.
+            let bucket = &self.applied.bucket;
+            let _ = match entry {
+                Some(entry) => bucket
+                    .update(&key, value.into(), entry.revision)
+                    .await
+                    .map(drop)
+                    .map_err(drop),
+                None => bucket
+                    .create(&key, value.into())
+                    .await
+                    .map(drop)
+                    .map_err(drop),
+            };
             return Ok(Reconciled::Baseline(head));
         };
         if applied_head.commit == head {
