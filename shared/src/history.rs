@@ -107,6 +107,9 @@ pub struct AppliedHead {
     pub state: Option<FinishedState>,
     /// RFC 3339.
     pub at: String,
+    /// The event whose sync it was (`reconcile-<commit>` for one reconciliation published).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
 /// One service's last sync in an environment.
@@ -375,6 +378,7 @@ mod tests {
                 commit: "aaaaaaaa11".into(),
                 state: Some(FinishedState::Failure),
                 at: "2026-01-01T00:57:00Z".into(),
+                event_id: None,
             }),
             services: [(
                 "platform/postgres".to_string(),
@@ -430,6 +434,7 @@ mod tests {
                 commit: "cccccccc33".into(),
                 state: None,
                 at: now.format(&Rfc3339).unwrap(),
+                event_id: None,
             }),
             services: BTreeMap::new(),
         };

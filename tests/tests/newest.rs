@@ -70,11 +70,20 @@ async fn wait_for_applied_head(pipeline: &Pipeline, commit: &str) {
     .await;
 }
 
+/// The worker's `/metrics` on `port`.
+async fn metrics(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let response = iac_tests::http().get(&url).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
 #[tokio::test]
 async fn pushes_queued_behind_a_slow_sync_are_synced_once_as_the_newest_and_every_commit_ends() {
     let github = FakeGithub::start().await;
     let mut pipeline = Pipeline::new(&github.url());
     pipeline.set_env("worker", "RECONCILE_INTERVAL", "0");
+    let port = iac_tests::free_port();
+    pipeline.set_env("worker", "METRICS_PORT", &port.to_string());
     let _services = pipeline.start_all().await;
 
     pipeline.fixture.set_behaviour(REDIS, 4.0, 0);
@@ -123,6 +132,17 @@ async fn pushes_queued_behind_a_slow_sync_are_synced_once_as_the_newest_and_ever
         .filter(|r| r.phase == "end")
         .count();
     assert_eq!(ends, 4, "the slow sync and one sync of the newest");
+    let metrics = metrics(port).await;
+    assert!(
+        metrics.contains("iac_worker_pushes_superseded_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"iac_worker_service_last_success_timestamp_seconds{env="production",service="finance_report/app"}"#
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -216,13 +236,16 @@ async fn a_commit_whose_webhook_never_came_is_synced_by_reconciliation() {
     let github = FakeGithub::start().await;
     let mut pipeline = Pipeline::new(&github.url());
     pipeline.set_env("worker", "RECONCILE_INTERVAL", "1");
+    let port = iac_tests::free_port();
+    pipeline.set_env("worker", "METRICS_PORT", &port.to_string());
     let _services = pipeline.start_all().await;
     let (first, _, _) = pipeline.push_change("platform/02.redis/compose.yaml").await;
     github
         .wait_for_shown(&first, CONTEXT, "success", FINAL)
         .await;
 
-    // Pushed to the branch, but GitHub's webhook is lost.
+    // Pushed to the branch, but GitHub's webhook is lost (or late).
+    let before = pipeline.fixture.head();
     let missed = pipeline.fixture.change("platform/01.postgres/compose.yaml");
 
     let seen = github
@@ -234,6 +257,14 @@ async fn a_commit_whose_webhook_never_came_is_synced_by_reconciliation() {
         "1 service(s) synced successfully"
     );
     assert_eq!(ran_at(&pipeline, &missed), ["postgres.sync"]);
+    let metrics = metrics(port).await;
+    assert!(
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("iac_worker_reconciled_total "))
+            .any(|n| n.parse::<u64>().is_ok_and(|n| n >= 1)),
+        "{metrics}"
+    );
     let (ok, status, err) = pipeline.operator("iac-worker", &["status"]);
     assert!(ok, "{err}");
     assert!(
@@ -247,6 +278,27 @@ async fn a_commit_whose_webhook_never_came_is_synced_by_reconciliation() {
         status.contains(&format!("platform/postgres              {}", &missed[..8])),
         "{status}"
     );
+
+    // The webhook comes after all: its commit is synced already, and nothing runs again.
+    let payload =
+        pipeline
+            .fixture
+            .push_payload(&before, &missed, &["platform/01.postgres/compose.yaml"]);
+    let (code, answer) = pipeline.webhook("push", "delivery-late", &payload).await;
+    assert_eq!(code, 200, "{answer}");
+    let late = wait_for("the late webhook's final status", FINAL, || {
+        let shown = github
+            .shown(&missed, CONTEXT)
+            .filter(|s| s.description().starts_with("Superseded"));
+        async move { shown }
+    })
+    .await;
+    assert_eq!(late.state(), "success");
+    assert_eq!(
+        late.description(),
+        format!("Superseded: synced as part of {}", &missed[..8])
+    );
+    assert_eq!(ran_at(&pipeline, &missed), ["postgres.sync"]);
 }
 
 #[tokio::test]

@@ -98,6 +98,7 @@ impl AppliedState {
                         commit: commit.to_string(),
                         state: Some(finished.state),
                         at: at.clone(),
+                        event_id: Some(finished.event_id.clone()),
                     });
                 }
                 for result in &finished.services {
@@ -348,6 +349,7 @@ impl Reconciler {
                     commit: head.clone(),
                     state: None,
                     at: now_rfc3339(),
+                    event_id: None,
                 }),
                 ..applied
             };

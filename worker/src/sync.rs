@@ -166,14 +166,19 @@ async fn already_covered(
             elapsed_ms(started),
         ))));
     }
-    if !push.delivery_id.starts_with(RECONCILE_ID_PREFIX) {
+    // Reconciliation and a late webhook may both name the branch head: the one handled second
+    // finds it synced by the other (a reconciliation published again once the duplicate
+    // window had passed, too). Any other push of an applied commit runs, as it always did.
+    let reconciled = |id: &str| id.starts_with(RECONCILE_ID_PREFIX);
+    if delivery.replay_of.is_some() {
         return None;
     }
-    // Published again once the duplicate window had passed: what it names is applied.
     let head = ctx.applied.read().await.head?;
     let state = head.state?;
-    (push.after.as_deref() == Some(head.commit.as_str())).then(|| {
-        tracing::info!(commit = %head.commit, "reconciled commit already synced");
+    let by_reconcile = head.event_id.as_deref().is_some_and(reconciled);
+    let same_commit = push.after.as_deref() == Some(head.commit.as_str());
+    (same_commit && (reconciled(&push.delivery_id) || by_reconcile)).then(|| {
+        tracing::info!(commit = %head.commit, "commit already synced (reconciliation and its webhook)");
         Skip::Publish(Box::new(header.superseded(
             None,
             &head.commit,
