@@ -426,7 +426,7 @@ async fn run_git(url: &RepoUrl, cwd: Option<&Path>, args: &[&str]) -> Result<Str
 }
 
 /// 40 lowercase hexadecimal digits: a full SHA-1 commit id as GitHub writes it.
-fn is_full_commit_id(id: &str) -> bool {
+pub(crate) fn is_full_commit_id(id: &str) -> bool {
     id.len() == 40 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::decide::Delivery;
-use crate::git::Checkout;
+use crate::git::{Checkout, is_full_commit_id};
 use crate::metrics::Metrics;
 
 /// Most events looked at behind the one in hand: a longer queue is covered in several steps.
@@ -255,10 +255,6 @@ pub(crate) async fn coalesce(
         return Some(Coalesced { newest, skipped });
     }
     None
-}
-
-fn is_full_commit_id(id: &str) -> bool {
-    id.len() == 40 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// What reconciliation needs: the branch on the remote, the push environment's applied state,
