@@ -429,6 +429,7 @@ mod tests {
             finished_at: "2026-01-01T00:00:00Z".into(),
             env: env.map(str::to_string),
             deployment_id: None,
+            superseded_by: None,
         }
     }
 

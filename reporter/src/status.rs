@@ -330,6 +330,16 @@ pub fn for_finished(finished: &SyncFinished, settings: &StatusSettings) -> Plan 
 
 fn finished_summary(finished: &SyncFinished) -> (StatusState, String) {
     let totals = &finished.totals;
+    if let Some(by) = &finished.superseded_by {
+        // Not synced on its own: it ends as the newer push's sync that covered it ended.
+        let state = match finished.state {
+            FinishedState::Success => StatusState::Success,
+            FinishedState::Failure => StatusState::Failure,
+            FinishedState::Error => StatusState::Error,
+        };
+        let short = by.get(..8).unwrap_or(by);
+        return (state, format!("Superseded: synced as part of {short}"));
+    }
     match finished.state {
         FinishedState::Error => (
             StatusState::Error,
@@ -462,6 +472,7 @@ mod tests {
             finished_at: "2026-01-01T00:00:00Z".into(),
             env: None,
             deployment_id: None,
+            superseded_by: None,
         }
     }
 
@@ -550,6 +561,18 @@ mod tests {
         assert_eq!(
             planned.status.description,
             "git fetch failed: no route to host"
+        );
+    }
+
+    #[test]
+    fn a_superseded_push_ends_as_the_sync_that_covered_it_and_says_which() {
+        let mut covered = finished(FinishedState::Failure, vec![]);
+        covered.superseded_by = Some("89abcdef0123456789abcdef0123456789abcdef".into());
+        let planned = only(for_finished(&covered, &settings()));
+        assert_eq!(planned.status.state, StatusState::Failure);
+        assert_eq!(
+            planned.status.description,
+            "Superseded: synced as part of 89abcdef"
         );
     }
 

@@ -343,6 +343,11 @@ pub struct SyncFinished {
     /// The deployment this sync ran, for a `/deploy` request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment_id: Option<String>,
+    /// Set when this push was not synced on its own: a newer push of the same branch, which
+    /// descends from it, was synced in its place. The full commit of that sync; `state` and
+    /// `totals` are that sync's, `services` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<String>,
 }
 
 impl SyncFinished {

@@ -1,12 +1,19 @@
-//! What the pipeline did lately, read from the streams (`iac-worker status`).
+//! What the pipeline did lately, read from the streams (`iac-worker status`), and what each
+//! environment last synced (the applied state in `IAC_APPLIED`, written by the worker).
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use async_nats::jetstream;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
-use crate::events::{SyncFinished, SyncOutcome};
-use crate::names::{EVENTS_STREAM, FINISHED_SUBJECT, RESULTS_STREAM, WORKER_CONSUMER};
+use crate::events::{FinishedState, SyncFinished, SyncOutcome};
+use crate::names::{
+    APPLIED_BUCKET, EVENTS_STREAM, FINISHED_SUBJECT, RESULTS_STREAM, WORKER_CONSUMER,
+};
 
 /// `status`: how many syncs to show (NATS is reached through the global NATS flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -14,10 +21,15 @@ pub struct StatusCommand {
     /// How many of the last syncs to show.
     #[arg(long, short = 'n', default_value_t = 10)]
     pub count: usize,
+
+    /// Which environments' applied state to show (`PUSH_ENV`, `DEPLOY_ENVS`).
+    #[command(flatten)]
+    pub environments: crate::deploy::EnvironmentArgs,
 }
 
 impl StatusCommand {
-    /// Connects and prints the last syncs and the queue depth.
+    /// Connects and prints the last syncs, the queue depth and each environment's applied
+    /// state.
     pub async fn run(
         &self,
         nats: &crate::nats::NatsArgs,
@@ -27,8 +39,173 @@ impl StatusCommand {
         let js = jetstream::new(client);
         let syncs = recent_syncs(&js, self.count).await?;
         let queue = queue_depth(&js).await?;
-        print!("{}", format_table(&syncs, queue));
+        // The syncs, each environment's applied state, then the queue (the last line, as
+        // it always was).
+        print!("{}", format_syncs(&syncs));
+        let envs = self.environments.environments();
+        let mut names: Vec<Option<String>> = vec![envs.push.clone()];
+        names.extend(envs.separate().map(|e| Some(e.to_string())));
+        // An installation provisioned before the bucket existed has no applied state yet.
+        match js.get_key_value(APPLIED_BUCKET).await {
+            Ok(bucket) => print_applied(&bucket, &names).await?,
+            Err(_) => {
+                println!("applied: no {APPLIED_BUCKET} bucket yet (run `iac-worker provision`)")
+            }
+        }
+        print!("{}", format_queue(queue));
         Ok(())
+    }
+}
+
+/// Prints the applied state of each of `envs`.
+async fn print_applied(
+    bucket: &jetstream::kv::Store,
+    envs: &[Option<String>],
+) -> Result<(), async_nats::Error> {
+    let now = OffsetDateTime::now_utc();
+    for env in envs {
+        let applied = read_json::<Applied>(bucket, &applied_key(env.as_deref())).await?;
+        let branch = read_json::<BranchSeen>(bucket, &branch_key(env.as_deref())).await?;
+        print!(
+            "{}",
+            format_applied(env.as_deref(), applied.as_ref(), branch.as_ref(), now)
+        );
+    }
+    Ok(())
+}
+
+/// The entry at `key` as JSON; `None` when absent or unreadable (a newer writer's shape).
+async fn read_json<T: DeserializeOwned>(
+    bucket: &jetstream::kv::Store,
+    key: &str,
+) -> Result<Option<T>, async_nats::Error> {
+    Ok(bucket
+        .get(key)
+        .await?
+        .and_then(|value| serde_json::from_slice(&value).ok()))
+}
+
+/// What one environment last synced (`applied.<env>` in `IAC_APPLIED`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The commit of the environment's last push sync (or the baseline): later pushes diff
+    /// from it, and reconciliation compares the branch head with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<AppliedHead>,
+    /// Each service's last sync in the environment, by service key.
+    #[serde(default)]
+    pub services: BTreeMap<String, AppliedService>,
+}
+
+/// The environment's last synced branch commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedHead {
+    pub commit: String,
+    /// How that sync ended; absent for a baseline (nothing synced: the branch head found when
+    /// there was no applied state yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<FinishedState>,
+    /// RFC 3339.
+    pub at: String,
+    /// The event whose sync it was (`reconcile-<commit>` for one reconciliation published).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+}
+
+/// One service's last sync in an environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedService {
+    pub commit: String,
+    pub outcome: SyncOutcome,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// The branch head reconciliation last saw on the remote (`branch.<env>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchSeen {
+    pub head: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// How an environment is written in keys: its name, `-` for pushes without one (`PUSH_ENV=`).
+pub fn env_token(env: Option<&str>) -> &str {
+    env.unwrap_or("-")
+}
+
+/// The key of an environment's [`Applied`].
+pub fn applied_key(env: Option<&str>) -> String {
+    format!("applied.{}", env_token(env))
+}
+
+/// The key of the branch head reconciliation last saw for an environment.
+pub fn branch_key(env: Option<&str>) -> String {
+    format!("branch.{}", env_token(env))
+}
+
+/// The key marking the event at `seq` of `IAC_EVENTS` as covered by a newer push's sync.
+pub fn covered_key(seq: u64) -> String {
+    format!("covered.{seq}")
+}
+
+/// An environment's applied state: its head, then one line per service with the commit, the
+/// outcome, the age and whether the branch head has commits not synced yet (drift).
+pub fn format_applied(
+    env: Option<&str>,
+    applied: Option<&Applied>,
+    branch: Option<&BranchSeen>,
+    now: OffsetDateTime,
+) -> String {
+    let name = env.unwrap_or("(no environment)");
+    let Some(head) = applied.and_then(|a| a.head.as_ref()) else {
+        return format!("applied {name}: nothing synced yet\n");
+    };
+    let short = |c: &str| c.chars().take(8).collect::<String>();
+    let ahead = branch.filter(|b| b.head != head.commit);
+    let mut out = match (&head.state, ahead) {
+        (None, _) => format!(
+            "applied {name}: baseline {} (the branch head when there was no applied state; nothing synced)\n",
+            short(&head.commit)
+        ),
+        (Some(state), _) => format!(
+            "applied {name}: head {} {} {} ago\n",
+            short(&head.commit),
+            format!("{state:?}").to_lowercase(),
+            age(&head.at, now)
+        ),
+    };
+    if let Some(branch) = ahead {
+        out.push_str(&format!(
+            "  branch head {} not synced yet (seen {} ago)\n",
+            short(&branch.head),
+            age(&branch.at, now)
+        ));
+    }
+    for (service, s) in applied.map(|a| &a.services).into_iter().flatten() {
+        out.push_str(&format!(
+            "  {:<30} {} {:<12} {:>6} ago  {}\n",
+            service,
+            short(&s.commit),
+            outcome_word(s.outcome),
+            age(&s.at, now),
+            if ahead.is_some() { "drift" } else { "-" }
+        ));
+    }
+    out
+}
+
+/// How long ago an RFC 3339 time was, in whole units (`45s`, `3m`, `2h`, `4d`).
+fn age(at: &str, now: OffsetDateTime) -> String {
+    let Ok(then) = OffsetDateTime::parse(at, &Rfc3339) else {
+        return "?".into();
+    };
+    let secs = (now - then).whole_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
     }
 }
 
@@ -107,8 +284,22 @@ pub async fn queue_depth(js: &jetstream::Context) -> Result<QueueDepth, async_na
     })
 }
 
-/// One line per sync: time, commit, trigger, state, duration, per-service outcome.
+/// One line per sync: time, commit, trigger, state, duration, per-service outcome; then the
+/// queue.
 pub fn format_table(syncs: &[SyncFinished], queue: QueueDepth) -> String {
+    format_syncs(syncs) + &format_queue(queue)
+}
+
+/// The queue in front of the worker, in one line.
+fn format_queue(queue: QueueDepth) -> String {
+    format!(
+        "queue: {} waiting, {} in progress\n",
+        queue.waiting, queue.in_progress
+    )
+}
+
+/// One line per sync: time, commit, trigger, state, duration, per-service outcome.
+fn format_syncs(syncs: &[SyncFinished]) -> String {
     let mut out = format!(
         "{:<20} {:<8} {:<7} {:<7} {:>9}  SERVICES\n",
         "FINISHED", "COMMIT", "TRIGGER", "STATE", "DURATION"
@@ -144,10 +335,6 @@ pub fn format_table(syncs: &[SyncFinished], queue: QueueDepth) -> String {
         ));
         out.push_str(&format_reasons(sync));
     }
-    out.push_str(&format!(
-        "queue: {} waiting, {} in progress\n",
-        queue.waiting, queue.in_progress
-    ));
     out
 }
 
@@ -181,7 +368,83 @@ fn outcome_word(outcome: SyncOutcome) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{FinishedState, ServiceResult, Totals, Trigger};
+    use crate::events::{ServiceResult, Totals, Trigger};
+
+    #[test]
+    fn applied_state_shows_each_services_commit_outcome_age_and_drift() {
+        let now = OffsetDateTime::parse("2026-01-01T01:00:00Z", &Rfc3339).unwrap();
+        let applied = Applied {
+            head: Some(AppliedHead {
+                commit: "aaaaaaaa11".into(),
+                state: Some(FinishedState::Failure),
+                at: "2026-01-01T00:57:00Z".into(),
+                event_id: None,
+            }),
+            services: [(
+                "platform/postgres".to_string(),
+                AppliedService {
+                    commit: "aaaaaaaa11".into(),
+                    outcome: SyncOutcome::Failed,
+                    at: "2026-01-01T00:59:15Z".into(),
+                },
+            )]
+            .into(),
+        };
+        let branch = BranchSeen {
+            head: "bbbbbbbb22".into(),
+            at: "2026-01-01T00:59:50Z".into(),
+        };
+        let shown = format_applied(Some("production"), Some(&applied), Some(&branch), now);
+        assert!(
+            shown.starts_with("applied production: head aaaaaaaa failure 3m ago\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("branch head bbbbbbbb not synced yet"),
+            "{shown}"
+        );
+        let line = shown
+            .lines()
+            .find(|l| l.contains("platform/postgres"))
+            .unwrap();
+        assert!(
+            line.contains("aaaaaaaa failed") && line.contains("45s ago") && line.ends_with("drift"),
+            "{line}"
+        );
+        let level = BranchSeen {
+            head: "aaaaaaaa11".into(),
+            ..branch
+        };
+        let shown = format_applied(Some("production"), Some(&applied), Some(&level), now);
+        assert!(
+            !shown.contains("drift") && !shown.contains("not synced yet"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_baseline_and_an_empty_environment_say_that_nothing_synced() {
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(
+            format_applied(Some("staging"), None, None, now),
+            "applied staging: nothing synced yet\n"
+        );
+        let baseline = Applied {
+            head: Some(AppliedHead {
+                commit: "cccccccc33".into(),
+                state: None,
+                at: now.format(&Rfc3339).unwrap(),
+                event_id: None,
+            }),
+            services: BTreeMap::new(),
+        };
+        let shown = format_applied(None, Some(&baseline), None, now);
+        assert!(
+            shown.starts_with("applied (no environment): baseline cccccccc"),
+            "{shown}"
+        );
+        assert!(shown.contains("nothing synced"), "{shown}");
+    }
 
     #[test]
     fn the_table_shows_each_services_outcome_and_the_queue() {
@@ -220,6 +483,7 @@ mod tests {
             finished_at: "2026-11-25T21:00:05.123Z".into(),
             env: None,
             deployment_id: None,
+            superseded_by: None,
         };
         let table = format_table(
             &[sync],
@@ -277,6 +541,7 @@ mod tests {
             finished_at: "2026-11-25T21:00:05.123Z".into(),
             env: None,
             deployment_id: None,
+            superseded_by: None,
         };
         let table = format_table(
             &[sync],

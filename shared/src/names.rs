@@ -43,6 +43,15 @@ pub const DEPLOYMENTS_BUCKET: &str = "IAC_DEPLOYMENTS";
 /// captured request is accepted once across restarts and gateways.
 pub const NONCES_BUCKET: &str = "IAC_NONCES";
 
+/// Key-value bucket of what each environment last synced: `head.<env>` (the commit of its last
+/// push sync), `service.<env>.<service>` (each service's last commit, outcome and time) and
+/// `covered.<seq>` (an event a newer push's sync covered). `<env>` is `-` when `PUSH_ENV=`.
+pub const APPLIED_BUCKET: &str = "IAC_APPLIED";
+/// The source a push-equivalent event published by reconciliation carries (`Iac-Source`).
+pub const RECONCILE_SOURCE: &str = "reconcile";
+/// Says who published an event when it is not GitHub's webhook (`reconcile`).
+pub const SOURCE_HEADER: &str = "Iac-Source";
+
 /// Correlation id of an event; carried by the event and by every result about it.
 pub const EVENT_ID_HEADER: &str = "Iac-Event-Id";
 /// Set on a replayed message: the stream sequence of the original.

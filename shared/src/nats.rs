@@ -752,6 +752,20 @@ pub fn notify_bucket_config(settings: &StreamSettings) -> kv::Config {
     }
 }
 
+/// `IAC_APPLIED`: what each environment and service last synced, and the events a newer
+/// push's sync covered, kept as long as the streams (an entry is rewritten on every sync, so
+/// only the covered marks of old events ever age out).
+pub fn applied_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: APPLIED_BUCKET.to_string(),
+        description: "iac-runner: last synced commit per environment and service".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        max_age: settings.max_age,
+        ..Default::default()
+    }
+}
+
 /// Creates the notification bucket, or corrects its drifted limits, like [`ensure_stream`].
 pub async fn ensure_notify_bucket(
     js: &jetstream::Context,
@@ -888,7 +902,7 @@ impl Default for ConsumerSettings {
 }
 
 /// Everything the services rely on, created or corrected: the streams, the consumers, the
-/// status, deployment, nonce and notification buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
+/// status, deployment, nonce, notification and applied-state buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
 /// user), so unlike [`provision`] it corrects every consumer.
 pub async fn provision_all(
     js: &jetstream::Context,
@@ -904,6 +918,7 @@ pub async fn provision_all(
     ensure_stream(js, undelivered_stream_config(streams)).await?;
     ensure_deploy_buckets(js, streams).await?;
     ensure_notify_bucket(js, streams).await?;
+    ensure_bucket(js, applied_bucket_config(streams)).await?;
     Ok(())
 }
 

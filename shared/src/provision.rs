@@ -86,7 +86,7 @@ impl ProvisionCommand {
         println!(
             "provisioned: streams IAC_EVENTS, IAC_RESULTS and IAC_UNDELIVERED ({} replicas, kept \
              {}), consumers {}, iac-reporter and iac-reporter-events, buckets IAC_STATUSES, \
-             IAC_DEPLOYMENTS and IAC_NOTIFY",
+             IAC_DEPLOYMENTS, IAC_NOTIFY and IAC_APPLIED",
             nats.streams.replicas,
             humantime::format_duration(nats.streams.max_age),
             workers.join(", "),

@@ -6,10 +6,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use iac_shared::events::{FinishedState, SyncFinished};
+use iac_shared::names::FINISHED_SUBJECT;
 use iac_shared::nats::{ConsumerSettings, StreamSettings, provision_all};
 use iac_tests::nats::{NatsCluster, cluster_password};
 use iac_tests::pipeline::Pipeline;
 use iac_tests::wait_for;
+use iac_tests::worker_harness::results;
 
 #[tokio::test]
 async fn pushes_survive_killing_the_node_the_gateway_is_connected_to() {
@@ -70,21 +73,29 @@ async fn pushes_survive_killing_the_node_the_gateway_is_connected_to() {
         accepted.push(commit);
     }
 
+    // Each accepted push ends synced: on its own, or as part of a newer one queued behind it
+    // (its result then names the commit synced); the last one always runs.
     let wanted: BTreeSet<String> = accepted.iter().cloned().collect();
     wait_for(
         "every accepted push synced",
         Duration::from_secs(120),
         || async {
-            let synced: BTreeSet<String> = pipeline
-                .fixture
-                .runs()
+            let synced: BTreeSet<String> = results::<SyncFinished>(&js, FINISHED_SUBJECT)
+                .await
                 .into_iter()
-                .filter(|r| r.phase == "end")
-                .filter_map(|r| r.commit)
+                .map(|(_, finished)| finished)
+                .filter(|f| f.state == FinishedState::Success)
+                .filter_map(|f| f.commit)
                 .collect();
             wanted.is_subset(&synced).then_some(())
         },
     )
     .await;
+    let last = accepted.last().unwrap();
+    let runs = pipeline.fixture.runs();
+    assert!(
+        runs.iter().any(|r| r.commit.as_ref() == Some(last)),
+        "the last push ran: {runs:?}"
+    );
     eprintln!("{unavailable} answers were 503 during the fail-over");
 }

@@ -167,13 +167,17 @@ async fn each_bad_manifest_ends_the_sync_in_error_naming_the_file_and_the_proble
         started_tasks(&h)
     );
 
-    // Mended, the next push runs.
+    // Mended, the next push runs, and with it redis: its changes never synced (the pushes
+    // that carried them ended in error), and a push diffs from the last synced commit.
     commit_manifest(&h, "version: 1\nservices: {}\n");
     let (_, seq) = h.push_change(&format!("{APP}/compose.yaml")).await;
     let finished = h.finished_for(seq).await;
     assert_eq!(
         outcomes(&finished),
-        [("finance_report/app", SyncOutcome::Synced)]
+        [
+            ("finance_report/app", SyncOutcome::Synced),
+            ("platform/redis", SyncOutcome::Synced)
+        ]
     );
     worker.stop().await;
 }

@@ -183,6 +183,7 @@ fn finished(event_seq: u64, services: Vec<ServiceResult>) -> SyncFinished {
         finished_at: now_rfc3339(),
         env: Some("production".into()),
         deployment_id: None,
+        superseded_by: None,
     }
 }
 

@@ -433,6 +433,34 @@ async fn only_the_worker_writes_deployment_summaries_and_it_cannot_reconfigure_t
 }
 
 #[tokio::test]
+async fn only_the_worker_keeps_the_applied_state_and_it_cannot_reconfigure_or_remove_it() {
+    let server = provisioned_server().await;
+    let worker = connect_as(&server, "worker").await;
+    let bucket = worker.get_key_value(APPLIED_BUCKET).await.unwrap();
+    bucket
+        .put("head.production", r#"{"commit":"abc"}"#.into())
+        .await
+        .unwrap();
+    assert!(bucket.get("head.production").await.unwrap().is_some());
+    let mut shrunk = iac_shared::nats::applied_bucket_config(&StreamSettings::default());
+    shrunk.max_age = Duration::from_secs(60);
+    assert!(worker.create_or_update_key_value(shrunk).await.is_err());
+    assert!(worker.delete_key_value(APPLIED_BUCKET).await.is_err());
+    assert!(
+        purge(&worker, &format!("KV_{APPLIED_BUCKET}")).await,
+        "the worker purged the applied state"
+    );
+    for user in ["gateway", "reporter"] {
+        let js = connect_as(&server, user).await;
+        let written = match js.get_key_value(APPLIED_BUCKET).await {
+            Ok(bucket) => bucket.put("head.production", "{}".into()).await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!written, "{user} wrote the applied state");
+    }
+}
+
+#[tokio::test]
 async fn only_the_reporter_touches_the_status_bucket_and_it_cannot_reconfigure_it() {
     let server = provisioned_server().await;
     for user in ["gateway", "worker"] {
@@ -774,6 +802,7 @@ async fn the_reporter_notifies_under_its_own_user_and_only_it_opens_the_notifica
         finished_at: iac_shared::events::now_rfc3339(),
         env: Some("production".into()),
         deployment_id: None,
+        superseded_by: None,
     };
     admin
         .publish(

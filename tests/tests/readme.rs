@@ -23,6 +23,9 @@ const NAMES: &[&str] = &[
     REPORTER_CONSUMER,
     REPORTER_EVENTS_CONSUMER,
     STATUS_BUCKET,
+    APPLIED_BUCKET,
+    SOURCE_HEADER,
+    RECONCILE_SOURCE,
     NOTIFY_BUCKET,
     UNDELIVERED_STREAM,
     UNDELIVERED_SUBJECTS,
@@ -44,6 +47,11 @@ fn readme_documents_every_stream_subject_consumer_and_header() {
             "README does not document {name}"
         );
     }
+    let deploy_subject = format!("`{DEPLOY_SUBJECT_PREFIX}.<env>`");
+    assert!(
+        readme.contains(&deploy_subject),
+        "README does not document {deploy_subject}"
+    );
 }
 
 #[test]

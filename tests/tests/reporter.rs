@@ -277,6 +277,7 @@ fn finished(event_seq: u64, commit: &str, services: Vec<ServiceResult>) -> SyncF
         finished_at: now_rfc3339(),
         env: None,
         deployment_id: None,
+        superseded_by: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn finished(event_seq: u64) -> SyncFinished {
         finished_at: now_rfc3339(),
         env: None,
         deployment_id: None,
+        superseded_by: None,
     }
 }
 

@@ -59,6 +59,8 @@ async fn a_task_flooding_its_output_fails_with_a_cut_tail_and_the_queue_moves_on
     );
     let worker = start(&h, &["--output-tail-lines", "100"]);
     let flooded = push_change(&h, &format!("{REDIS}/compose.yaml")).await;
+    // Under way before the next push comes, which would otherwise be synced in its place.
+    h.started_for(flooded).await;
     let next = push_change(&h, &format!("{POSTGRES}/compose.yaml")).await;
 
     let failed = h.finished_for(flooded).await;

@@ -292,19 +292,31 @@ async fn two_workers_never_run_syncs_at_the_same_time() {
         let (commit, seq) = h.push_change(&format!("{POSTGRES}/compose.yaml")).await;
         expected.push(commit);
         seqs.push(seq);
+        if seqs.len() == 1 {
+            // Pushes queued behind a sync are synced once, as the newest: the first is
+            // under way before the others come, so there are two syncs to keep apart.
+            h.wait_for(
+                "the first sync to start",
+                Duration::from_secs(30),
+                || async { (!task_runs(&h.fixture).is_empty()).then_some(()) },
+            )
+            .await;
+        }
     }
     for seq in &seqs {
         let finished = h.finished_for(*seq).await;
         assert_eq!(finished.state, FinishedState::Success, "{finished:#?}");
     }
     let runs = task_runs(&h.fixture);
-    assert_eq!(runs.len(), 3, "{runs:#?}");
+    assert!(runs.len() >= 2, "{runs:#?}");
     assert_no_overlap(&runs);
     let commits: Vec<&str> = runs.iter().map(|r| r.commit.as_str()).collect();
-    assert_eq!(
-        commits, expected,
-        "each push ran at its own commit, in order"
+    let mut pushed = expected.iter();
+    assert!(
+        commits.iter().all(|c| pushed.any(|e| e == c)),
+        "the syncs ran at pushed commits, in order: {commits:?} of {expected:?}"
     );
+    assert_eq!(commits.last().copied(), expected.last().map(String::as_str));
     first.stop().await;
     second.stop().await;
 }

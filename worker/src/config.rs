@@ -103,6 +103,18 @@ pub struct Config {
     )]
     pub deploy_tag_pattern: String,
 
+    /// How often the push environment's applied commit is compared with the branch head
+    /// (`git ls-remote`), at start and then at this interval; a head never synced (its
+    /// webhook never came) is published as a push. `0` turns it off.
+    #[arg(
+        long = "reconcile-interval",
+        env = "RECONCILE_INTERVAL",
+        value_name = "RECONCILE_INTERVAL",
+        default_value = "5m",
+        value_parser = parse_duration
+    )]
+    pub reconcile_interval: Duration,
+
     /// On SIGTERM, how long a running sync may go on before it is killed and handed back.
     #[arg(
         long = "shutdown-grace",
@@ -405,5 +417,28 @@ mod tests {
             "40",
         ]);
         assert_eq!(config.unwrap().shutdown_grace, Duration::from_secs(40));
+    }
+
+    #[test]
+    fn reconciliation_runs_every_five_minutes_unless_set_and_zero_turns_it_off() {
+        let with = |extra: &[&str]| {
+            let mut args = vec!["iac-worker", "--git-repo-url", "https://x/acme/infra.git"];
+            args.extend(extra);
+            Config::from_args(args).unwrap().reconcile_interval
+        };
+        assert_eq!(with(&[]), Duration::from_secs(300));
+        assert_eq!(
+            with(&["--reconcile-interval", "90"]),
+            Duration::from_secs(90)
+        );
+        assert_eq!(with(&["--reconcile-interval", "0"]), Duration::ZERO);
+        let bad = Config::from_args([
+            "iac-worker",
+            "--git-repo-url",
+            "https://x/acme/infra.git",
+            "--reconcile-interval",
+            "soon",
+        ]);
+        assert!(bad.unwrap_err().to_string().contains("RECONCILE_INTERVAL"));
     }
 }

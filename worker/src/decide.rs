@@ -282,6 +282,57 @@ pub fn push_services(
     rules.fan_out(paths.iter().map(String::as_str), discovered, deps)
 }
 
+/// The paths a push's services are chosen from: git's diff from the push's `before` joined
+/// with git's diff from the environment's applied head (`None` when that head is the commit
+/// itself or not one of its ancestors), so a service changed in a push that was never synced
+/// is still synced. Each path once, in the order first seen; `None` when git can tell neither.
+/// When only the applied diff is known, the payload's own paths are joined too.
+pub fn joined_diff(
+    push: &PushEvent,
+    from_before: Option<Vec<String>>,
+    from_applied: Option<Vec<String>>,
+) -> Option<Vec<String>> {
+    let (first, second) = match (from_before, from_applied) {
+        (None, None) => return None,
+        (Some(before), None) => return Some(before),
+        (Some(before), Some(applied)) => (before, applied),
+        (None, Some(applied)) if push.paths_truncated => return Some(applied),
+        (None, Some(applied)) => (push.paths.clone(), applied),
+    };
+    let mut seen = std::collections::HashSet::with_capacity(first.len() + second.len());
+    Some(
+        first
+            .into_iter()
+            .chain(second)
+            .filter(|path| seen.insert(path.clone()))
+            .collect(),
+    )
+}
+
+/// The push synced in place of `in_hand` and the pushes queued behind it up to `newest`: the
+/// newest commit, diffed from the oldest `before`, with every skipped push's paths (cut short
+/// when any was).
+pub fn merged_push(in_hand: &PushEvent, skipped: &[&PushEvent], newest: &PushEvent) -> PushEvent {
+    let mut seen = std::collections::HashSet::new();
+    let paths = std::iter::once(in_hand)
+        .chain(skipped.iter().copied())
+        .chain(std::iter::once(newest))
+        .flat_map(|push| push.paths.iter())
+        .filter(|path| seen.insert(path.as_str()))
+        .cloned()
+        .collect();
+    let truncated = std::iter::once(in_hand)
+        .chain(skipped.iter().copied())
+        .chain(std::iter::once(newest))
+        .any(|push| push.paths_truncated);
+    PushEvent {
+        before: in_hand.before.clone(),
+        paths,
+        paths_truncated: truncated,
+        ..newest.clone()
+    }
+}
+
 fn every(discovered: &[Service], reason: Reason) -> Vec<(Service, Reason)> {
     discovered
         .iter()
@@ -514,6 +565,27 @@ impl ResultHeader {
         }
     }
 
+    /// A push not synced on its own: the sync of `by`, a newer push that descends from it,
+    /// covered it. Shown on `commit` (else the push's own commit), ending as that sync ended.
+    pub fn superseded(
+        &self,
+        commit: Option<&str>,
+        by: &str,
+        state: FinishedState,
+        totals: Totals,
+        duration_ms: u64,
+    ) -> SyncFinished {
+        SyncFinished {
+            commit: commit
+                .map(str::to_string)
+                .or_else(|| self.status_commit.clone()),
+            state,
+            totals,
+            superseded_by: Some(by.to_string()),
+            ..self.base(duration_ms)
+        }
+    }
+
     /// An event given up after its last attempt. When an attempt got as far as `started`,
     /// the result is on that commit and names each started service as not finished, so that
     /// no status the attempt set to pending stays pending.
@@ -562,6 +634,7 @@ impl ResultHeader {
             finished_at: now_rfc3339(),
             env: self.env.clone(),
             deployment_id: self.deployment_id.clone(),
+            superseded_by: None,
         }
     }
 }
@@ -724,6 +797,109 @@ fn json_len(finished: &SyncFinished) -> usize {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn push_of(before: &str, after: &str, paths: &[&str]) -> PushEvent {
+        PushEvent {
+            delivery_id: format!("d-{after}"),
+            repository: None,
+            git_ref: "refs/heads/main".into(),
+            before: Some(before.into()),
+            after: Some(after.into()),
+            head_commit: Some(after.into()),
+            pusher: None,
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            paths_truncated: false,
+        }
+    }
+
+    fn owned(paths: &[&str]) -> Vec<String> {
+        paths.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn a_push_diffs_from_its_before_and_from_the_applied_head_alike() {
+        let push = push_of("b", "c", &["payload/only"]);
+        let joined = joined_diff(
+            &push,
+            Some(owned(&["platform/01.postgres/a", "shared/x"])),
+            Some(owned(&["shared/x", "platform/02.redis/b"])),
+        );
+        assert_eq!(
+            joined.unwrap(),
+            ["platform/01.postgres/a", "shared/x", "platform/02.redis/b"]
+        );
+        assert_eq!(joined_diff(&push, None, None), None);
+        assert_eq!(
+            joined_diff(&push, Some(owned(&["a/b"])), None).unwrap(),
+            ["a/b"]
+        );
+        // `before` unknown (force push): the payload's paths and the applied diff.
+        assert_eq!(
+            joined_diff(&push, None, Some(owned(&["a/b"]))).unwrap(),
+            ["payload/only", "a/b"]
+        );
+        let cut = PushEvent {
+            paths_truncated: true,
+            ..push
+        };
+        assert_eq!(
+            joined_diff(&cut, None, Some(owned(&["a/b"]))).unwrap(),
+            ["a/b"]
+        );
+    }
+
+    #[test]
+    fn the_newest_push_is_synced_from_the_oldest_before_with_every_skipped_push_paths() {
+        let in_hand = push_of("a", "b", &["platform/01.postgres/x"]);
+        let skipped = push_of("b", "c", &["finance_report/finance_report/10.app/y"]);
+        let mut newest = push_of("c", "d", &["platform/01.postgres/x", "platform/02.redis/z"]);
+        newest.pusher = Some("octocat".into());
+        let merged = merged_push(&in_hand, &[&skipped], &newest);
+        assert_eq!(merged.before.as_deref(), Some("a"));
+        assert_eq!(merged.after.as_deref(), Some("d"));
+        assert_eq!(merged.delivery_id, "d-d");
+        assert_eq!(merged.pusher.as_deref(), Some("octocat"));
+        assert_eq!(
+            merged.paths,
+            [
+                "platform/01.postgres/x",
+                "finance_report/finance_report/10.app/y",
+                "platform/02.redis/z"
+            ]
+        );
+        assert!(!merged.paths_truncated);
+        let cut = PushEvent {
+            paths_truncated: true,
+            ..skipped
+        };
+        assert!(merged_push(&in_hand, &[&cut], &newest).paths_truncated);
+    }
+
+    #[test]
+    fn a_superseded_push_ends_on_its_own_commit_as_the_covering_sync_ended() {
+        let delivery = Delivery::new(PUSH_SUBJECT, 7, 1, |_| Some("e-7".to_string()));
+        let event = Event::Push(push_of("a", "b", &[]));
+        let header = ResultHeader::new(
+            &delivery,
+            Some(&event),
+            Some("acme/infra"),
+            Some("production"),
+        );
+        let totals = Totals {
+            total: 3,
+            synced: 3,
+            ..Totals::default()
+        };
+        let finished = header.superseded(None, "d", FinishedState::Success, totals, 5);
+        assert_eq!(finished.commit.as_deref(), Some("b"));
+        assert_eq!(finished.superseded_by.as_deref(), Some("d"));
+        assert_eq!(
+            (finished.state, finished.totals),
+            (FinishedState::Success, totals)
+        );
+        assert!(finished.services.is_empty() && finished.error.is_none());
+        assert_eq!(finished.event_seq, 7);
+    }
 
     fn discovered() -> Vec<Service> {
         Rules::default().discover([

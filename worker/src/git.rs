@@ -284,6 +284,40 @@ impl Checkout {
         Ok(())
     }
 
+    /// True when `ancestor` is `descendant` or one of its ancestors (both present here).
+    pub async fn is_ancestor(&self, ancestor: &str, descendant: &str) -> bool {
+        is_valid_git_ref(ancestor)
+            && is_valid_git_ref(descendant)
+            && self
+                .git(&["merge-base", "--is-ancestor", ancestor, descendant])
+                .await
+                .is_ok()
+    }
+
+    /// True when `commit` is on the deployed branch as last fetched.
+    pub async fn on_branch(&self, commit: &str) -> bool {
+        let branch = format!("refs/remotes/origin/{}", self.branch);
+        self.is_ancestor(commit, &branch).await
+    }
+
+    /// The deployed branch's head on the remote now (`git ls-remote`), without fetching;
+    /// `None` when the branch does not exist there.
+    pub async fn remote_head(&self) -> Result<Option<String>, GitError> {
+        let branch = format!("refs/heads/{}", self.branch);
+        let out = run_git(
+            &self.url,
+            None,
+            &["ls-remote", "--", &self.url.for_git(), &branch],
+        )
+        .await?;
+        Ok(out
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .find(|(_, name)| *name == branch)
+            .map(|(id, _)| id.to_string())
+            .filter(|id| is_full_commit_id(id)))
+    }
+
     /// True when `commit` names a commit present in the working copy.
     pub async fn has_commit(&self, commit: &str) -> bool {
         is_valid_git_ref(commit)
@@ -392,7 +426,7 @@ async fn run_git(url: &RepoUrl, cwd: Option<&Path>, args: &[&str]) -> Result<Str
 }
 
 /// 40 lowercase hexadecimal digits: a full SHA-1 commit id as GitHub writes it.
-fn is_full_commit_id(id: &str) -> bool {
+pub(crate) fn is_full_commit_id(id: &str) -> bool {
     id.len() == 40 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

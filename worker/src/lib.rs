@@ -15,6 +15,8 @@
 //!   into a virtual environment the tasks run from.
 //! - [`workspace`]: the workspace lock and the record of the running tasks.
 //! - [`schedule`]: the order of one sync's tasks, and which a failure blocks.
+//! - [`newest`]: newest commit wins: the applied state (`IAC_APPLIED`), one sync covering the
+//!   pushes queued behind the one taken, and reconciliation with the branch head.
 //! - [`metrics`]: the Prometheus metrics served on `METRICS_PORT`.
 //!
 //! This file holds start-up and the pull and acknowledge loops, one per consumer.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod decide;
 pub mod git;
 pub mod metrics;
+pub mod newest;
 pub mod repo_url;
 pub mod requirements;
 pub mod schedule;
@@ -40,10 +43,11 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
 use futures::StreamExt;
 use iac_shared::deploy::Environments;
-use iac_shared::names::{DEPLOYMENTS_BUCKET, EVENTS_STREAM};
+use iac_shared::names::EVENTS_STREAM;
 use iac_shared::nats::{
-    ConsumerSettings, ProvisionError, REPORTER_DEFAULT_ACK_WAIT, connect, ensure_consumer,
-    ensure_deployments_bucket, provision_until_ready_with, worker_consumer_configs,
+    ConsumerSettings, ProvisionError, REPORTER_DEFAULT_ACK_WAIT, applied_bucket_config, connect,
+    deployments_bucket_config, ensure_bucket, ensure_consumer, provision_until_ready_with,
+    worker_consumer_configs,
 };
 use iac_shared::rules::Rules;
 use iac_shared::runtime::{Envelope, retry_until_shutdown, with_progress};
@@ -54,6 +58,7 @@ pub use config::Config;
 use decide::Delivery;
 use git::Checkout;
 use metrics::Metrics;
+use newest::{AppliedState, Reconciler};
 pub use repo_url::RepoUrl;
 use sync::{Context, Handled};
 use task::TaskRunner;
@@ -129,11 +134,21 @@ async fn serve_events(
     let Some(consumers) = start_consumers(&js, &config, &shutdown).await? else {
         return Ok(());
     };
-    let Some(deployments) = deployments_bucket(&js, &config, &shutdown).await? else {
+    let deployments = bucket(
+        &js,
+        deployments_bucket_config(&config.nats.streams),
+        &shutdown,
+    );
+    let Some(deployments) = deployments.await? else {
+        return Ok(());
+    };
+    let applied = bucket(&js, applied_bucket_config(&config.nats.streams), &shutdown);
+    let Some(applied) = applied.await? else {
         return Ok(());
     };
     let root = Workspace::new(config.workspace.clone());
     let mut loops = Vec::with_capacity(consumers.len());
+    let mut reconciler = None;
     for (index, (env, consumer)) in consumers.into_iter().enumerate() {
         // The push environment keeps the workspace as it always was, so an upgrade keeps its
         // checkout; every other environment gets its own beside it.
@@ -141,7 +156,31 @@ async fn serve_events(
             Some(env) if index > 0 => root.environment(env),
             _ => root.clone(),
         };
+        let applied = AppliedState {
+            bucket: applied.clone(),
+            env: env.clone(),
+        };
+        // The first consumer is `iac-worker`: pushes, and what deploys to their environment.
+        let pushes = index == 0;
+        if pushes && !config.reconcile_interval.is_zero() {
+            reconciler = Some(Reconciler {
+                checkout: Checkout::new(
+                    config.repo_url.clone(),
+                    config.branch.clone(),
+                    config.deploy_tag_pattern.clone(),
+                    workspace.checkout(&config.repo_url.repo_name()),
+                ),
+                applied: applied.clone(),
+                js: js.clone(),
+                consumer: consumer.cached_info().name.clone(),
+                config: config.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            });
+        }
         let ctx = Context {
+            applied,
+            coalesce: pushes,
             checkout: Checkout::new(
                 config.repo_url.clone(),
                 config.branch.clone(),
@@ -171,9 +210,14 @@ async fn serve_events(
         loops.push(consume(ctx, consumer));
     }
     ready.store(true, Ordering::Relaxed);
+    let reconcile = async {
+        if let Some(reconciler) = reconciler {
+            reconciler.run(config.reconcile_interval).await;
+        }
+    };
     // Every consumer's loop in this task, side by side: one environment's long sync never
-    // holds another's events.
-    futures::future::join_all(loops).await;
+    // holds another's events; reconciliation beside them.
+    futures::future::join(futures::future::join_all(loops), reconcile).await;
     ready.store(false, Ordering::Relaxed);
     // Acknowledgements are sent in the background: make sure they left before exiting, but
     // do not wait for a NATS server that is gone (unacknowledged work comes back to a worker).
@@ -223,21 +267,22 @@ async fn start_consumers(
     Ok(Some(started))
 }
 
-/// The deployments bucket, waited for like the consumers; `None` when shutdown came first.
-async fn deployments_bucket(
+/// A bucket the worker writes, waited for like the consumers; `None` when shutdown came first.
+async fn bucket(
     js: &jetstream::Context,
-    config: &Config,
+    want: kv::Config,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Option<kv::Store>> {
+    let name = want.bucket.clone();
     let bucket = retry_until_shutdown(
         shutdown,
         Duration::from_millis(200),
-        || ensure_deployments_bucket(js, &config.nats.streams),
+        || ensure_bucket(js, want.clone()),
         |e, delay| {
             if matches!(e, ProvisionError::Drift { .. }) {
                 return false;
             }
-            tracing::warn!(error = %e, retry_in = ?delay, "bucket {DEPLOYMENTS_BUCKET} not ready yet");
+            tracing::warn!(error = %e, retry_in = ?delay, "bucket {name} not ready yet");
             true
         },
     )
@@ -245,7 +290,7 @@ async fn deployments_bucket(
     match bucket {
         Ok(bucket) => Ok(Some(bucket)),
         Err(_) if shutdown.is_triggered() => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("checking the {DEPLOYMENTS_BUCKET} bucket")),
+        Err(e) => Err(e).with_context(|| format!("checking the {name} bucket")),
     }
 }
 

@@ -24,6 +24,12 @@ struct ConsumerLabel {
     consumer: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    env: String,
+    service: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     syncs: Family<StateLabel, Counter>,
@@ -31,6 +37,9 @@ pub struct Metrics {
     task_duration: Histogram,
     queue_depth: Family<ConsumerLabel, Gauge>,
     replays: Counter,
+    superseded: Counter,
+    reconciled: Counter,
+    last_success: Family<ServiceLabel, Gauge>,
 }
 
 impl Metrics {
@@ -43,6 +52,9 @@ impl Metrics {
             task_duration: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             queue_depth: Family::default(),
             replays: Counter::default(),
+            superseded: Counter::default(),
+            reconciled: Counter::default(),
+            last_success: Family::default(),
         };
         let mut registry = Registry::with_prefix("iac_worker");
         registry.register(
@@ -70,7 +82,43 @@ impl Metrics {
             "Replayed events handled",
             metrics.replays.clone(),
         );
+        registry.register(
+            "pushes_superseded",
+            "Pushes not synced on their own: a newer push that descends from them was synced in their place",
+            metrics.superseded.clone(),
+        );
+        registry.register(
+            "reconciled",
+            "Branch heads found not synced (their webhook never came) and published as a push",
+            metrics.reconciled.clone(),
+        );
+        registry.register(
+            "service_last_success_timestamp_seconds",
+            "When each service last synced successfully, by environment (Unix time)",
+            metrics.last_success.clone(),
+        );
         (metrics, registry)
+    }
+
+    pub fn push_superseded(&self) {
+        self.superseded.inc();
+    }
+
+    pub fn head_reconciled(&self) {
+        self.reconciled.inc();
+    }
+
+    /// Records that `service` synced in `env` (`-` without a push environment) just now.
+    pub fn service_synced(&self, env: &str, service: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_success
+            .get_or_create(&ServiceLabel {
+                env: env.into(),
+                service: service.into(),
+            })
+            .set(now.try_into().unwrap_or(i64::MAX));
     }
 
     pub fn sync_finished(&self, state: FinishedState, replay: bool) {

@@ -10,7 +10,9 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use iac_shared::dependencies::{Dependencies, Reason};
 use iac_shared::deploy::{DeployRequest, DeploymentSummary};
-use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, SyncStarted};
+use iac_shared::events::{
+    PushEvent, ServiceResult, SyncFinished, SyncOutcome, SyncStarted, Totals, Trigger,
+};
 use iac_shared::history::newest_results;
 use iac_shared::names::{EVENT_ID_HEADER, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT};
 use iac_shared::rules::{Rules, Service};
@@ -19,9 +21,10 @@ use iac_shared::shutdown::Shutdown;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::decide::{self, Delivery, Event, ResultHeader};
+use crate::decide::{self, Delivery, Event, ResultHeader, Target};
 use crate::git::{self, Checkout};
 use crate::metrics::Metrics;
+use crate::newest::{self, AppliedState, Coalesced, Covered, RECONCILE_ID_PREFIX};
 use crate::requirements::{RequirementsError, TaskRequirements};
 use crate::schedule::Schedule;
 use crate::task::{self, TaskEnd, TaskRunner};
@@ -53,6 +56,11 @@ pub(crate) struct Context {
     pub requirements: TaskRequirements,
     pub repository: Option<String>,
     pub shutdown: Shutdown,
+    /// This environment's applied state, and the covered marks.
+    pub applied: AppliedState,
+    /// True for the push consumer: a push taken syncs the newest waiting push that descends
+    /// from it in its place.
+    pub coalesce: bool,
 }
 
 /// How handling an event ended, which decides how it is acknowledged.
@@ -82,6 +90,18 @@ pub(crate) async fn process(ctx: &Context, delivery: &Delivery, payload: &[u8]) 
     );
     header.deployment_id = deployment.as_ref().map(|d| d.deployment_id.clone());
 
+    if let Ok(Event::Push(push)) = &event
+        && ctx.coalesce
+        && let Some(skip) = already_covered(ctx, delivery, push, &header, started).await
+    {
+        return match skip {
+            Skip::Acknowledge => Handled::Done,
+            Skip::Publish(finished) => match publish_finished(ctx, delivery, &finished).await {
+                Some(()) => Handled::Done,
+                None => Handled::HandedBack,
+            },
+        };
+    }
     let (finished, handled) = if delivery.attempts_exhausted(ctx.config.consumer.max_attempts) {
         let reason = decide::gave_up_reason(ctx.config.consumer.max_attempts);
         tracing::error!("{reason}; giving up on this event");
@@ -112,6 +132,61 @@ pub(crate) async fn process(ctx: &Context, delivery: &Delivery, payload: &[u8]) 
         }
     }
     handled
+}
+
+/// How a push that needs no sync of its own is acknowledged.
+enum Skip {
+    /// Its results are stored already (the push a covering sync ran as).
+    Acknowledge,
+    /// With this result.
+    Publish(Box<SyncFinished>),
+}
+
+/// How a push that needs no sync of its own ends: a newer push's sync covered it (its mark
+/// says how that ended), or it is a reconciliation's push of the commit already applied.
+/// `None` when it must run.
+async fn already_covered(
+    ctx: &Context,
+    delivery: &Delivery,
+    push: &PushEvent,
+    header: &ResultHeader,
+    started: Instant,
+) -> Option<Skip> {
+    if let Some(covered) = ctx.applied.covered(delivery.seq).await {
+        if covered.by_seq == delivery.seq {
+            tracing::info!("synced already, in place of an older push");
+            return Some(Skip::Acknowledge);
+        }
+        tracing::info!(by = %covered.by_commit, "already synced as part of a newer push");
+        return Some(Skip::Publish(Box::new(header.superseded(
+            None,
+            &covered.by_commit,
+            covered.state,
+            covered.totals,
+            elapsed_ms(started),
+        ))));
+    }
+    // Reconciliation and a late webhook may both name the branch head: the one handled second
+    // finds it synced by the other (a reconciliation published again once the duplicate
+    // window had passed, too). Any other push of an applied commit runs, as it always did.
+    let reconciled = |id: &str| id.starts_with(RECONCILE_ID_PREFIX);
+    if delivery.replay_of.is_some() {
+        return None;
+    }
+    let head = ctx.applied.read().await.head?;
+    let state = head.state?;
+    let by_reconcile = head.event_id.as_deref().is_some_and(reconciled);
+    let same_commit = push.after.as_deref() == Some(head.commit.as_str());
+    (same_commit && (reconciled(&push.delivery_id) || by_reconcile)).then(|| {
+        tracing::info!(commit = %head.commit, "commit already synced (reconciliation and its webhook)");
+        Skip::Publish(Box::new(header.superseded(
+            None,
+            &head.commit,
+            state,
+            Totals::default(),
+            elapsed_ms(started),
+        )))
+    })
 }
 
 /// Writes the final summary of `request` to `IAC_DEPLOYMENTS`, retrying while NATS is away;
@@ -205,7 +280,7 @@ async fn sync(
     };
     task::kill_orphaned_tasks(&ctx.workspace.task_groups()).await;
     // Read before anything runs, so a missing secrets file stops the whole sync.
-    let mut env = match ctx.task_env.build(
+    let env = match ctx.task_env.build(
         |name| std::env::var(name).ok(),
         &ctx.config.repo_url.secrets(),
     ) {
@@ -217,19 +292,166 @@ async fn sync(
         }
     };
 
-    let commit = match ctx.checkout.update(&event.target()).await {
+    let commit = match checked_out(ctx, &event.target(), header, started).await {
         Ok(commit) => commit,
+        Err(error) => return Some(error),
+    };
+    if let Event::Push(push) = event {
+        // Only what the branch holds is synced: a force push may have dropped this commit
+        // since it was queued, and no status of it may stay pending.
+        if !ctx.checkout.on_branch(&commit).await {
+            let reason = format!("Not synced: no longer on {}", ctx.config.branch);
+            tracing::warn!(%commit, "{reason}");
+            return Some(header.error(Some(&commit), reason, elapsed_ms(started)));
+        }
+        if ctx.coalesce
+            && delivery.replay_of.is_none()
+            && let Some(coalesced) = look_ahead(ctx, delivery, push, &commit).await
+        {
+            return sync_newest(
+                ctx, delivery, push, header, &commit, coalesced, env, started,
+            )
+            .await;
+        }
+    }
+    run_at(ctx, delivery, event, header, &commit, env, started).await
+}
+
+/// The checkout brought to `target`; the error result when it cannot be.
+async fn checked_out(
+    ctx: &Context,
+    target: &Target,
+    header: &ResultHeader,
+    started: Instant,
+) -> Result<String, SyncFinished> {
+    match ctx.checkout.update(target).await {
+        Ok(commit) => Ok(commit),
         Err(e @ git::GitError::NotDeployable { .. }) => {
             let reason = e.to_string();
             tracing::warn!("refusing to run: {reason}");
-            return Some(header.error(None, reason, elapsed_ms(started)));
+            Err(header.error(None, reason, elapsed_ms(started)))
         }
         Err(e) => {
             let reason = format!("Failed to update git repository: {e}");
             tracing::error!("{reason}");
-            return Some(header.error(None, reason, elapsed_ms(started)));
+            Err(header.error(None, reason, elapsed_ms(started)))
+        }
+    }
+}
+
+/// The waiting pushes one sync of the newest can cover in place of `push` (checked out at
+/// `commit`); `None` when there are none, or the stream cannot be read (then `push` syncs
+/// alone, as it would have).
+async fn look_ahead(
+    ctx: &Context,
+    delivery: &Delivery,
+    push: &PushEvent,
+    commit: &str,
+) -> Option<Coalesced> {
+    let waiting = match newest::waiting_pushes(
+        &ctx.js,
+        delivery.seq,
+        &push.git_ref,
+        ctx.env.as_deref(),
+    )
+    .await
+    {
+        Ok(waiting) if waiting.is_empty() => return None,
+        Ok(waiting) => waiting,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for newer pushes; syncing this one alone");
+            return None;
         }
     };
+    newest::coalesce(&ctx.checkout, commit, waiting).await
+}
+
+/// Syncs the newest waiting push of `coalesced` in place of `push` (at `commit`), from the
+/// oldest `before` and with every skipped push's paths, publishing its results as that
+/// push's; marks every push it covered, this one included; returns this push's result,
+/// superseded by that sync. `None` when shutdown interrupted it.
+#[allow(clippy::too_many_arguments)]
+async fn sync_newest(
+    ctx: &Context,
+    delivery: &Delivery,
+    push: &PushEvent,
+    header: &ResultHeader,
+    commit: &str,
+    coalesced: Coalesced,
+    env: TaskEnv,
+    started: Instant,
+) -> Option<SyncFinished> {
+    let Coalesced { newest, skipped } = coalesced;
+    let skipped_pushes: Vec<&PushEvent> = skipped.iter().map(|w| &w.push).collect();
+    let merged = Event::Push(decide::merged_push(push, &skipped_pushes, &newest.push));
+    // This attempt's results, under the newest push's identity (its statuses are on its own
+    // commit); a new attempt publishes anew.
+    let as_newest = Delivery {
+        delivered: delivery.delivered,
+        ..newest.delivery.clone()
+    };
+    let newest_header = ResultHeader::new(
+        &as_newest,
+        Some(&merged),
+        ctx.repository.as_deref(),
+        ctx.env.as_deref(),
+    );
+    tracing::info!(
+        newest = %newest.commit,
+        newest_seq = as_newest.seq,
+        skipped = skipped.len(),
+        "syncing the newest waiting push in place of this one"
+    );
+    let target = Target::Commit(newest.commit.clone());
+    let newest_commit = match checked_out(ctx, &target, header, started).await {
+        Ok(newest_commit) => newest_commit,
+        Err(error) => return Some(error),
+    };
+    let finished = run_at(
+        ctx,
+        &as_newest,
+        &merged,
+        &newest_header,
+        &newest_commit,
+        env,
+        started,
+    )
+    .await?;
+    publish_finished(ctx, &as_newest, &finished).await?;
+    let covered = Covered {
+        by_commit: newest_commit.clone(),
+        by_seq: as_newest.seq,
+        state: finished.state,
+        totals: finished.totals,
+    };
+    let mut seqs: Vec<u64> = skipped.iter().map(|w| w.delivery.seq).collect();
+    seqs.extend([as_newest.seq, delivery.seq]);
+    ctx.applied.cover(&seqs, &covered, &ctx.shutdown).await?;
+    for _ in 0..=skipped.len() {
+        ctx.metrics.push_superseded();
+    }
+    Some(header.superseded(
+        Some(commit),
+        &newest_commit,
+        finished.state,
+        finished.totals,
+        elapsed_ms(started),
+    ))
+}
+
+/// Prepares the tasks' packages at the checked-out `commit`, decides the services of `event`,
+/// runs them and returns the finished result (its `started` stored); `None` when shutdown
+/// interrupted it.
+async fn run_at(
+    ctx: &Context,
+    delivery: &Delivery,
+    event: &Event,
+    header: &ResultHeader,
+    commit: &str,
+    mut env: TaskEnv,
+    started: Instant,
+) -> Option<SyncFinished> {
+    let commit = commit.to_string();
     // Held until the tasks are done, so no other sync removes the environment under them.
     let _python_env = match (ctx.requirements)
         .prepare(ctx.checkout.dir(), &mut env, ctx.shutdown.wait())
@@ -405,9 +627,10 @@ async fn decide_services(
                     None => Ok(None),
                 }
             };
-            let (files, diff) = tokio::join!(ctx.checkout.files(), diff);
+            let (files, diff, from_applied) =
+                tokio::join!(ctx.checkout.files(), diff, diff_from_applied(ctx, commit));
             let discovered = ctx.rules.discover(files?.iter().map(String::as_str));
-            let diff = diff?;
+            let diff = decide::joined_diff(push, diff?, from_applied);
             let deps = dependencies_at(ctx, &discovered)?;
             let fan_out = decide::push_services(
                 push,
@@ -448,6 +671,17 @@ async fn decide_services(
             })
         }
     }
+}
+
+/// The paths changed from the environment's applied head to `commit`, when that head is one
+/// of its ancestors (pushes that never synced lie between them); `None` otherwise, or when
+/// git cannot tell.
+async fn diff_from_applied(ctx: &Context, commit: &str) -> Option<Vec<String>> {
+    let head = ctx.applied.read().await.head?;
+    if head.commit == commit || !ctx.checkout.is_ancestor(&head.commit, commit).await {
+        return None;
+    }
+    ctx.checkout.changed_paths(&head.commit, commit).await.ok()
 }
 
 /// Runs the selected services' tasks, up to `SYNC_PARALLELISM` at once, each only after
@@ -563,6 +797,14 @@ async fn publish_finished(
 ) -> Option<()> {
     let finished = &decide::fit_to_message(finished.clone(), ctx.js.client().max_payload());
     publish(ctx, FINISHED_SUBJECT, delivery, "finished", finished).await?;
+    let push = finished.trigger == Trigger::Push;
+    ctx.applied
+        .record(finished, push, &ctx.shutdown, &ctx.metrics)
+        .await?;
+    if let Some(by) = &finished.superseded_by {
+        tracing::info!(state = ?finished.state, %by, "push acknowledged as superseded");
+        return Some(());
+    }
     ctx.metrics
         .sync_finished(finished.state, finished.replay_of.is_some());
     tracing::info!(
