@@ -69,7 +69,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 /// Checks in the background that `IAC_RUNLOGS` is there (creating it where this NATS user may),
 /// retrying while JetStream is not ready: the run pages are no reason to hold syncs back.
 pub fn ensure_stream(js: &jetstream::Context, settings: &StreamSettings, shutdown: &Shutdown) {
-    let (js, config, shutdown) = (js.clone(), runlogs_stream_config(settings), shutdown.clone());
+    let (js, config, shutdown) = (
+        js.clone(),
+        runlogs_stream_config(settings),
+        shutdown.clone(),
+    );
     tokio::spawn(async move {
         let mut warned = false;
         let ensured = retry_until_shutdown(
@@ -268,7 +272,10 @@ impl Publisher {
             return;
         }
         let text = std::mem::take(chunk);
-        let used = self.run.used.fetch_add(text.len() as u64, Ordering::Relaxed);
+        let used = self
+            .run
+            .used
+            .fetch_add(text.len() as u64, Ordering::Relaxed);
         let room = self.run.max_bytes.saturating_sub(used);
         let body = match fit(&text, room) {
             Fit::Whole => text,
@@ -337,7 +344,10 @@ fn fit(text: &str, room: u64) -> Fit {
     if room == 0 {
         return Fit::Nothing;
     }
-    let end = (0..=room).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let end = (0..=room)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     let head = &text[..end];
     match head.rfind('\n') {
         Some(end) => Fit::Part(end + 1),

@@ -210,7 +210,10 @@ async fn sync(
         &ctx.config.repo_url.secrets(),
     ) {
         Ok(env) => TaskEnv {
-            run_log: ctx.runner.run_log.for_run(&delivery.event_id, delivery.delivered),
+            run_log: ctx
+                .runner
+                .run_log
+                .for_run(&delivery.event_id, delivery.delivered),
             ..env.for_environment(ctx.env.as_deref())
         },
         Err(e) => {
