@@ -90,11 +90,16 @@ fn short_commit(commit: Option<&str>) -> String {
     commit.map_or_else(|| "–".into(), |c| c.chars().take(10).collect())
 }
 
-/// `2026-01-02 10:11:12` from RFC 3339.
+/// `2026-01-02 10:11:12 UTC` from RFC 3339 (the worker writes UTC).
 fn when(timestamp: Option<&str>) -> String {
     timestamp.map_or_else(
         || "–".into(),
-        |t| t.chars().take(19).collect::<String>().replace('T', " "),
+        |t| {
+            format!(
+                "{} UTC",
+                t.chars().take(19).collect::<String>().replace('T', " ")
+            )
+        },
     )
 }
 
