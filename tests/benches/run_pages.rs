@@ -50,7 +50,10 @@ async fn store_run(js: &jetstream::Context, bytes: usize) {
             .unwrap();
     };
     publish(STARTED_SUBJECT, serde_json::to_vec(&started).unwrap()).await;
-    let line = format!("{}\n", "deploying <service> & checking \"health\" ".repeat(3));
+    let line = format!(
+        "{}\n",
+        "deploying <service> & checking \"health\" ".repeat(3)
+    );
     let chunk: String = line.repeat(CHUNK / line.len());
     let mut stored = 0;
     let mut acks = Vec::new();
@@ -101,9 +104,13 @@ async fn main() {
     };
     let nats = NatsServer::start();
     let js = jetstream::new(nats.client().await);
-    provision_all(&js, &StreamSettings::default(), &ConsumerSettings::default())
-        .await
-        .unwrap();
+    provision_all(
+        &js,
+        &StreamSettings::default(),
+        &ConsumerSettings::default(),
+    )
+    .await
+    .unwrap();
     store_run(&js, bytes).await;
 
     let port = free_port();
@@ -140,12 +147,18 @@ async fn main() {
         page.push(took);
         page_bytes = len;
         let began = Instant::now();
-        let output = iac_reporter::web::runs::read_output(&js, RUN).await.unwrap();
+        let output = iac_reporter::web::runs::read_output(&js, RUN)
+            .await
+            .unwrap();
         raw.push(began.elapsed());
         assert!(output.bytes() >= bytes, "{} bytes read", output.bytes());
     }
     let after = peak_rss_mb(pid);
-    let (p50, worst, raw50) = (quantile(&page, 0.5), quantile(&page, 1.0), quantile(&raw, 0.5));
+    let (p50, worst, raw50) = (
+        quantile(&page, 0.5),
+        quantile(&page, 1.0),
+        quantile(&raw, 0.5),
+    );
     println!(
         "run_pages: a run page of {:.1} MiB of output ({:.1} MiB of HTML), {requests} requests",
         bytes as f64 / (1 << 20) as f64,

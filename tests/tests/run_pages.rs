@@ -410,3 +410,29 @@ async fn in_a_browser_the_list_and_a_run_page_read_well_and_a_running_task_shows
         }
     }
 }
+
+#[tokio::test]
+async fn a_reporter_whose_web_port_is_taken_says_so_and_still_posts_statuses() {
+    let github = FakeGithub::start().await;
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut pipeline = Pipeline::new(&github.url());
+    pipeline.set_env("reporter", "WEB_PORT", &port.to_string());
+    pipeline.set_env("reporter", "PUBLIC_URL", "https://ci.example.com");
+    let running = pipeline.start_all().await;
+    let (commit, _, _) = pipeline
+        .push_change(&format!("{POSTGRES}/compose.yaml"))
+        .await;
+    let success = github
+        .wait_for_shown(&commit, CONTEXT, "success", WAIT)
+        .await;
+    assert!(link_of(&success).starts_with("https://ci.example.com/runs/"));
+    assert!(
+        running
+            .reporter
+            .output()
+            .contains("WEB_PORT: cannot listen"),
+        "{}",
+        running.reporter.output()
+    );
+}
