@@ -692,11 +692,26 @@ async fn store_run_log(js: &jetstream::Context, run_id: &str, text: &str) -> boo
     }
 }
 
-/// Whether this connection reads a run's output back as the run page does.
+/// Whether this connection reads a run's output back as the run page does: what it is made
+/// of, then each chunk's text.
 async fn reads_run_log(js: &jetstream::Context, run_id: &str) -> bool {
-    iac_reporter::web::runs::read_output(js, run_id)
-        .await
-        .is_ok_and(|output| output.bytes() > 0)
+    use iac_reporter::web::runs::{chunk_text, read_output};
+    let Ok(output) = read_output(js, run_id).await else {
+        return false;
+    };
+    let Ok(stream) = js.get_stream(RUNLOGS_STREAM).await else {
+        return false;
+    };
+    let mut read = 0;
+    for (_, _, chunks) in &output.services {
+        for chunk in chunks {
+            match chunk_text(&stream, chunk.seq).await {
+                Ok(text) => read += text.len(),
+                Err(_) => return false,
+            }
+        }
+    }
+    read > 0 && read == output.bytes()
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use iac_shared::events::{FinishedState, SyncOutcome, Trigger};
 
-use super::runs::{Run, RunOutput};
+use super::runs::{Run, RunOutput, Stored};
 
 /// Escapes text for HTML content and quoted attribute values.
 pub fn escape(text: &str) -> String {
@@ -157,20 +157,17 @@ pub fn list_page(runs: &[Run], older: Option<u64>, link: impl Fn(&str) -> String
     html
 }
 
-/// A piece of the run page: markup, or task output still to be escaped, so a page of a large
-/// run is escaped piece by piece as it is sent.
+/// A piece of the run page: markup, or a chunk of task output still in JetStream (by stream
+/// sequence), so a page of a large run is read and escaped piece by piece as it is sent.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Piece {
     Html(String),
-    Text(Bytes),
+    Output(u64),
 }
 
-impl Piece {
-    pub fn into_bytes(self) -> Bytes {
-        match self {
-            Piece::Html(html) => Bytes::from(html),
-            Piece::Text(text) => Bytes::from(escape(&String::from_utf8_lossy(&text))),
-        }
-    }
+/// A chunk of task output, escaped for a `<pre>`.
+pub fn escape_output(text: &[u8]) -> Bytes {
+    Bytes::from(escape(&String::from_utf8_lossy(text)))
 }
 
 /// `/runs/<id>`: the run, each service's outcome, selection reason and output; `live`, the
@@ -220,7 +217,7 @@ pub fn run_page(
     }
     pieces.push(Piece::Html(html));
 
-    let mut sections: Vec<(String, Option<&super::runs::ServiceRun>, u32, Vec<Bytes>)> = run
+    let mut sections: Vec<(String, Option<&super::runs::ServiceRun>, u32, Vec<Stored>)> = run
         .map(|r| {
             r.services
                 .iter()
@@ -228,13 +225,13 @@ pub fn run_page(
                 .collect()
         })
         .unwrap_or_default();
-    for (service, attempt, texts) in output.services {
+    for (service, attempt, chunks) in output.services {
         match sections.iter_mut().find(|(s, ..)| *s == service) {
             Some(section) => {
                 section.2 = attempt;
-                section.3 = texts;
+                section.3 = chunks;
             }
-            None => sections.push((service, None, attempt, texts)),
+            None => sections.push((service, None, attempt, chunks)),
         }
     }
     if sections.is_empty() {
@@ -242,7 +239,7 @@ pub fn run_page(
             "<p class=\"muted\" id=\"none\">No service output kept for this run.</p>".into(),
         ));
     }
-    for (service, summary, attempt, texts) in sections {
+    for (service, summary, attempt, chunks) in sections {
         let (word, class) = outcome_word(summary.and_then(|s| s.outcome));
         let mut section = format!(
             "<section><h2>{}</h2><p><span class=\"{class}\" data-outcome=\"{}\">{word}</span>",
@@ -268,7 +265,7 @@ pub fn run_page(
             escape(&service)
         ));
         pieces.push(Piece::Html(section));
-        pieces.extend(texts.into_iter().map(Piece::Text));
+        pieces.extend(chunks.into_iter().map(|c| Piece::Output(c.seq)));
         pieces.push(Piece::Html("</pre></section>".into()));
     }
     let mut tail = String::new();
@@ -348,12 +345,21 @@ mod tests {
         }
     }
 
+    /// The page as sent, with chunk 9 holding `OUTPUT`.
     fn render(pieces: Vec<Piece>) -> String {
         pieces
             .into_iter()
-            .map(|p| String::from_utf8(p.into_bytes().to_vec()).unwrap())
+            .map(|piece| match piece {
+                Piece::Html(html) => html,
+                Piece::Output(seq) => {
+                    assert_eq!(seq, 9);
+                    String::from_utf8(escape_output(OUTPUT).to_vec()).unwrap()
+                }
+            })
             .collect()
     }
+
+    const OUTPUT: &[u8] = b"<script>alert('x')</script> & done\n";
 
     #[test]
     fn everything_from_tasks_and_events_is_escaped() {
@@ -361,7 +367,10 @@ mod tests {
         output.services.push((
             "platform/<x>".into(),
             1,
-            vec![Bytes::from_static(b"<script>alert('x')</script> & done\n")],
+            vec![Stored {
+                seq: 9,
+                len: OUTPUT.len(),
+            }],
         ));
         let page = render(run_page("e<1>", Some(&run()), output, None));
         assert!(!page.contains("<script>alert"), "{page}");

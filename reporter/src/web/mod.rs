@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use base64::Engine as _;
+use bytes::Bytes;
 use futures::StreamExt;
 use iac_shared::events::{FinishedState, SyncOutcome};
 use iac_shared::names::RUNLOGS_STREAM;
@@ -39,6 +40,8 @@ use runs::SharedIndex;
 
 use crate::config::WebArgs;
 
+/// Chunks of output read ahead of what a run page has sent.
+const PAGE_CHUNKS_AHEAD: usize = 4;
 /// Runs on one page of `/runs`.
 const PAGE_SIZE: usize = 25;
 /// How often the live view checks whether its run has ended.
@@ -260,17 +263,47 @@ impl Web {
         self.metrics
             .render_seconds
             .observe(began.elapsed().as_secs_f64());
-        let body = futures::stream::iter(
-            pieces
-                .into_iter()
-                .map(|piece| Ok::<_, Infallible>(piece.into_bytes())),
-        );
         let reply = warp::reply::with_header(
-            warp::reply::stream(body),
+            warp::reply::stream(self.page_body(pieces)),
             "content-type",
             "text/html; charset=utf-8",
         );
         no_store(reply.into_response())
+    }
+
+    /// The page's bytes, its output read from JetStream a few chunks ahead of what is sent: the
+    /// whole output of a run is never in memory at once. A chunk that cannot be read is
+    /// replaced by a line saying so.
+    fn page_body(
+        &self,
+        pieces: Vec<html::Piece>,
+    ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(PAGE_CHUNKS_AHEAD);
+        let js = self.js.clone();
+        tokio::spawn(async move {
+            let stream = js.get_stream(RUNLOGS_STREAM).await.ok();
+            let stream = &stream;
+            let mut bytes = futures::stream::iter(pieces)
+                .map(|piece| async move {
+                    match (piece, stream) {
+                        (html::Piece::Html(html), _) => Bytes::from(html),
+                        (html::Piece::Output(seq), Some(stream)) => {
+                            match runs::chunk_text(stream, seq).await {
+                                Ok(text) => html::escape_output(&text),
+                                Err(e) => unreadable(seq, &e),
+                            }
+                        }
+                        (html::Piece::Output(seq), None) => unreadable(seq, &"no stream"),
+                    }
+                })
+                .buffered(PAGE_CHUNKS_AHEAD);
+            while let Some(bytes) = bytes.next().await {
+                if sender.send(bytes).await.is_err() {
+                    break;
+                }
+            }
+        });
+        receiver_stream(receiver).map(Ok)
     }
 
     /// Server-sent events: `output` for each chunk stored after `after`, then `end` with the
@@ -310,13 +343,19 @@ fn async_stream(
             tracing::debug!(error = %e, "the live view of a run ended");
         }
     });
-    tokio_stream_from(receiver)
+    receiver_stream(receiver).map(Ok)
 }
 
-fn tokio_stream_from(
-    mut receiver: tokio::sync::mpsc::Receiver<warp::sse::Event>,
-) -> impl futures::Stream<Item = SseItem> + Send + Sync + 'static {
-    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx).map(|event| event.map(Ok)))
+/// The items sent to `receiver`, as a stream.
+fn receiver_stream<T: Send + 'static>(
+    mut receiver: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + Sync + 'static {
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+fn unreadable(seq: u64, error: &dyn std::fmt::Display) -> Bytes {
+    tracing::warn!(seq, %error, "cannot read a chunk of task output from {RUNLOGS_STREAM}");
+    Bytes::from("\n[this part of the output could not be read; reload the page]\n")
 }
 
 async fn send_live(
@@ -327,7 +366,7 @@ async fn send_live(
     events: &tokio::sync::mpsc::Sender<warp::sse::Event>,
 ) -> Result<(), async_nats::Error> {
     let stream = js.get_stream(RUNLOGS_STREAM).await?;
-    let mut chunks = runs::follow_output(&stream, &run_log_subject(id), after + 1).await?;
+    let mut chunks = runs::follow_output(&stream, &run_log_subject(id), after + 1, false).await?;
     let mut sent = after;
     let mut check = tokio::time::interval(LIVE_CHECK_EVERY);
     loop {

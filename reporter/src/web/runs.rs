@@ -250,69 +250,87 @@ async fn read_results(
     "the reader of the results ended".into()
 }
 
-/// One chunk of a run's output.
+/// One chunk of a run's output (its text empty when only its headers were read).
 #[derive(Debug, Clone)]
 pub struct Chunk {
     pub seq: u64,
     pub service: String,
     pub attempt: u32,
+    /// The size of the text as stored.
+    pub len: usize,
     pub text: Bytes,
 }
 
 impl Chunk {
     fn from_message(seq: u64, message: &async_nats::Message) -> Option<Chunk> {
         let headers = message.headers.as_ref()?;
+        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
         Some(Chunk {
             seq,
-            service: headers.get(SERVICE_HEADER)?.as_str().to_string(),
-            attempt: headers
-                .get(ATTEMPT_HEADER)
-                .and_then(|a| a.as_str().parse().ok())
+            service: header(SERVICE_HEADER)?,
+            attempt: header(ATTEMPT_HEADER)
+                .and_then(|a| a.parse().ok())
                 .unwrap_or(1),
+            // Set by JetStream when only the headers are delivered.
+            len: header("Nats-Msg-Size")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(message.payload.len()),
             text: message.payload.clone(),
         })
     }
 }
 
-/// A run's output by service, in the order the services first printed; only the newest
-/// attempt of each service is kept.
+/// Where a chunk of output is stored, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: u64,
+    pub len: usize,
+}
+
+/// What a run's output is made of, by service, in the order the services first printed; only
+/// the newest attempt of each service counts. The text itself stays in JetStream until the
+/// page is sent, so a page of a large run is never held in memory whole.
 #[derive(Debug, Default)]
 pub struct RunOutput {
-    pub services: Vec<(String, u32, Vec<Bytes>)>,
+    pub services: Vec<(String, u32, Vec<Stored>)>,
     /// The stream sequence of the last chunk read (0 for none): live output follows on.
     pub last_seq: u64,
 }
 
 impl RunOutput {
-    pub fn add(&mut self, chunk: Chunk) {
+    pub fn add(&mut self, chunk: &Chunk) {
         self.last_seq = self.last_seq.max(chunk.seq);
+        let stored = Stored {
+            seq: chunk.seq,
+            len: chunk.len,
+        };
         match self
             .services
             .iter_mut()
             .find(|(s, _, _)| *s == chunk.service)
         {
-            Some((_, attempt, texts)) if chunk.attempt > *attempt => {
+            Some((_, attempt, chunks)) if chunk.attempt > *attempt => {
                 *attempt = chunk.attempt;
-                *texts = vec![chunk.text];
+                *chunks = vec![stored];
             }
-            Some((_, attempt, texts)) if chunk.attempt == *attempt => texts.push(chunk.text),
+            Some((_, attempt, chunks)) if chunk.attempt == *attempt => chunks.push(stored),
             Some(_) => {}
             None => self
                 .services
-                .push((chunk.service, chunk.attempt, vec![chunk.text])),
+                .push((chunk.service.clone(), chunk.attempt, vec![stored])),
         }
     }
 
     pub fn bytes(&self) -> usize {
         self.services
             .iter()
-            .flat_map(|(_, _, texts)| texts)
-            .map(Bytes::len)
+            .flat_map(|(_, _, chunks)| chunks)
+            .map(|c| c.len)
             .sum()
     }
 }
 
-/// Everything stored of a run's output so far.
+/// What is stored of a run's output so far, read as headers only.
 pub async fn read_output(
     js: &jetstream::Context,
     run_id: &str,
@@ -327,23 +345,32 @@ pub async fn read_output(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut chunks = follow_output(&stream, &subject, 1).await?;
+    let mut chunks = follow_output(&stream, &subject, 1, true).await?;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
-        let seq = chunk.seq;
-        output.add(chunk);
-        if seq >= last {
+        output.add(&chunk);
+        if chunk.seq >= last {
             break;
         }
     }
     Ok(output)
 }
 
-/// The chunks of a run's output from stream sequence `from` on, as they are stored.
+/// The text of one stored chunk.
+pub async fn chunk_text(
+    stream: &jetstream::stream::Stream,
+    seq: u64,
+) -> Result<Bytes, async_nats::Error> {
+    Ok(stream.direct_get(seq).await?.payload)
+}
+
+/// The chunks of a run's output from stream sequence `from` on, as they are stored (without
+/// their text with `headers_only`).
 pub async fn follow_output(
     stream: &jetstream::stream::Stream,
     subject: &str,
     from: u64,
+    headers_only: bool,
 ) -> Result<
     impl futures::Stream<Item = Result<Chunk, async_nats::Error>> + Send + Unpin + use<>,
     async_nats::Error,
@@ -354,6 +381,7 @@ pub async fn follow_output(
                 start_sequence: from.max(1),
             },
             filter_subject: subject.to_string(),
+            headers_only,
             ..Default::default()
         })
         .await?;
@@ -467,20 +495,21 @@ mod tests {
 
     #[test]
     fn a_newer_attempt_replaces_the_output_of_an_older_one() {
-        let chunk = |seq, service: &str, attempt, text: &'static str| Chunk {
+        let chunk = |seq, service: &str, attempt, len| Chunk {
             seq,
             service: service.into(),
             attempt,
-            text: Bytes::from_static(text.as_bytes()),
+            len,
+            text: Bytes::new(),
         };
         let mut output = RunOutput::default();
-        output.add(chunk(1, "a/x", 1, "first try\n"));
-        output.add(chunk(2, "b/y", 1, "other\n"));
-        output.add(chunk(3, "a/x", 2, "second try\n"));
-        output.add(chunk(4, "a/x", 1, "late from the first\n"));
-        assert_eq!(output.services[0].2, [Bytes::from_static(b"second try\n")]);
+        output.add(&chunk(1, "a/x", 1, 10));
+        output.add(&chunk(2, "b/y", 1, 6));
+        output.add(&chunk(3, "a/x", 2, 11));
+        output.add(&chunk(4, "a/x", 1, 20));
+        assert_eq!(output.services[0].2, [Stored { seq: 3, len: 11 }]);
         assert_eq!(output.services[1].0, "b/y");
         assert_eq!(output.last_seq, 4);
-        assert_eq!(output.bytes(), "second try\nother\n".len());
+        assert_eq!(output.bytes(), 17);
     }
 }
