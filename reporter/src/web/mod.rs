@@ -251,7 +251,8 @@ impl Web {
         if run.is_none() && output.services.is_empty() {
             return not_found();
         }
-        let running = run.as_ref().is_none_or(|r| r.state.is_none());
+        // A run the index no longer holds (past MAX_RUNS) is long over: no live view.
+        let running = run.as_ref().is_some_and(|r| r.state.is_none());
         let live = running.then(|| {
             format!(
                 "{}/live?t={token}&after={}",
