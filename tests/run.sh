@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=../deploy/tools.sh
-source deploy/tools.sh
+IAC_BROWSER=1 source deploy/tools.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

@@ -398,6 +398,7 @@ mod tests {
             target_url: Some("https://runner.example/runs/{event_id}".into()),
             default_repository: Some("acme/infra".into()),
             push_env: Some("production".into()),
+            run_links: None,
         }
     }
 

@@ -105,6 +105,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub checks: ChecksArgs,
+
+    #[command(flatten)]
+    pub web: WebArgs,
 }
 
 /// Check runs, and whether commit statuses still flow beside them.
@@ -206,6 +209,78 @@ fn parse_notify_url(s: &str) -> Result<SecretString, String> {
         return Err("expected an http(s) URL".into());
     }
     Ok(SecretString::from(url.to_string()))
+}
+
+// Run pages: the web server, its links and who may see the list.
+
+/// The run pages (`/runs`, `/runs/<id>`) and the links statuses carry to them.
+#[derive(Debug, Clone, Args)]
+pub struct WebArgs {
+    /// Port of the run pages (0 = off).
+    #[arg(
+        id = "web_port",
+        long = "web-port",
+        env = "WEB_PORT",
+        value_name = "WEB_PORT",
+        default_value_t = 8081
+    )]
+    pub port: u16,
+
+    /// Address the run pages are reached at from outside (`https://ci.example.com`); with it,
+    /// every status links to its run page, in place of STATUS_TARGET_URL.
+    #[arg(
+        id = "public_url",
+        long = "public-url",
+        env = "PUBLIC_URL",
+        value_name = "PUBLIC_URL",
+        value_parser = parse_public_url
+    )]
+    pub public_url: Option<Url>,
+
+    /// Secret the run links are signed with; unset, one is generated once and kept in the
+    /// IAC_RUN_LINKS bucket, shared by every reporter.
+    #[arg(
+        id = "run_link_secret",
+        long = "run-link-secret",
+        env = "RUN_LINK_SECRET",
+        value_name = "RUN_LINK_SECRET",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub run_link_secret: Option<SecretString>,
+
+    /// User of the run list (`/runs`), with WEB_PASSWORD; without both the list is off.
+    #[arg(
+        id = "web_user",
+        long = "web-user",
+        env = "WEB_USER",
+        value_name = "WEB_USER",
+        requires = "web_password"
+    )]
+    pub user: Option<String>,
+
+    /// Password of the run list.
+    #[arg(
+        id = "web_password",
+        long = "web-password",
+        env = "WEB_PASSWORD",
+        value_name = "WEB_PASSWORD",
+        hide_env_values = true,
+        requires = "web_user",
+        value_parser = parse_secret
+    )]
+    pub password: Option<SecretString>,
+}
+
+fn parse_public_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("expected an http(s) URL such as https://ci.example.com".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    Ok(url)
 }
 
 /// How to reach GitHub: the service's settings, and those of `undelivered replay`.
@@ -354,6 +429,7 @@ impl Config {
             target_url: self.status_target_url.clone(),
             default_repository: self.github_repo.clone(),
             push_env: self.environments.push_env.0.clone(),
+            run_links: None,
         }
     }
 }
@@ -544,6 +620,36 @@ mod tests {
         .unwrap();
         assert!(app.validate().is_ok());
         assert!(app.checks.commit_statuses);
+    }
+
+    #[test]
+    fn run_pages_listen_on_8081_and_their_settings_are_checked_and_kept_secret() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.web.port, 8081);
+        assert!(config.web.public_url.is_none() && config.web.user.is_none());
+        for (args, name) in [
+            (&["--public-url", "ftp://ci.example"][..], "PUBLIC_URL"),
+            (
+                &["--public-url", "https://ci.example/?x=1"][..],
+                "PUBLIC_URL",
+            ),
+            (&["--web-user", "ops"][..], "WEB_PASSWORD"),
+            (&["--web-password", "pw"][..], "WEB_USER"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(name), "{args:?}: {err}");
+        }
+        let config = parse(&[
+            "--web-user",
+            "ops",
+            "--web-password",
+            "list-password",
+            "--run-link-secret",
+            "link-secret",
+        ])
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("list-password") && !shown.contains("link-secret"));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`notify`]: failures and recoveries announced to `NOTIFY_URL`, decided once per state
 //!   change in `IAC_NOTIFY` and sent in a task of their own.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`web`]: the run pages on `WEB_PORT` and the signed links statuses carry to them.
 
 pub mod app_auth;
 pub mod checks;
@@ -28,6 +29,7 @@ pub mod notify;
 pub mod order;
 pub mod status;
 pub mod undelivered;
+pub mod web;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -53,6 +55,7 @@ pub use config::Config;
 use deliver::Reporter;
 use github::Gate;
 use metrics::Metrics;
+use status::StatusSettings;
 
 /// Runs the reporter until `shutdown`, then finishes the messages in hand.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -74,6 +77,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let web_metrics = web::WebMetrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
     if config.metrics_port != 0 {
         let ready = ready.clone();
@@ -128,8 +132,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     let (notifier, notifier_task) = notifications.unzip();
 
+    let Some(run_links) = start_web(&config, &js, web_metrics, &shutdown).await? else {
+        return Ok(());
+    };
     let reporter = Arc::new(Reporter {
-        settings: config.status_settings(),
+        settings: StatusSettings {
+            run_links,
+            ..config.status_settings()
+        },
         github,
         statuses,
         gate: Gate::default(),
@@ -193,6 +203,43 @@ async fn start_notifier(
         "notifying failures and recoveries to NOTIFY_URL"
     );
     Ok(Some(Some(started)))
+}
+
+/// Serves the run pages, and gives the links statuses carry with `PUBLIC_URL`. The pages are no
+/// reason to stop posting statuses: a port that cannot be bound is logged and left off.
+/// `Ok(None)` when shutdown came first.
+async fn start_web(
+    config: &Config,
+    js: &jetstream::Context,
+    metrics: web::WebMetrics,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<Option<web::RunLinks>>> {
+    let web = &config.web;
+    if web.port == 0 && web.public_url.is_none() {
+        return Ok(Some(None));
+    }
+    let Some(secret) = when_ready(shutdown, RUN_LINKS_BUCKET, || {
+        web::link_secret(js, &config.nats.streams, web)
+    })
+    .await?
+    else {
+        return Ok(None);
+    };
+    let signer = web::LinkSigner::new(secret);
+    match web::serve(web, js.clone(), signer.clone(), metrics, shutdown.clone()).await {
+        Ok(Some(bound)) => tracing::info!(%bound, "serving the run pages"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(
+            error = %e,
+            port = web.port,
+            "WEB_PORT: cannot listen; the run pages are off, statuses are posted as usual"
+        ),
+    }
+    let links = web
+        .public_url
+        .as_ref()
+        .map(|url| web::RunLinks::new(url, signer));
+    Ok(Some(links))
 }
 
 /// What the reporter keeps besides its consumers (`IAC_STATUSES`, `IAC_UNDELIVERED`), created

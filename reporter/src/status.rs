@@ -112,6 +112,8 @@ pub struct StatusSettings {
     pub default_repository: Option<String>,
     /// `PUSH_ENV`: results in another environment name it in their contexts.
     pub push_env: Option<String>,
+    /// With `PUBLIC_URL`: every status links to its run page, in place of `target_url`.
+    pub run_links: Option<crate::web::RunLinks>,
 }
 
 impl StatusSettings {
@@ -141,6 +143,9 @@ impl StatusSettings {
         commit: &str,
         event_id: &str,
     ) -> Option<String> {
+        if let Some(links) = &self.run_links {
+            return Some(links.url(event_id));
+        }
         self.target_url.as_ref().map(|template| {
             let event_id = utf8_percent_encode(event_id, URL_COMPONENT).to_string();
             template
@@ -411,6 +416,7 @@ mod tests {
             target_url: None,
             default_repository: None,
             push_env: Some("production".into()),
+            run_links: None,
         }
     }
 

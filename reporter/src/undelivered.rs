@@ -265,6 +265,7 @@ async fn replaying_reporter(
             target_url: None,
             default_repository: None,
             push_env: None,
+            run_links: None,
         },
         github: Some(client),
         statuses,

@@ -68,3 +68,16 @@ pub const UNDELIVERED_STREAM: &str = "IAC_UNDELIVERED";
 pub const UNDELIVERED_SUBJECTS: &str = "iac.undelivered.>";
 /// A commit status given up (`UndeliveredStatus`).
 pub const UNDELIVERED_STATUS_SUBJECT: &str = "iac.undelivered.status";
+
+/// Stream holding every task's masked output, in chunks, for the run pages.
+pub const RUNLOGS_STREAM: &str = "IAC_RUNLOGS";
+/// Subjects of [`RUNLOGS_STREAM`].
+pub const RUNLOGS_SUBJECTS: &str = "iac.runlogs.>";
+/// The output of one run: `iac.runlogs.<hex of the event id>` (see `nats::run_log_subject`).
+pub const RUNLOGS_SUBJECT_PREFIX: &str = "iac.runlogs";
+/// Key-value bucket holding the secret run links are signed with when `RUN_LINK_SECRET` is unset.
+pub const RUN_LINKS_BUCKET: &str = "IAC_RUN_LINKS";
+/// The service a run-log chunk belongs to.
+pub const SERVICE_HEADER: &str = "Iac-Service";
+/// Which delivery of the event printed a run-log chunk (1 for the first).
+pub const ATTEMPT_HEADER: &str = "Iac-Attempt";

@@ -117,6 +117,17 @@ pub struct StreamSettings {
         value_parser = parse_positive_duration
     )]
     pub duplicate_window: Duration,
+
+    /// How long the tasks' output is kept in `IAC_RUNLOGS` (the run pages), e.g. `30d`.
+    #[arg(
+        global = true,
+        long = "run-log-max-age",
+        env = "RUN_LOG_MAX_AGE",
+        value_name = "RUN_LOG_MAX_AGE",
+        default_value = "30d",
+        value_parser = parse_positive_duration
+    )]
+    pub run_log_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -125,6 +136,7 @@ impl Default for StreamSettings {
             replicas: 1,
             max_age: Duration::from_secs(30 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
+            run_log_max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -337,6 +349,41 @@ pub fn undelivered_stream_config(settings: &StreamSettings) -> stream::Config {
         "iac-runner statuses the reporter gave up on",
         settings,
     )
+}
+
+// Run logs: the tasks' output behind the run pages.
+
+/// `IAC_RUNLOGS`: every task's masked output in chunks, kept `RUN_LOG_MAX_AGE`. The worker
+/// writes it and the reporter reads it; it is never replayed, so it needs no de-duplication
+/// beyond the default.
+pub fn runlogs_stream_config(settings: &StreamSettings) -> stream::Config {
+    stream::Config {
+        max_age: settings.run_log_max_age,
+        ..stream_config(
+            RUNLOGS_STREAM,
+            RUNLOGS_SUBJECTS,
+            "iac-runner task output, for the run pages",
+            settings,
+        )
+    }
+}
+
+/// The subject of one run's output: the event id hex-encoded, since an event id (a GitHub
+/// delivery id) may hold `.`, `*` or `>`, which a subject token may not.
+pub fn run_log_subject(event_id: &str) -> String {
+    format!("{RUNLOGS_SUBJECT_PREFIX}.{}", hex::encode(event_id))
+}
+
+/// `IAC_RUN_LINKS`: the generated secret of the run links, written once (create-if-absent) so
+/// every reporter signs alike; kept forever, or old links would break.
+pub fn run_links_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: RUN_LINKS_BUCKET.to_string(),
+        description: "iac-runner: the secret run links are signed with".into(),
+        history: 1,
+        num_replicas: settings.replicas.into(),
+        ..Default::default()
+    }
 }
 
 fn stream_config(
@@ -902,7 +949,8 @@ impl Default for ConsumerSettings {
 }
 
 /// Everything the services rely on, created or corrected: the streams, the consumers, the
-/// status, deployment, nonce, notification and applied-state buckets and the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
+/// status, deployment, nonce, notification, applied-state and run-link buckets, the run logs and
+/// the reporter's dead letters. The operator's provisioning (`iac-worker provision`, as the admin
 /// user), so unlike [`provision`] it corrects every consumer.
 pub async fn provision_all(
     js: &jetstream::Context,
@@ -919,6 +967,8 @@ pub async fn provision_all(
     ensure_deploy_buckets(js, streams).await?;
     ensure_notify_bucket(js, streams).await?;
     ensure_bucket(js, applied_bucket_config(streams)).await?;
+    ensure_stream(js, runlogs_stream_config(streams)).await?;
+    ensure_bucket(js, run_links_bucket_config(streams)).await?;
     Ok(())
 }
 

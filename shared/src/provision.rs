@@ -85,10 +85,11 @@ impl ProvisionCommand {
         );
         println!(
             "provisioned: streams IAC_EVENTS, IAC_RESULTS and IAC_UNDELIVERED ({} replicas, kept \
-             {}), consumers {}, iac-reporter and iac-reporter-events, buckets IAC_STATUSES, \
-             IAC_DEPLOYMENTS, IAC_NOTIFY and IAC_APPLIED",
+             {}), IAC_RUNLOGS (kept {}), consumers {}, iac-reporter and iac-reporter-events, \
+             buckets IAC_STATUSES, IAC_DEPLOYMENTS, IAC_NOTIFY, IAC_APPLIED and IAC_RUN_LINKS",
             nats.streams.replicas,
             humantime::format_duration(nats.streams.max_age),
+            humantime::format_duration(nats.streams.run_log_max_age),
             workers.join(", "),
         );
         Ok(())

@@ -829,3 +829,105 @@ async fn the_reporter_notifies_under_its_own_user_and_only_it_opens_the_notifica
     assert_eq!(services, [r#""platform/postgres""#, r#""platform/redis""#]);
     service.stop().await;
 }
+
+/// A run-log chunk as the worker stores it.
+async fn store_run_log(js: &jetstream::Context, run_id: &str, text: &str) -> bool {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(SERVICE_HEADER, "platform/postgres");
+    headers.insert(ATTEMPT_HEADER, "1");
+    let subject = iac_shared::nats::run_log_subject(run_id);
+    match js
+        .publish_with_headers(subject, headers, text.to_string().into())
+        .await
+    {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Whether this connection reads a run's output back as the run page does: what it is made
+/// of, then each chunk's text.
+async fn reads_run_log(js: &jetstream::Context, run_id: &str) -> bool {
+    use iac_reporter::web::runs::{chunk_text, read_output};
+    let Ok(output) = read_output(js, run_id).await else {
+        return false;
+    };
+    let Ok(stream) = js.get_stream(RUNLOGS_STREAM).await else {
+        return false;
+    };
+    let mut read = 0;
+    for (_, _, chunks) in &output.services {
+        for chunk in chunks {
+            match chunk_text(&stream, chunk.seq).await {
+                Ok(text) => read += text.len(),
+                Err(_) => return false,
+            }
+        }
+    }
+    read > 0 && read == output.bytes()
+}
+
+#[tokio::test]
+async fn only_the_worker_writes_run_logs_only_the_reporter_reads_them_and_neither_can_remove_them()
+{
+    let server = provisioned_server().await;
+    let worker = connect_as(&server, "worker").await;
+    let reporter = connect_as(&server, "reporter").await;
+    let gateway = connect_as(&server, "gateway").await;
+    assert!(store_run_log(&worker, "run-1", "output of run-1\n").await);
+    for (user, js) in [("gateway", &gateway), ("reporter", &reporter)] {
+        assert!(
+            !store_run_log(js, "run-1", "forged output\n").await,
+            "{user} wrote task output"
+        );
+    }
+    assert!(reads_run_log(&reporter, "run-1").await);
+    for (user, js) in [("gateway", &gateway), ("worker", &worker)] {
+        assert!(!reads_run_log(js, "run-1").await, "{user} read task output");
+    }
+    for (user, js) in [("worker", &worker), ("reporter", &reporter)] {
+        assert!(purge(js, RUNLOGS_STREAM).await, "{user} purged IAC_RUNLOGS");
+        assert!(
+            js.delete_stream(RUNLOGS_STREAM).await.is_err(),
+            "{user} deleted IAC_RUNLOGS"
+        );
+        let mut shortened = iac_shared::nats::runlogs_stream_config(&StreamSettings::default());
+        shortened.max_age = Duration::from_secs(60);
+        assert!(
+            js.update_stream(&shortened).await.is_err(),
+            "{user} shortened IAC_RUNLOGS"
+        );
+    }
+    for user in SERVICE_USERS {
+        assert!(
+            !receives(&server, user, RUNLOGS_SUBJECTS, "iac.runlogs.72756e2d32").await,
+            "{user} subscribed to task output"
+        );
+    }
+
+    // The run-link secret: the reporter creates it once and reads the same back; nobody else
+    // reads it.
+    let settings = StreamSettings::default();
+    let first = iac_reporter::web::links::secret(&reporter, &settings, None)
+        .await
+        .expect("the reporter keeps the run-link secret");
+    let again = iac_reporter::web::links::secret(&reporter, &settings, None)
+        .await
+        .unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(first.expose_secret(), again.expose_secret());
+    for (user, js) in [("gateway", &gateway), ("worker", &worker)] {
+        let read = match js.get_key_value(RUN_LINKS_BUCKET).await {
+            Ok(bucket) => bucket.get("secret").await.is_ok_and(|v| v.is_some()),
+            Err(_) => false,
+        };
+        assert!(!read, "{user} read the run-link secret");
+    }
+
+    // What an operator would notice: the output is there, the stream as provisioned.
+    let admin = connect_as(&server, "admin").await;
+    let mut stream = admin.get_stream(RUNLOGS_STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 1 + SERVICE_USERS.len() as u64);
+    assert_eq!(info.config.max_age, settings.run_log_max_age);
+}

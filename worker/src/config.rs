@@ -92,6 +92,9 @@ pub struct Config {
     #[command(flatten)]
     pub environments: EnvironmentArgs,
 
+    #[command(flatten)]
+    pub run_log: crate::runlog::RunLogArgs,
+
     /// Tags whose commits may be deployed besides those on `GIT_BRANCH`: a git glob over the
     /// tag's name (`v*` matches `v1.2.0`).
     #[arg(

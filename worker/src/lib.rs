@@ -11,6 +11,7 @@
 //! - [`git`]: the checkout and what changed, with credentials kept out of every message.
 //! - [`task`]: running one task in its own process group, with a timeout and an output tail.
 //! - [`task_env`]: the environment a task gets, built not inherited, and the masking of secrets.
+//! - [`runlog`]: every task's masked output, published to `IAC_RUNLOGS` for the run pages.
 //! - [`requirements`]: the repository's own Python packages (`TASK_REQUIREMENTS`), installed
 //!   into a virtual environment the tasks run from.
 //! - [`workspace`]: the workspace lock and the record of the running tasks.
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod newest;
 pub mod repo_url;
 pub mod requirements;
+pub mod runlog;
 pub mod schedule;
 pub mod sync;
 pub mod task;
@@ -146,6 +148,7 @@ async fn serve_events(
     let Some(applied) = applied.await? else {
         return Ok(());
     };
+    runlog::ensure_stream(&js, &config.nats.streams, &shutdown);
     let root = Workspace::new(config.workspace.clone());
     let mut loops = Vec::with_capacity(consumers.len());
     let mut reconciler = None;
@@ -192,6 +195,7 @@ async fn serve_events(
                 timeout: config.sync_timeout,
                 tail_lines: config.output_tail_lines.into(),
                 groups: workspace.task_groups(),
+                run_log: runlog::RunLog::new(js.clone(), config.run_log.max_bytes),
             },
             task_env: config.task_env(),
             // One set of task environments for every deployment environment: they are keyed

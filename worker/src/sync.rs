@@ -284,7 +284,13 @@ async fn sync(
         |name| std::env::var(name).ok(),
         &ctx.config.repo_url.secrets(),
     ) {
-        Ok(env) => env.for_environment(ctx.env.as_deref()),
+        Ok(env) => TaskEnv {
+            run_log: ctx
+                .runner
+                .run_log
+                .for_run(&delivery.event_id, delivery.delivered),
+            ..env.for_environment(ctx.env.as_deref())
+        },
         Err(e) => {
             let reason = format!("Cannot build the task environment: {e}");
             tracing::error!("{reason}");

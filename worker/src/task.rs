@@ -19,6 +19,7 @@ use iac_shared::rules::Service;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::Instrument;
 
+use crate::runlog::TaskOutput;
 use crate::task_env::{Masker, TaskEnv};
 use crate::workspace::TaskGroups;
 
@@ -155,6 +156,8 @@ pub struct TaskRunner {
     pub tail_lines: usize,
     /// Where the running tasks' process groups are recorded for a successor to find.
     pub groups: TaskGroups,
+    /// Where each task's whole output goes, for the run pages.
+    pub run_log: crate::runlog::RunLog,
 }
 
 /// How a task run ended, before it becomes a [`ServiceResult`].
@@ -233,15 +236,16 @@ impl TaskRunner {
             tracing::warn!(error = %e, pgid, "cannot record the task's process group");
         }
         let tail: Tail = Arc::default();
+        let output = env.run_log.task(&service.key);
         let readers = [
             child
                 .stdout
                 .take()
-                .map(|out| self.stream(out, service, &env.masker, &tail)),
+                .map(|out| self.stream(out, service, &env.masker, &tail, &output)),
             child
                 .stderr
                 .take()
-                .map(|err| self.stream(err, service, &env.masker, &tail)),
+                .map(|err| self.stream(err, service, &env.masker, &tail, &output)),
         ];
         tracing::info!(service = %service.key, task = %service.task, pgid, "task started");
 
@@ -263,6 +267,7 @@ impl TaskRunner {
                 tracing::debug!("task output still open after the task ended");
             }
         }
+        output.finish().await;
         let tail: Vec<String> = tail
             .lock()
             .map(|t| t.iter().cloned().collect())
@@ -280,8 +285,10 @@ impl TaskRunner {
         service: &Service,
         masker: &Masker,
         tail: &Tail,
+        run_log: &TaskOutput,
     ) -> tokio::task::JoinHandle<()> {
         let tail = tail.clone();
+        let run_log = run_log.clone();
         let key = service.key.clone();
         let keep = self.tail_lines;
         let masker = masker.clone();
@@ -291,6 +298,7 @@ impl TaskRunner {
             let keep_line = |line: String| {
                 let line = masker.mask(&line);
                 tracing::info!(service = %key, "| {line}");
+                run_log.line(&line);
                 if let Ok(mut tail) = tail.lock() {
                     if tail.len() == keep {
                         tail.pop_front();

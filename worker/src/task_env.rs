@@ -83,6 +83,8 @@ pub struct TaskEnvSettings {
 pub struct TaskEnv {
     pub vars: BTreeMap<String, String>,
     pub masker: Masker,
+    /// Where the tasks' masked output goes for the run pages (nowhere by default).
+    pub run_log: crate::runlog::RunOutput,
 }
 
 impl TaskEnvSettings {
@@ -125,6 +127,7 @@ impl TaskEnvSettings {
         Ok(TaskEnv {
             vars,
             masker: Masker::new(secrets),
+            run_log: Default::default(),
         })
     }
 }
