@@ -1,7 +1,7 @@
 //! What the pipeline did lately, read from the streams (`iac-worker status`), and what each
 //! environment last synced (the applied state in `IAC_APPLIED`, written by the worker).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 
 use async_nats::jetstream;
@@ -127,6 +127,21 @@ pub struct BranchSeen {
     pub head: String,
     /// RFC 3339.
     pub at: String,
+    /// Which services the head changes, when reconciliation could work it out (absent in
+    /// entries written before it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
+}
+
+/// The services the changes from an applied head to the branch head select, as a push of
+/// those changes would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drift {
+    /// The applied head the changes were taken from: once the environment applies another
+    /// commit, this drift no longer says anything.
+    pub from: String,
+    /// Service keys, in key order; services the head adds are among them.
+    pub services: Vec<String>,
 }
 
 /// How an environment is written in keys: its name, `-` for pushes without one (`PUSH_ENV=`).
@@ -150,7 +165,9 @@ pub fn covered_key(seq: u64) -> String {
 }
 
 /// An environment's applied state: its head, then one line per service with the commit, the
-/// outcome, the age and whether the branch head has commits not synced yet (drift).
+/// outcome, the age and whether the branch head has changes for it not synced yet (drift).
+/// Services the branch head changes that never synced get a line too. When which services the
+/// head changes is unknown, the environment's line says so and each service shows `?`.
 pub fn format_applied(
     env: Option<&str>,
     applied: Option<&Applied>,
@@ -163,12 +180,17 @@ pub fn format_applied(
     };
     let short = |c: &str| c.chars().take(8).collect::<String>();
     let ahead = branch.filter(|b| b.head != head.commit);
-    let mut out = match (&head.state, ahead) {
-        (None, _) => format!(
+    // Only a drift worked out from the applied head shown says which services are behind.
+    let drifted = ahead
+        .and_then(|b| b.drift.as_ref())
+        .filter(|d| d.from == head.commit)
+        .map(|d| &d.services);
+    let mut out = match &head.state {
+        None => format!(
             "applied {name}: baseline {} (the branch head when there was no applied state; nothing synced)\n",
             short(&head.commit)
         ),
-        (Some(state), _) => format!(
+        Some(state) => format!(
             "applied {name}: head {} {} {} ago\n",
             short(&head.commit),
             format!("{state:?}").to_lowercase(),
@@ -177,20 +199,42 @@ pub fn format_applied(
     };
     if let Some(branch) = ahead {
         out.push_str(&format!(
-            "  branch head {} not synced yet (seen {} ago)\n",
+            "  branch head {} not synced yet (seen {} ago){}\n",
             short(&branch.head),
-            age(&branch.at, now)
+            age(&branch.at, now),
+            if drifted.is_some() {
+                ""
+            } else {
+                ", drift unknown"
+            }
         ));
     }
-    for (service, s) in applied.map(|a| &a.services).into_iter().flatten() {
-        out.push_str(&format!(
-            "  {:<30} {} {:<12} {:>6} ago  {}\n",
-            service,
-            short(&s.commit),
-            outcome_word(s.outcome),
-            age(&s.at, now),
-            if ahead.is_some() { "drift" } else { "-" }
-        ));
+    let services = applied.map(|a| &a.services);
+    let names: BTreeSet<&String> = services
+        .into_iter()
+        .flat_map(|s| s.keys())
+        .chain(drifted.into_iter().flatten())
+        .collect();
+    for service in names {
+        let mark = match (ahead, drifted) {
+            (None, _) => "-",
+            (Some(_), None) => "?",
+            (Some(_), Some(drifted)) if drifted.contains(service) => "drift",
+            (Some(_), Some(_)) => "-",
+        };
+        match services.and_then(|s| s.get(service)) {
+            Some(s) => out.push_str(&format!(
+                "  {:<30} {} {:<12} {:>6} ago  {mark}\n",
+                service,
+                short(&s.commit),
+                outcome_word(s.outcome),
+                age(&s.at, now),
+            )),
+            None => out.push_str(&format!(
+                "  {:<30} {:<8} {:<12} {:>6}      {mark}\n",
+                service, "-", "never synced", ""
+            )),
+        }
     }
     out
 }
@@ -370,56 +414,155 @@ mod tests {
     use super::*;
     use crate::events::{ServiceResult, Totals, Trigger};
 
-    #[test]
-    fn applied_state_shows_each_services_commit_outcome_age_and_drift() {
-        let now = OffsetDateTime::parse("2026-01-01T01:00:00Z", &Rfc3339).unwrap();
-        let applied = Applied {
+    fn at(rfc3339: &str) -> OffsetDateTime {
+        OffsetDateTime::parse(rfc3339, &Rfc3339).unwrap()
+    }
+
+    fn service(commit: &str, outcome: SyncOutcome, at: &str) -> AppliedService {
+        AppliedService {
+            commit: commit.into(),
+            outcome,
+            at: at.into(),
+        }
+    }
+
+    /// Production applied `aaaaaaaa11`: postgres failed there, redis synced earlier.
+    fn production() -> Applied {
+        Applied {
             head: Some(AppliedHead {
                 commit: "aaaaaaaa11".into(),
                 state: Some(FinishedState::Failure),
                 at: "2026-01-01T00:57:00Z".into(),
                 event_id: None,
             }),
-            services: [(
-                "platform/postgres".to_string(),
-                AppliedService {
-                    commit: "aaaaaaaa11".into(),
-                    outcome: SyncOutcome::Failed,
-                    at: "2026-01-01T00:59:15Z".into(),
-                },
-            )]
+            services: [
+                (
+                    "platform/postgres".to_string(),
+                    service("aaaaaaaa11", SyncOutcome::Failed, "2026-01-01T00:59:15Z"),
+                ),
+                (
+                    "platform/redis".to_string(),
+                    service("9999999900", SyncOutcome::Synced, "2026-01-01T00:10:00Z"),
+                ),
+            ]
             .into(),
-        };
+        }
+    }
+
+    /// The line of `service` in `shown`.
+    fn line_of<'a>(shown: &'a str, service: &str) -> &'a str {
+        shown
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{service} ")))
+            .unwrap_or_else(|| panic!("no line for {service} in:\n{shown}"))
+    }
+
+    #[test]
+    fn applied_state_shows_each_services_commit_outcome_age_and_drift() {
+        let now = at("2026-01-01T01:00:00Z");
         let branch = BranchSeen {
             head: "bbbbbbbb22".into(),
             at: "2026-01-01T00:59:50Z".into(),
+            drift: Some(Drift {
+                from: "aaaaaaaa11".into(),
+                services: vec!["platform/postgres".into()],
+            }),
         };
-        let shown = format_applied(Some("production"), Some(&applied), Some(&branch), now);
+        let shown = format_applied(Some("production"), Some(&production()), Some(&branch), now);
         assert!(
             shown.starts_with("applied production: head aaaaaaaa failure 3m ago\n"),
             "{shown}"
         );
         assert!(
-            shown.contains("branch head bbbbbbbb not synced yet"),
+            shown.contains("  branch head bbbbbbbb not synced yet (seen 10s ago)\n"),
             "{shown}"
         );
-        let line = shown
-            .lines()
-            .find(|l| l.contains("platform/postgres"))
-            .unwrap();
+        let postgres = line_of(&shown, "platform/postgres");
         assert!(
-            line.contains("aaaaaaaa failed") && line.contains("45s ago") && line.ends_with("drift"),
-            "{line}"
+            postgres.contains("aaaaaaaa failed")
+                && postgres.contains("45s ago")
+                && postgres.ends_with(" drift"),
+            "{postgres}"
         );
+        let redis = line_of(&shown, "platform/redis");
+        assert!(
+            redis.contains("99999999 synced") && redis.ends_with(" -"),
+            "{redis}"
+        );
+
         let level = BranchSeen {
             head: "aaaaaaaa11".into(),
             ..branch
         };
-        let shown = format_applied(Some("production"), Some(&applied), Some(&level), now);
+        let shown = format_applied(Some("production"), Some(&production()), Some(&level), now);
         assert!(
             !shown.contains("drift") && !shown.contains("not synced yet"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_service_the_branch_head_adds_is_shown_never_synced_with_drift() {
+        let now = at("2026-01-01T01:00:00Z");
+        let branch = BranchSeen {
+            head: "bbbbbbbb22".into(),
+            at: "2026-01-01T00:59:50Z".into(),
+            drift: Some(Drift {
+                from: "aaaaaaaa11".into(),
+                services: vec!["platform/kafka".into()],
+            }),
+        };
+        let shown = format_applied(Some("production"), Some(&production()), Some(&branch), now);
+        let kafka = line_of(&shown, "platform/kafka");
+        assert!(
+            kafka.contains(" never synced ") && kafka.ends_with(" drift"),
+            "{kafka}"
+        );
+        // In key order, between the services that synced.
+        let order: Vec<&str> = shown
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(
+            order,
+            ["platform/kafka", "platform/postgres", "platform/redis"]
+        );
+        assert!(
+            line_of(&shown, "platform/postgres").ends_with(" -"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn without_a_drift_worked_out_from_the_applied_head_drift_is_unknown() {
+        let now = at("2026-01-01T01:00:00Z");
+        // Worked out before the environment applied `aaaaaaaa11`: it no longer says anything.
+        let stale = BranchSeen {
+            head: "bbbbbbbb22".into(),
+            at: "2026-01-01T00:59:50Z".into(),
+            drift: Some(Drift {
+                from: "8888888800".into(),
+                services: vec!["platform/redis".into()],
+            }),
+        };
+        let unknown = BranchSeen {
+            drift: None,
+            ..stale.clone()
+        };
+        for branch in [stale, unknown] {
+            let shown = format_applied(Some("production"), Some(&production()), Some(&branch), now);
+            assert!(
+                shown.contains(
+                    "branch head bbbbbbbb not synced yet (seen 10s ago), drift unknown\n"
+                ),
+                "{shown}"
+            );
+            for service in ["platform/postgres", "platform/redis"] {
+                assert!(line_of(&shown, service).ends_with(" ?"), "{shown}");
+            }
+            assert!(!shown.contains(" drift\n"), "{shown}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use iac_shared::events::{FinishedState, SyncFinished, SyncStarted};
 use iac_shared::names::{APPLIED_BUCKET, FINISHED_SUBJECT, STARTED_SUBJECT, WORKER_CONSUMER};
+use iac_shared::rules::Rules;
 use iac_shared::shutdown::Shutdown;
 use iac_tests::measure::{ms, quantile};
 use iac_tests::worker_harness::WorkerHarness;
@@ -24,6 +25,7 @@ use iac_worker::Config;
 use iac_worker::git::Checkout;
 use iac_worker::metrics::Metrics;
 use iac_worker::newest::{AppliedState, Reconciled, Reconciler};
+use iac_worker::workspace::Workspace;
 
 const REDIS: &str = "platform/02.redis";
 const CHANGED: [&str; 2] = [
@@ -104,6 +106,8 @@ async fn main() {
             config.deploy_tag_pattern.clone(),
             workspace.join(config.repo_url.repo_name()),
         ),
+        workspace: Workspace::new(workspace.clone()),
+        rules: Rules::load_or_default(config.rules.as_deref()).unwrap(),
         applied: AppliedState {
             bucket,
             env: Some("production".into()),

@@ -1,7 +1,7 @@
 //! Newest commit wins, nothing missed: pushes queued behind a slow sync are synced once, as the
 //! newest; a commit a force push dropped ends `error`; a commit whose webhook never came is
-//! synced by reconciliation, published once however many workers find it. Real NATS, git and
-//! invoke, GitHub faked.
+//! synced by reconciliation, published once however many workers find it, and `status` marks
+//! drift for the services it changes until then. Real NATS, git and invoke, GitHub faked.
 
 use std::time::Duration;
 
@@ -299,6 +299,62 @@ async fn a_commit_whose_webhook_never_came_is_synced_by_reconciliation() {
         format!("Superseded: synced as part of {}", &missed[..8])
     );
     assert_eq!(ran_at(&pipeline, &missed), ["postgres.sync"]);
+}
+
+#[tokio::test]
+async fn status_marks_drift_only_for_the_service_the_unsynced_branch_head_changes() {
+    let github = FakeGithub::start().await;
+    let mut pipeline = Pipeline::new(&github.url());
+    pipeline.set_env("worker", "RECONCILE_INTERVAL", "1");
+    let _services = pipeline.start_all().await;
+    pipeline.push_change("platform/02.redis/compose.yaml").await;
+    let (synced, _, _) = pipeline
+        .push_change("platform/01.postgres/compose.yaml")
+        .await;
+    github
+        .wait_for_shown(&synced, CONTEXT, "success", FINAL)
+        .await;
+    wait_for_applied_head(&pipeline, &synced).await;
+
+    // Pushed without a webhook; its sync is slow, so `status` is read while it is behind.
+    pipeline
+        .fixture
+        .set_behaviour("platform/01.postgres", 8.0, 0);
+    let missed = pipeline.fixture.change("platform/01.postgres/compose.yaml");
+    wait_for("the missed commit's sync to start", FINAL, || {
+        let started = pipeline
+            .fixture
+            .runs()
+            .iter()
+            .any(|r| r.phase == "start" && r.commit.as_deref() == Some(missed.as_str()));
+        async move { started.then_some(()) }
+    })
+    .await;
+
+    let (ok, status, err) = pipeline.operator("iac-worker", &["status"]);
+    assert!(ok, "{err}");
+    let line_of = |service: &str| {
+        status
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{service} ")))
+            .unwrap_or_else(|| panic!("no line for {service} in:\n{status}"))
+    };
+    assert!(
+        status.contains(&format!(
+            "  branch head {} not synced yet (seen",
+            &missed[..8]
+        )),
+        "{status}"
+    );
+    assert!(!status.contains("drift unknown"), "{status}");
+    assert!(line_of("platform/postgres").ends_with(" drift"), "{status}");
+    assert!(line_of("platform/redis").ends_with(" -"), "{status}");
+
+    // Once synced, nothing is behind.
+    wait_for_applied_head(&pipeline, &missed).await;
+    let (_, status, _) = pipeline.operator("iac-worker", &["status"]);
+    assert!(!status.contains("drift"), "{status}");
+    assert!(!status.contains("not synced yet"), "{status}");
 }
 
 #[tokio::test]

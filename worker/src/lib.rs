@@ -173,6 +173,8 @@ async fn serve_events(
                     config.deploy_tag_pattern.clone(),
                     workspace.checkout(&config.repo_url.repo_name()),
                 ),
+                workspace: workspace.clone(),
+                rules: rules.clone(),
                 applied: applied.clone(),
                 js: js.clone(),
                 consumer: consumer.cached_info().name.clone(),

@@ -7,21 +7,24 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, message::PublishMessage};
 use iac_shared::events::{FinishedState, PushEvent, SyncFinished, Totals, now_rfc3339};
 use iac_shared::history::{
-    Applied, AppliedHead, AppliedService, BranchSeen, applied_key, branch_key, covered_key,
+    Applied, AppliedHead, AppliedService, BranchSeen, Drift, applied_key, branch_key, covered_key,
     env_token,
 };
 use iac_shared::names::{
     EVENT_ID_HEADER, EVENTS_STREAM, MSG_ID_HEADER, PUSH_SUBJECT, RECONCILE_SOURCE,
     REPLAY_OF_HEADER, SOURCE_HEADER, SYNC_SUBJECT,
 };
+use iac_shared::rules::Rules;
 use iac_shared::runtime::retry_until_shutdown;
 use iac_shared::shutdown::Shutdown;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::decide::Delivery;
+use crate::decide::{Delivery, Target};
 use crate::git::{Checkout, is_full_commit_id};
 use crate::metrics::Metrics;
+use crate::sync::{DecideError, dependencies_in};
+use crate::workspace::Workspace;
 
 /// Most events looked at behind the one in hand: a longer queue is covered in several steps.
 const LOOKAHEAD_LIMIT: u64 = 1000;
@@ -32,6 +35,10 @@ const WRITE_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// The longest wait before a reconcile check that failed (NATS or the remote away) is tried
 /// again.
 const RETRY_FAILED_CHECK: Duration = Duration::from_secs(30);
+
+/// The longest a reconcile check spends working out which services the branch head changes
+/// (waiting for the workspace, fetching, diffing); past it the drift is recorded unknown.
+const DRIFT_BOUND: Duration = Duration::from_secs(120);
 
 /// The prefix of the delivery id (and message id) of a push published by reconciliation; the
 /// rest is the commit, so every worker publishing it for the same commit publishes one event.
@@ -258,9 +265,12 @@ pub(crate) async fn coalesce(
 }
 
 /// What reconciliation needs: the branch on the remote, the push environment's applied state,
-/// its consumer, and where to publish.
+/// its consumer, and where to publish; the consumer's workspace and rules to tell which
+/// services the branch head changes.
 pub struct Reconciler {
     pub checkout: Checkout,
+    pub workspace: Workspace,
+    pub rules: Rules,
     pub applied: AppliedState,
     pub js: jetstream::Context,
     pub consumer: String,
@@ -318,21 +328,13 @@ impl Reconciler {
         }
     }
 
-    /// One check: the branch head (`git ls-remote`) against the applied head.
+    /// One check: the branch head (`git ls-remote`) against the applied head. The head is
+    /// recorded as seen, with which services it changes when the worker is idle to tell.
     pub async fn check(&self) -> Result<Reconciled, async_nats::Error> {
         let Some(head) = self.checkout.remote_head().await? else {
             return Ok(Reconciled::NoBranch);
         };
         let env = self.applied.env.as_deref();
-        let seen = BranchSeen {
-            head: head.clone(),
-            at: now_rfc3339(),
-        };
-        let seen = serde_json::to_vec(&seen).expect("branch heads serialize");
-        self.applied
-            .bucket
-            .put(branch_key(env), seen.into())
-            .await?;
         let key = applied_key(env);
         let entry = self.applied.bucket.entry(&key).await?;
         let applied: Applied = entry
@@ -340,6 +342,7 @@ impl Reconciler {
             .and_then(|e| serde_json::from_slice(&e.value).ok())
             .unwrap_or_default();
         let Some(applied_head) = applied.head else {
+            self.saw(&head, None).await?;
             let baseline = Applied {
                 head: Some(AppliedHead {
                     commit: head.clone(),
@@ -368,13 +371,21 @@ impl Reconciler {
             return Ok(Reconciled::Baseline(head));
         };
         if applied_head.commit == head {
+            self.saw(&head, None).await?;
             return Ok(Reconciled::UpToDate);
         }
         let stream = self.js.get_stream(EVENTS_STREAM).await?;
         let info = stream.consumer_info(&self.consumer).await?;
         if info.num_pending > 0 || info.num_ack_pending > 0 {
+            // A busy worker cannot work the drift out again: what was found for this head
+            // stays (`status` shows it only while the applied head it came from stays).
+            let earlier = self.drift_seen(&head).await?;
+            self.saw(&head, earlier).await?;
             return Ok(Reconciled::Busy);
         }
+        // Recorded before publishing, so `status` names the services while they sync.
+        let drift = self.drift(&applied_head.commit, &head).await;
+        self.saw(&head, drift).await?;
         let id = format!("{RECONCILE_ID_PREFIX}{head}");
         let push = PushEvent::<String> {
             delivery_id: id.clone(),
@@ -399,4 +410,91 @@ impl Reconciler {
         }
         Ok(Reconciled::Published(head, !ack.duplicate))
     }
+
+    /// Records `head` as the branch head seen now, with which services it changes.
+    async fn saw(&self, head: &str, drift: Option<Drift>) -> Result<(), async_nats::Error> {
+        let seen = BranchSeen {
+            head: head.to_string(),
+            at: now_rfc3339(),
+            drift,
+        };
+        let seen = serde_json::to_vec(&seen).expect("branch heads serialize");
+        let key = branch_key(self.applied.env.as_deref());
+        self.applied.bucket.put(key, seen.into()).await?;
+        Ok(())
+    }
+
+    /// The drift recorded when `head` was last seen, if it was the head then too.
+    async fn drift_seen(&self, head: &str) -> Result<Option<Drift>, async_nats::Error> {
+        let key = branch_key(self.applied.env.as_deref());
+        Ok(self
+            .applied
+            .bucket
+            .get(key)
+            .await?
+            .and_then(|value| serde_json::from_slice::<BranchSeen>(&value).ok())
+            .filter(|seen| seen.head == head)
+            .and_then(|seen| seen.drift))
+    }
+
+    /// The services the changes from `from` (the applied head) to `head` select, as a push of
+    /// them would; `None` when that cannot be worked out within [`DRIFT_BOUND`].
+    async fn drift(&self, from: &str, head: &str) -> Option<Drift> {
+        match tokio::time::timeout(DRIFT_BOUND, self.drifted_services(from, head)).await {
+            Ok(Ok(services)) => Some(Drift {
+                from: from.to_string(),
+                services,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, %head, "cannot tell which services the branch head changes");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%head, bound = ?DRIFT_BOUND, "timed out telling which services the branch head changes");
+                None
+            }
+        }
+    }
+
+    /// Checks out `head` and selects services from the paths changed since `from`, with the
+    /// rules and the dependency manifest at `head`, as a push would.
+    async fn drifted_services(&self, from: &str, head: &str) -> Result<Vec<String>, DriftError> {
+        // The checkout is the consumer's: a sync holds this lock throughout, and the next one
+        // checks out its own commit again.
+        let _lock = self.workspace.lock().await.map_err(DriftError::Lock)?;
+        let head = self
+            .checkout
+            .update(&Target::Commit(head.to_string()))
+            .await
+            .map_err(DecideError::from)?;
+        let (files, changed) = tokio::join!(
+            self.checkout.files(),
+            self.checkout.changed_paths(from, &head)
+        );
+        let discovered = self
+            .rules
+            .discover(files.map_err(DecideError::from)?.iter().map(String::as_str));
+        let deps = dependencies_in(
+            &self.rules,
+            self.config.dependencies_file.as_deref(),
+            self.checkout.dir(),
+            &discovered,
+        )?;
+        let changed = changed.map_err(DecideError::from)?;
+        let fan_out = self.rules.fan_out(
+            changed.iter().map(String::as_str),
+            &discovered,
+            deps.as_ref(),
+        );
+        Ok(fan_out.selected.into_iter().map(|(s, _)| s.key).collect())
+    }
+}
+
+/// Why a reconcile check could not tell which services the branch head changes.
+#[derive(Debug, thiserror::Error)]
+enum DriftError {
+    #[error("Cannot lock the workspace: {0}")]
+    Lock(std::io::Error),
+    #[error(transparent)]
+    Decide(#[from] DecideError),
 }

@@ -534,7 +534,7 @@ impl Decided {
 
 /// Why the services of an event could not be decided: the sync ends `error`.
 #[derive(Debug, thiserror::Error)]
-enum DecideError {
+pub(crate) enum DecideError {
     #[error("Failed to read git repository: {0}")]
     Git(#[from] git::GitError),
     #[error("Bad dependency manifest {file}: {problem}")]
@@ -550,21 +550,37 @@ fn dependencies_at(
     ctx: &Context,
     discovered: &[Service],
 ) -> Result<Option<Dependencies>, DecideError> {
-    let from_rules = ctx.rules.dependencies();
-    let (deps, file) = match &ctx.config.dependencies_file {
+    dependencies_in(
+        &ctx.rules,
+        ctx.config.dependencies_file.as_deref(),
+        ctx.checkout.dir(),
+        discovered,
+    )
+}
+
+/// The dependencies declared in `rules` and in `dependencies_file` of the checkout at
+/// `checkout`, merged, every `after` naming a service of `discovered`.
+pub(crate) fn dependencies_in(
+    rules: &Rules,
+    dependencies_file: Option<&str>,
+    checkout: &std::path::Path,
+    discovered: &[Service],
+) -> Result<Option<Dependencies>, DecideError> {
+    let from_rules = rules.dependencies();
+    let (deps, file) = match dependencies_file {
         None => (from_rules.cloned(), "IAC_RULES".to_string()),
         Some(file) => {
             let bad = |problem: String| DecideError::Manifest {
-                file: file.clone(),
+                file: file.to_string(),
                 problem,
             };
-            let text = read_manifest(ctx.checkout.dir(), file).map_err(bad)?;
+            let text = read_manifest(checkout, file).map_err(bad)?;
             let manifest = Dependencies::from_yaml(&text).map_err(|e| bad(e.to_string()))?;
             let deps = match from_rules {
                 Some(rules) => rules.merged(&manifest).map_err(|e| bad(e.to_string()))?,
                 None => manifest,
             };
-            (Some(deps), file.clone())
+            (Some(deps), file.to_string())
         }
     };
     let Some(deps) = deps else {
