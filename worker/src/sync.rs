@@ -33,8 +33,10 @@ use crate::task::{self, TaskEnd, TaskRunner};
 use crate::task_env::{TaskEnv, TaskEnvSettings};
 use crate::workspace::Workspace;
 
-/// How many of the newest results a given-up event's `started` is looked for among.
-const STARTED_SCAN_LIMIT: u64 = 100;
+/// How many of the newest results a given-up event's `started` is looked for among: after it
+/// come the `iac.results.task` of each service its attempt started, so a sync of many
+/// services needs room. The look ends at the newest `started` of the event.
+const STARTED_SCAN_LIMIT: u64 = 1000;
 
 /// How long looking for a given-up event's `started` may take.
 const STARTED_SCAN_BOUND: Duration = Duration::from_secs(5);
