@@ -1,13 +1,19 @@
 //! Check runs (`CHECK_RUNS=true`): one per service and sync, named `IaC Runner / <service>`,
-//! created when the sync starts and completed when it finishes, with why the service was
-//! selected, its outcome and its output tail. Planning is pure; [`CheckRuns::deliver`] keeps
-//! each check run's id and last state in `IAC_STATUSES`, so several reporters create it once
-//! and never move it backwards.
+//! created queued when the sync starts, in progress when the service's task starts, and
+//! completed when the sync finishes, with why the service was selected, its outcome and its
+//! output tail. Planning is pure; [`CheckRuns::deliver`] keeps each check run's id and last
+//! state in `IAC_STATUSES`, so several reporters create it once and never move it backwards,
+//! whatever order the results are handled in.
+//!
+//! The phases are the commit statuses' [`Phase`]: `Queued` from `started`, `Started` from the
+//! service's `TaskStarted`, `Finished` from `finished`.
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use iac_shared::events::{ServiceResult, SyncFinished, SyncOutcome, SyncStarted, truncate_chars};
+use iac_shared::events::{
+    ServiceResult, SyncFinished, SyncOutcome, SyncStarted, TaskStarted, truncate_chars,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -17,6 +23,8 @@ use crate::status::{Phase, StatusSettings, is_postable_commit};
 
 /// GitHub's limit on a check run's output summary, in characters.
 const MAX_SUMMARY_CHARS: usize = 65_000;
+/// The title of a check run whose task waits for its turn in the sync.
+const QUEUED_TITLE: &str = "Queued: waiting for its turn in the sync";
 /// How often a check run waiting for a request in flight reads its record again.
 const LEASE_POLL: Duration = Duration::from_millis(50);
 
@@ -101,7 +109,7 @@ impl<'a> Sync<'a> {
     }
 }
 
-/// A started sync: each service's check run, in progress.
+/// A started sync: each service's check run, queued until its task starts.
 pub fn for_started(started: &SyncStarted, settings: &StatusSettings) -> Vec<PlannedCheck> {
     let Some(sync) = Sync::new(
         settings,
@@ -119,16 +127,37 @@ pub fn for_started(started: &SyncStarted, settings: &StatusSettings) -> Vec<Plan
         .map(|service| {
             let why = started.reasons.get(service).map_or("", String::as_str);
             let body = json!({
-                "status": "in_progress",
-                "started_at": started.started_at,
+                "status": "queued",
                 "output": {
-                    "title": "Syncing…",
-                    "summary": summary(why, "Syncing…", &[]),
+                    "title": QUEUED_TITLE,
+                    "summary": summary(why, QUEUED_TITLE, &[]),
                 },
             });
-            sync.check(service, Phase::Started, body)
+            sync.check(service, Phase::Queued, body)
         })
         .collect()
+}
+
+/// A service's task starting: its check run, in progress.
+pub fn for_task_started(task: &TaskStarted, settings: &StatusSettings) -> Option<PlannedCheck> {
+    let sync = Sync::new(
+        settings,
+        task.repository.as_deref(),
+        Some(&task.commit),
+        &task.event_id,
+        task.event_seq,
+        task.env.as_deref(),
+    )?;
+    let title = format!("Running {}", task.task);
+    let body = json!({
+        "status": "in_progress",
+        "started_at": task.started_at,
+        "output": {
+            "title": title,
+            "summary": summary(task.reason.as_deref().unwrap_or(""), &title, &[]),
+        },
+    });
+    Some(sync.check(&task.service, Phase::Started, body))
 }
 
 /// A finished sync: each service's check run, completed with its conclusion.
@@ -435,7 +464,7 @@ mod tests {
     }
 
     #[test]
-    fn a_started_sync_puts_each_service_in_progress_with_why_it_was_selected() {
+    fn a_started_sync_queues_each_service_with_why_it_was_selected() {
         let started = SyncStarted {
             event_id: "e-1".into(),
             event_seq: 7,
@@ -451,12 +480,68 @@ mod tests {
         };
         let [check] = for_started(&started, &settings()).try_into().unwrap();
         assert_eq!(check.name, "IaC Runner / platform/postgres");
-        assert_eq!(check.body["status"], "in_progress");
+        assert_eq!(check.phase, Phase::Queued);
+        assert_eq!(check.body["status"], "queued");
+        assert!(check.body.get("started_at").is_none(), "{}", check.body);
         assert_eq!(check.body["head_sha"], SHA);
         assert_eq!(check.body["external_id"], "platform/postgres");
         assert_eq!(check.body["details_url"], "https://runner.example/runs/e-1");
         let summary = check.body["output"]["summary"].as_str().unwrap();
         assert!(summary.contains("manual"), "{summary}");
+    }
+
+    fn task_started(env: Option<&str>) -> TaskStarted {
+        TaskStarted {
+            event_id: "e-1".into(),
+            event_seq: 7,
+            trigger: Trigger::Push,
+            repository: None,
+            commit: SHA.into(),
+            service: "platform/postgres".into(),
+            task: "postgres.sync".into(),
+            reason: Some("changed platform/01.postgres/compose.yaml".into()),
+            replay_of: None,
+            started_at: "2026-01-01T00:00:05Z".into(),
+            env: env.map(str::to_string),
+            deployment_id: None,
+        }
+    }
+
+    #[test]
+    fn a_starting_task_puts_its_check_run_in_progress_under_the_same_name_and_key() {
+        let check = for_task_started(&task_started(Some("production")), &settings()).unwrap();
+        assert_eq!(check.phase, Phase::Started);
+        assert_eq!(check.body["status"], "in_progress");
+        assert_eq!(check.body["started_at"], "2026-01-01T00:00:05Z");
+        assert_eq!(check.body["head_sha"], SHA);
+        assert_eq!(check.body["external_id"], "platform/postgres");
+        assert_eq!(check.repository, "acme/infra");
+        let summary = check.body["output"]["summary"].as_str().unwrap();
+        assert!(
+            summary.contains("changed platform/01.postgres"),
+            "{summary}"
+        );
+        let started = SyncStarted {
+            event_id: "e-1".into(),
+            event_seq: 7,
+            trigger: Trigger::Push,
+            repository: None,
+            commit: SHA.into(),
+            services: vec!["platform/postgres".into()],
+            reasons: Default::default(),
+            replay_of: None,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            env: None,
+            deployment_id: None,
+        };
+        let [queued] = for_started(&started, &settings()).try_into().unwrap();
+        assert_eq!(
+            check_key(&check),
+            check_key(&queued),
+            "the task moves the check run its sync queued"
+        );
+        let staging = for_task_started(&task_started(Some("staging")), &settings()).unwrap();
+        assert_eq!(staging.name, "IaC Runner / platform/postgres (staging)");
     }
 
     #[test]
@@ -556,6 +641,69 @@ mod tests {
         assert_eq!(
             decide_check(Some(&in_flight), &finished, 100),
             CheckDecision::Wait(Duration::from_millis(400))
+        );
+    }
+
+    /// What a record holds once GitHub accepted `phase`.
+    fn shown(phase: Phase) -> CheckRecord {
+        CheckRecord {
+            id: Some(11),
+            phase,
+            body: planned(phase).body,
+            unconfirmed: false,
+            leased_until: None,
+        }
+    }
+
+    #[test]
+    fn a_check_run_goes_queued_then_in_progress_then_completed() {
+        let queued = planned(Phase::Queued);
+        let CheckDecision::Send(created) = decide_check(None, &queued, 0) else {
+            panic!("the sync's started result creates it");
+        };
+        assert_eq!((created.id, created.phase), (None, Phase::Queued));
+        let task = planned(Phase::Started);
+        let CheckDecision::Send(moved) = decide_check(Some(&shown(Phase::Queued)), &task, 0) else {
+            panic!("the task's start moves it along");
+        };
+        assert_eq!((moved.id, moved.phase), (Some(11), Phase::Started));
+        assert_eq!(moved.body, task.body);
+        let CheckDecision::Send(done) =
+            decide_check(Some(&shown(Phase::Started)), &planned(Phase::Finished), 0)
+        else {
+            panic!("the sync's finished result completes it");
+        };
+        assert_eq!((done.id, done.phase), (Some(11), Phase::Finished));
+    }
+
+    #[test]
+    fn a_task_start_handled_before_its_sync_start_creates_the_check_run_in_progress() {
+        let CheckDecision::Send(created) = decide_check(None, &planned(Phase::Started), 0) else {
+            panic!("the task's start creates it");
+        };
+        assert_eq!((created.id, created.phase), (None, Phase::Started));
+        assert_eq!(
+            decide_check(Some(&shown(Phase::Started)), &planned(Phase::Queued), 0),
+            CheckDecision::Done,
+            "the late started result does not queue it again"
+        );
+    }
+
+    #[test]
+    fn a_task_start_handled_after_its_sync_finished_leaves_the_check_run_completed() {
+        assert_eq!(
+            decide_check(Some(&shown(Phase::Finished)), &planned(Phase::Started), 0),
+            CheckDecision::Done
+        );
+        let in_flight = CheckRecord {
+            unconfirmed: true,
+            leased_until: Some(500),
+            ..shown(Phase::Finished)
+        };
+        assert_eq!(
+            decide_check(Some(&in_flight), &planned(Phase::Started), 100),
+            CheckDecision::Wait(Duration::from_millis(400)),
+            "it waits for the completion in flight, then finds it done"
         );
     }
 

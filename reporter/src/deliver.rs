@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, kv};
-use iac_shared::events::{PushEvent, SyncFinished, SyncStarted};
+use iac_shared::events::{PushEvent, SyncFinished, SyncStarted, TaskStarted};
 use iac_shared::names::*;
 use iac_shared::nats::{REPORTER_DEFAULT_ACK_WAIT, REPORTER_MAX_DELIVER};
 use iac_shared::runtime::{Envelope, with_progress};
@@ -639,6 +639,22 @@ fn parse(
                 },
                 event_id: finished.event_id.clone(),
                 finished: Some(finished),
+            })
+        }
+        // Only check runs follow each task; commit statuses change with the whole sync.
+        TASK_STARTED_SUBJECT => {
+            let task: TaskStarted = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+            Ok(Parsed {
+                plan: Ok(Vec::new()),
+                checks: if check_runs {
+                    checks::for_task_started(&task, settings)
+                        .into_iter()
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                event_id: task.event_id,
+                finished: None,
             })
         }
         PUSH_SUBJECT => {

@@ -228,6 +228,36 @@ pub struct SyncStarted {
     pub deployment_id: Option<String>,
 }
 
+/// Published on `iac.results.task` right before one service's task starts; the services of a
+/// sync may wait their turn long after its `started`. Never waited for long: a sync runs on
+/// when it cannot be stored, so a reader must do without it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    pub event_id: String,
+    /// The event's sequence in `IAC_EVENTS`, as in its [`SyncStarted`].
+    pub event_seq: u64,
+    pub trigger: Trigger,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    pub commit: String,
+    /// The service key (`platform/postgres`).
+    pub service: String,
+    /// The task it runs (`postgres.sync`).
+    pub task: String,
+    /// Why the service was selected (as in [`SyncStarted::reasons`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<u64>,
+    /// RFC 3339.
+    pub started_at: String,
+    /// As in [`SyncStarted::env`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+}
+
 /// How a whole sync ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

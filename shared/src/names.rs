@@ -23,6 +23,9 @@ pub const RESULTS_SUBJECTS: &str = "iac.results.>";
 pub const STARTED_SUBJECT: &str = "iac.results.started";
 /// A sync ended: per-service outcomes and totals, or an error.
 pub const FINISHED_SUBJECT: &str = "iac.results.finished";
+/// One service's task is starting (`TaskStarted`): with `SYNC_PARALLELISM` and `after`, the
+/// services of one sync start one after another.
+pub const TASK_STARTED_SUBJECT: &str = "iac.results.task";
 
 /// The one durable consumer that serializes syncs (`max_ack_pending = 1`).
 pub const WORKER_CONSUMER: &str = "iac-worker";

@@ -1,13 +1,14 @@
 //! GitHub App authentication and check runs, end to end: the reporter signs its JWT with the
 //! test key and the fake GitHub verifies it with the public key, hands out tokens that expire
-//! within seconds (so refreshes happen during the test) and keeps the check runs; a signed
+//! within seconds (so refreshes happen during the test) and keeps the check runs, each request
+//! of them (queued, in progress, completed); a signed
 //! `check_run` `rerequested` webhook makes the gateway store a forced sync of that service.
 
 use std::process::Command;
 use std::time::Duration;
 
 use iac_shared::events::Trigger;
-use iac_tests::fake_github::{FakeApp, FakeGithub};
+use iac_tests::fake_github::{CheckRunRequest, FakeApp, FakeGithub};
 use iac_tests::pipeline::Pipeline;
 use iac_tests::tools::{project_binary, workspace_root};
 use iac_tests::wait_for;
@@ -16,6 +17,7 @@ use serde_json::{Value, json};
 const APP_ID: u64 = 4242;
 const INSTALLATION_ID: u64 = 77;
 const CHECK: &str = "IaC Runner / platform/postgres";
+const REDIS_CHECK: &str = "IaC Runner / platform/redis";
 const TOKEN_LIFETIME: Duration = Duration::from_secs(4);
 const FINAL: Duration = Duration::from_secs(60);
 
@@ -56,6 +58,55 @@ fn app_pipeline(github: &FakeGithub) -> Pipeline {
     }
     pipeline.set_env("gateway", "GITHUB_APP_ID", &APP_ID.to_string());
     pipeline
+}
+
+/// Every accepted request about the check run `run`, in arrival order.
+fn requests_for(github: &FakeGithub, run: &Value) -> Vec<CheckRunRequest> {
+    let id = run["id"].as_u64().expect("a check run id");
+    github
+        .check_run_requests()
+        .into_iter()
+        .filter(|r| r.id == id)
+        .collect()
+}
+
+/// The `status` each request set, a request sent again counted once.
+fn statuses(requests: &[CheckRunRequest]) -> Vec<String> {
+    let mut statuses: Vec<String> = requests
+        .iter()
+        .map(|r| r.body["status"].as_str().unwrap_or_default().to_string())
+        .collect();
+    statuses.dedup();
+    statuses
+}
+
+fn phase_rank(status: &str) -> usize {
+    ["queued", "in_progress", "completed"]
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or_else(|| panic!("an unexpected check run status {status:?}"))
+}
+
+/// Pushes one commit that changes postgres (its task now sleeping a second) and redis, which
+/// syncs after it (`SYNC_PARALLELISM=1`); returns the commit.
+async fn push_two_services(pipeline: &Pipeline) -> String {
+    let fixture = &pipeline.fixture;
+    let before = fixture.head();
+    fixture.set_behaviour("platform/01.postgres", 1.0, 0);
+    let redis = "platform/02.redis/compose.yaml";
+    let compose = std::fs::read_to_string(fixture.work_tree().join(redis)).unwrap();
+    fixture.write(redis, &format!("{compose}# changed\n"));
+    let after = fixture.commit("postgres slower, redis changed");
+    let payload = fixture.push_payload(
+        &before,
+        &after,
+        &["platform/01.postgres/behaviour.json", redis],
+    );
+    let (status, answer) = pipeline
+        .webhook("push", &format!("delivery-{}", &after[..12]), &payload)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    after
 }
 
 fn rerequested(commit: &str, external_id: &str, app_id: u64) -> Value {
@@ -106,16 +157,16 @@ async fn an_app_reports_a_check_run_per_service_refreshes_its_token_and_re_runs_
         summary.contains("changed platform/01.postgres/compose.yaml"),
         "why it was selected: {summary}"
     );
-    // Created in progress, then completed: the same check run, updated.
-    let requests: Vec<_> = github
-        .check_run_requests()
-        .into_iter()
-        .filter(|r| r.id == run["id"].as_u64().unwrap())
-        .collect();
+    // Created, then only updated and moved forward, whichever reporter handled which result.
+    let requests = requests_for(&github, run);
     assert_eq!(requests[0].method, "POST");
-    assert_eq!(requests[0].body["status"], "in_progress");
-    assert_eq!(requests.last().unwrap().method, "PATCH");
-    assert_eq!(requests.last().unwrap().body["status"], "completed");
+    assert!(
+        requests[1..].iter().all(|r| r.method == "PATCH"),
+        "{requests:?}"
+    );
+    let phases = statuses(&requests);
+    assert_eq!(phases.last().map(String::as_str), Some("completed"));
+    assert!(phases.is_sorted_by_key(|s| phase_rank(s)), "{phases:?}");
     // Commit statuses keep flowing beside the check runs.
     github
         .wait_for_shown(&commit, "IaC Runner / Sync", "success", FINAL)
@@ -127,11 +178,39 @@ async fn an_app_reports_a_check_run_per_service_refreshes_its_token_and_re_runs_
     );
 
     // The first token has expired: the next push is reported with a new one, never a 401.
+    // It syncs redis after postgres, whose task takes a second: redis waits its turn queued.
     tokio::time::sleep(TOKEN_LIFETIME).await;
-    let (second, _, _) = pipeline.push_change("platform/01.postgres/env.txt").await;
+    let second = push_two_services(&pipeline).await;
     github
         .wait_for_completed_runs(&second, CHECK, 1, FINAL)
         .await;
+    let [redis] = github
+        .wait_for_completed_runs(&second, REDIS_CHECK, 1, FINAL)
+        .await
+        .try_into()
+        .expect("one check run for redis");
+    assert_eq!(redis["conclusion"], "success");
+    let requests = requests_for(&github, &redis);
+    assert_eq!(
+        statuses(&requests),
+        ["queued", "in_progress", "completed"],
+        "{requests:?}"
+    );
+    assert_eq!(requests[0].method, "POST");
+    assert!(
+        requests[0].body.get("started_at").is_none(),
+        "a queued check run has not started: {:?}",
+        requests[0].body
+    );
+    let started_at = requests[1].body["started_at"].as_str().unwrap_or_default();
+    assert!(started_at.starts_with("20"), "{:?}", requests[1].body);
+    assert!(
+        redis["output"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("changed platform/02.redis/compose.yaml"),
+        "{redis}"
+    );
     assert!(github.issued_tokens().len() >= 2, "a refreshed token");
     assert!(
         github.requests().iter().all(|r| r.answered != 401),

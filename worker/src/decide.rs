@@ -8,7 +8,7 @@ use iac_shared::deploy::{
 };
 use iac_shared::events::{
     FinishedState, PushEvent, RequestError, ServiceResult, SyncFinished, SyncOutcome, SyncRequest,
-    SyncStarted, Totals, Trigger, is_null_commit, now_rfc3339,
+    SyncStarted, TaskStarted, Totals, Trigger, is_null_commit, now_rfc3339,
 };
 use iac_shared::names::{PUSH_SUBJECT, SYNC_SUBJECT};
 use iac_shared::rules::{FanOut, Rules, Service};
@@ -528,6 +528,24 @@ impl ResultHeader {
             commit: commit.to_string(),
             services: keys,
             reasons,
+            replay_of: self.replay_of,
+            started_at: now_rfc3339(),
+            env: self.env.clone(),
+            deployment_id: self.deployment_id.clone(),
+        }
+    }
+
+    /// One service's task starting at `commit`, selected for `reason`.
+    pub fn task_started(&self, commit: &str, service: &Service, reason: &Reason) -> TaskStarted {
+        TaskStarted {
+            event_id: self.event_id.clone(),
+            event_seq: self.event_seq,
+            trigger: self.trigger,
+            repository: self.repository.clone(),
+            commit: commit.to_string(),
+            service: service.key.clone(),
+            task: service.task.clone(),
+            reason: Some(reason.to_string()),
             replay_of: self.replay_of,
             started_at: now_rfc3339(),
             env: self.env.clone(),

@@ -1,6 +1,6 @@
 //! Running one event: check out its commit, decide its services, run their tasks (in their
-//! declared order, up to `SYNC_PARALLELISM` at once), and store the `started` and `finished`
-//! results (or the error that ended it).
+//! declared order, up to `SYNC_PARALLELISM` at once), and store the `started` result, a
+//! `TaskStarted` as each task starts, and the `finished` result (or the error that ended it).
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -14,7 +14,9 @@ use iac_shared::events::{
     PushEvent, ServiceResult, SyncFinished, SyncOutcome, SyncStarted, Totals, Trigger,
 };
 use iac_shared::history::newest_results;
-use iac_shared::names::{EVENT_ID_HEADER, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT};
+use iac_shared::names::{
+    EVENT_ID_HEADER, FINISHED_SUBJECT, MSG_ID_HEADER, STARTED_SUBJECT, TASK_STARTED_SUBJECT,
+};
 use iac_shared::rules::{Rules, Service};
 use iac_shared::runtime::retry_until_shutdown;
 use iac_shared::shutdown::Shutdown;
@@ -31,11 +33,17 @@ use crate::task::{self, TaskEnd, TaskRunner};
 use crate::task_env::{TaskEnv, TaskEnvSettings};
 use crate::workspace::Workspace;
 
-/// How many of the newest results a given-up event's `started` is looked for among.
-const STARTED_SCAN_LIMIT: u64 = 100;
+/// How many of the newest results a given-up event's `started` is looked for among: after it
+/// come the `iac.results.task` of each service its attempt started, so a sync of many
+/// services needs room. The look ends at the newest `started` of the event.
+const STARTED_SCAN_LIMIT: u64 = 1000;
 
 /// How long looking for a given-up event's `started` may take.
 const STARTED_SCAN_BOUND: Duration = Duration::from_secs(5);
+
+/// The longest a task waits for its `TaskStarted` to be stored: it only moves a check run
+/// along, so the task runs on without it.
+const TASK_STARTED_BOUND: Duration = Duration::from_secs(2);
 
 /// The first wait before storing a result again; it doubles up to a bound.
 const PUBLISH_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -484,7 +492,8 @@ async fn run_at(
     publish(ctx, STARTED_SUBJECT, delivery, "started", &started_result).await?;
 
     let force = event.force() || delivery.force;
-    let mut results = run_services(ctx, &decided, &commit, force, &env).await?;
+    let announce = Announce { delivery, header };
+    let mut results = run_services(ctx, &decided, &commit, force, &env, announce).await?;
     for key in &decided.unknown {
         tracing::warn!(service = %key, "no such service at this commit");
         results.push(decide::unknown_service(key));
@@ -716,6 +725,7 @@ async fn run_services(
     commit: &str,
     force: bool,
     env: &TaskEnv,
+    announce: Announce<'_>,
 ) -> Option<Vec<ServiceResult>> {
     let selected = &decided.selected;
     let keys: Vec<&str> = selected.iter().map(|(s, _)| s.key.as_str()).collect();
@@ -734,8 +744,9 @@ async fn run_services(
             let Some(i) = schedule.start_next() else {
                 break;
             };
-            let service = &selected[i].0;
-            running.push(async move { (i, run_task(ctx, service, commit, force, env).await) });
+            let (service, reason) = &selected[i];
+            let task = run_task(ctx, service, reason, commit, force, env, announce);
+            running.push(async move { (i, task.await) });
         }
         let Some((i, result)) = running.next().await else {
             break;
@@ -765,14 +776,18 @@ async fn run_services(
     results.into_iter().collect()
 }
 
-/// Runs one task; `None` when the shutdown grace ran out and it was killed.
+/// Runs one task, once it is announced; `None` when the shutdown grace ran out and it was
+/// killed.
 async fn run_task(
     ctx: &Context,
     service: &Service,
+    reason: &Reason,
     commit: &str,
     force: bool,
     env: &TaskEnv,
+    announce: Announce<'_>,
 ) -> Option<ServiceResult> {
+    announce.task_started(ctx, commit, service, reason).await;
     let began = Instant::now();
     let shutdown = ctx.shutdown.clone();
     let grace = ctx.config.shutdown_grace;
@@ -809,6 +824,49 @@ async fn run_task(
         ),
     }
     Some(result)
+}
+
+/// What a task's `TaskStarted` repeats about its event.
+#[derive(Clone, Copy)]
+struct Announce<'a> {
+    delivery: &'a Delivery,
+    header: &'a ResultHeader,
+}
+
+impl Announce<'_> {
+    /// Stores that `service`'s task starts, waiting at most [`TASK_STARTED_BOUND`]; a failure
+    /// is logged and the task runs all the same.
+    async fn task_started(&self, ctx: &Context, commit: &str, service: &Service, reason: &Reason) {
+        let started = self.header.task_started(commit, service, reason);
+        let payload = serde_json::to_vec(&started).expect("results serialize to JSON");
+        let delivery = self.delivery;
+        // A task started again by a redelivered event is announced anew.
+        let msg_id = format!(
+            "{}:{}:{}:task:{}",
+            delivery.event_id, delivery.seq, delivery.delivered, service.key
+        );
+        let message = PublishMessage::build()
+            .payload(payload.into())
+            .header(EVENT_ID_HEADER, delivery.event_id.as_str())
+            .header(MSG_ID_HEADER, msg_id.as_str());
+        let stored = tokio::time::timeout(TASK_STARTED_BOUND, async {
+            match ctx.js.send_publish(TASK_STARTED_SUBJECT, message).await {
+                Ok(ack) => ack.await.map(drop),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        match stored {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(service = %service.key, error = %e, "could not store that the task started; running it all the same")
+            }
+            Err(_) => tracing::warn!(
+                service = %service.key,
+                "storing that the task started took longer than {TASK_STARTED_BOUND:?}; running it all the same"
+            ),
+        }
+    }
 }
 
 /// Stores the finished result and counts it; `None` when shutdown came before it was stored.
