@@ -509,7 +509,8 @@ async fn store_rerun(app: &App, rerun: Rerun, delivery_id: &str) -> Result<Answe
             push.after.clone(),
         ),
     };
-    let stored = publish(app, subject, delivery_id, payload).await?;
+    // Re-run means "run it again": the suite's push is stored forced, as a service's sync is.
+    let stored = publish_event(app, subject, delivery_id, payload, true).await?;
     tracing::info!(
         services = ?services,
         commit = commit.as_deref().unwrap_or("-"),
@@ -575,7 +576,22 @@ pub(crate) async fn publish(
     event_id: &str,
     payload: Vec<u8>,
 ) -> Result<Stored, GatewayError> {
-    match app.store.publish(subject, event_id, payload).await {
+    publish_event(app, subject, event_id, payload, false).await
+}
+
+/// [`publish`], forced when `force` (`Iac-Force`: a Re-run runs tasks that would be skipped).
+async fn publish_event(
+    app: &App,
+    subject: &'static str,
+    event_id: &str,
+    payload: Vec<u8>,
+    force: bool,
+) -> Result<Stored, GatewayError> {
+    match app
+        .store
+        .publish_event(subject, event_id, payload, force)
+        .await
+    {
         Ok(stored) => {
             app.metrics
                 .published

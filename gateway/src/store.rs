@@ -12,7 +12,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use iac_shared::names::{EVENT_ID_HEADER, MSG_ID_HEADER};
+use iac_shared::names::{EVENT_ID_HEADER, FORCE_HEADER, MSG_ID_HEADER};
 use iac_shared::nats::{ConsumerSettings, StreamSettings, provision_until_ready_with};
 use iac_shared::shutdown::Shutdown;
 use tokio::sync::{mpsc, oneshot};
@@ -113,6 +113,18 @@ impl EventStore {
         event_id: &str,
         payload: Vec<u8>,
     ) -> Result<Stored, StoreError> {
+        self.publish_event(subject, event_id, payload, false).await
+    }
+
+    /// [`publish`](Self::publish), with `Iac-Force` when `force`: the event's tasks run even
+    /// where they would be skipped (a Re-run).
+    pub async fn publish_event(
+        &self,
+        subject: &'static str,
+        event_id: &str,
+        payload: Vec<u8>,
+        force: bool,
+    ) -> Result<Stored, StoreError> {
         if !self.provisioned.load(Ordering::Acquire) {
             return Err(StoreError::NotProvisioned);
         }
@@ -124,6 +136,9 @@ impl EventStore {
         let mut headers = HeaderMap::new();
         headers.insert(MSG_ID_HEADER, event_id);
         headers.insert(EVENT_ID_HEADER, event_id);
+        if force {
+            headers.insert(FORCE_HEADER, "true");
+        }
         let timeout = self.timeout;
         let refused = move |e: PublishError| match e.kind() {
             PublishErrorKind::TimedOut => StoreError::TimedOut(timeout),

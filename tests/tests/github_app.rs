@@ -327,3 +327,54 @@ fn check_runs_without_an_app_are_refused_at_start() {
     assert!(stderr.contains("CHECK_RUNS"), "{stderr}");
     assert!(stderr.contains("GITHUB_APP_ID"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_rerequested_check_suite_runs_its_pushs_services_again_forced() {
+    let github = fake_app().await;
+    let pipeline = app_pipeline(&github);
+    let _gateway = pipeline.start_gateway().await;
+    let _worker = pipeline.start_worker();
+    let before = pipeline.fixture.head();
+    let (commit, status, _) = pipeline
+        .push_change("platform/01.postgres/compose.yaml")
+        .await;
+    assert_eq!(status, 200);
+    let ran = |pipeline: &Pipeline| {
+        pipeline
+            .fixture
+            .runs()
+            .into_iter()
+            .filter(|r| r.phase == "end" && r.task.as_deref() == Some("postgres.sync"))
+            .collect::<Vec<_>>()
+    };
+    wait_for("the push's sync", FINAL, || async {
+        (ran(&pipeline).len() == 1).then_some(())
+    })
+    .await;
+    assert!(!ran(&pipeline)[0].force);
+
+    // "Re-run all checks" on the suite: the push again, its services derived from git, forced.
+    let suite = json!({
+        "action": "rerequested",
+        "check_suite": {
+            "head_sha": commit, "head_branch": "main", "before": before, "after": commit,
+            "app": { "id": APP_ID },
+        },
+        "repository": { "full_name": "acme/infra" },
+    });
+    let (code, answer) = pipeline
+        .webhook("check_suite", "suite-rerun-1", &suite)
+        .await;
+    assert_eq!(
+        (code, answer["status"].as_str()),
+        (200, Some("accepted")),
+        "{answer}"
+    );
+    let runs = wait_for("the re-run", FINAL, || async {
+        let runs = ran(&pipeline);
+        (runs.len() == 2).then_some(runs)
+    })
+    .await;
+    assert_eq!(runs[1].commit.as_deref(), Some(commit.as_str()));
+    assert!(runs[1].force, "the suite's re-run did not force the task");
+}
