@@ -399,13 +399,23 @@ async fn in_a_browser_the_list_and_a_run_page_read_well_and_a_running_task_shows
         ],
         &list_url,
     );
-    for shot in [&run_shot, &phone_shot, &list_shot] {
+    let list_phone_shot = shots.join("runs-phone.png");
+    browse(
+        &chromium,
+        &profile,
+        &[
+            &format!("--screenshot={}", list_phone_shot.display()),
+            "--window-size=390,400",
+        ],
+        &list_url,
+    );
+    for shot in [&run_shot, &phone_shot, &list_shot, &list_phone_shot] {
         let size = std::fs::metadata(shot).map(|m| m.len()).unwrap_or(0);
         assert!(size > 10_000, "{} is {size} bytes", shot.display());
     }
     // `RUN_PAGES_SCREENSHOTS=<dir>` keeps them (how docs/run-page.png was made).
     if let Some(dir) = std::env::var_os("RUN_PAGES_SCREENSHOTS") {
-        for shot in [&run_shot, &phone_shot, &list_shot] {
+        for shot in [&run_shot, &phone_shot, &list_shot, &list_phone_shot] {
             std::fs::copy(shot, Path::new(&dir).join(shot.file_name().unwrap())).unwrap();
         }
     }

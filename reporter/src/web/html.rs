@@ -34,6 +34,7 @@ white-space:pre-wrap;word-break:break-all;font-size:.8rem;max-height:80vh;overfl
 .ok{color:#116329}.bad{color:#a40e26}.run{color:#9a6700}.muted{color:#57606a}\
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem .8rem;margin:.5rem 0}\
 dt{color:#57606a}dd{margin:0;word-break:break-all}\
+.scroll{overflow-x:auto}code{white-space:nowrap}\
 @media (max-width:40rem){.wide{display:none}}";
 
 fn head(title: &str) -> String {
@@ -111,7 +112,8 @@ pub fn list_page(runs: &[Run], older: Option<u64>, link: impl Fn(&str) -> String
         html.push_str("<p class=\"muted\">No runs yet.</p>");
     } else {
         html.push_str(
-            "<table><thead><tr><th>Started</th><th>Trigger</th><th>Commit</th>\
+            "<div class=\"scroll\"><table><thead><tr><th>Started</th><th class=\"wide\">Trigger</th>\
+             <th>Commit</th>\
              <th class=\"wide\">Environment</th><th>Services</th><th>Outcome</th>\
              <th class=\"wide\">Duration</th></tr></thead><tbody>",
         );
@@ -133,7 +135,7 @@ pub fn list_page(runs: &[Run], older: Option<u64>, link: impl Fn(&str) -> String
                     .join("<br>")
             };
             html.push_str(&format!(
-                "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td><code>{}</code></td>\
+                "<tr><td><a href=\"{}\">{}</a></td><td class=\"wide\">{}</td><td><code>{}</code></td>\
                  <td class=\"wide\">{}</td><td>{services}</td><td class=\"{class}\">{state}</td>\
                  <td class=\"wide\">{}</td></tr>",
                 escape(&link(&run.id)),
@@ -146,7 +148,7 @@ pub fn list_page(runs: &[Run], older: Option<u64>, link: impl Fn(&str) -> String
                 duration(run.duration_ms),
             ));
         }
-        html.push_str("</tbody></table>");
+        html.push_str("</tbody></table></div>");
     }
     if let Some(before) = older {
         html.push_str(&format!(
