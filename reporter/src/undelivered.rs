@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use clap::{Args, Subcommand};
-use futures::StreamExt;
 use iac_shared::names::{STATUS_BUCKET, UNDELIVERED_STREAM};
 use iac_shared::nats::{NatsArgs, REPORTER_MAX_DELIVER};
+use iac_shared::replay::{RangeMessage, RangeReader};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -318,40 +318,21 @@ pub async fn read(
             None => Ok(Vec::new()),
         };
     }
-    let deliver_policy = match (select.seq, select.since) {
-        (Some(start_sequence), _) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
-        (None, Some(start_time)) => consumer::DeliverPolicy::ByStartTime { start_time },
-        (None, None) => consumer::DeliverPolicy::All,
-    };
-    let reader = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy,
-            ..Default::default()
-        })
+    let mut reader = RangeReader::open(&stream, select.seq, select.since, None, upper)
         .await
         .map_err(|e| read_err(&e))?;
-    let mut messages = reader.messages().await.map_err(|e| read_err(&e))?;
     let mut kept = Vec::new();
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
-        let message = match next {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(e))) => return Err(read_err(&e)),
-            Ok(None) | Err(_) => break,
-        };
-        let info = message.info().map_err(|e| read_err(&e))?;
-        let (seq, kept_at, pending) = (info.stream_sequence, info.published, info.pending);
-        if seq > upper {
-            break;
-        }
+    while let Some(RangeMessage {
+        message,
+        seq,
+        time: kept_at,
+    }) = reader.next().await.map_err(|e| read_err(&e))?
+    {
         kept.push(Kept {
             seq,
             kept_at,
             status: serde_json::from_slice(&message.payload).map_err(|e| e.to_string()),
         });
-        if pending == 0 || seq >= upper {
-            break;
-        }
     }
     if let Some(seq) = select.seq
         && kept.first().is_none_or(|k| k.seq != seq)

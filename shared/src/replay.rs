@@ -189,34 +189,20 @@ pub async fn replay(
         .state
         .last_sequence;
     let upper = args.to_seq.unwrap_or(last_seq).min(last_seq);
-    let deliver_policy = match (args.from_seq, args.since) {
-        (Some(start_sequence), _) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
-        (None, Some(start_time)) => consumer::DeliverPolicy::ByStartTime { start_time },
-        (None, None) => consumer::DeliverPolicy::All,
-    };
-    let reader = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy,
-            filter_subject: args.subject.clone().unwrap_or_default(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| read_err(&e))?;
-    let mut messages = reader.messages().await.map_err(|e| read_err(&e))?;
+    let mut reader = RangeReader::open(
+        &stream,
+        args.from_seq,
+        args.since,
+        args.subject.clone(),
+        upper,
+    )
+    .await
+    .map_err(|e| read_err(&e))?;
 
     let mut replayed = Vec::new();
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
-        let message = match next {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(e))) => return Err(read_err(&e)),
-            Ok(None) | Err(_) => break,
-        };
-        let info = message.info().map_err(|e| read_err(&e))?;
-        let (seq, time, pending) = (info.stream_sequence, info.published, info.pending);
-        if seq > upper {
-            break;
-        }
+    while let Some(RangeMessage { message, seq, time }) =
+        reader.next().await.map_err(|e| read_err(&e))?
+    {
         let mut selected = describe(seq, time, &message.subject, &message.payload);
         if !args.dry_run {
             let headers = replay_headers(message.headers.as_ref(), seq, args.force);
@@ -236,11 +222,78 @@ pub async fn replay(
             tracing::info!(original_seq = seq, new_seq = ack.sequence, subject = %message.subject, "replayed");
         }
         replayed.push(selected);
-        if pending == 0 || seq >= upper {
-            break;
-        }
     }
     Ok(replayed)
+}
+
+/// One message of a [`RangeReader`], with its stream sequence and the time it was stored.
+pub struct RangeMessage {
+    pub message: jetstream::Message,
+    pub seq: u64,
+    pub time: OffsetDateTime,
+}
+
+/// Reads a stream in order through an unnamed ordered reader (no durable consumer is made or
+/// changed): from a sequence, else from a time, else from the first message, and never past
+/// `upper`, the last sequence when the read began, so copies published while reading are not
+/// read back and a read always ends.
+pub struct RangeReader {
+    messages: consumer::pull::Ordered,
+    upper: u64,
+    done: bool,
+}
+
+impl RangeReader {
+    /// Starts reading `stream` (only `filter`'s subject when given).
+    pub async fn open(
+        stream: &jetstream::stream::Stream,
+        from_seq: Option<u64>,
+        since: Option<OffsetDateTime>,
+        filter: Option<String>,
+        upper: u64,
+    ) -> Result<Self, async_nats::Error> {
+        let deliver_policy = match (from_seq, since) {
+            (Some(start_sequence), _) => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            (None, Some(start_time)) => consumer::DeliverPolicy::ByStartTime { start_time },
+            (None, None) => consumer::DeliverPolicy::All,
+        };
+        let reader = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                filter_subject: filter.unwrap_or_default(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(RangeReader {
+            messages: reader.messages().await?,
+            upper,
+            done: false,
+        })
+    }
+
+    /// The next message, or `None` at `upper`, after the last message stored, or when none
+    /// comes for 2 seconds.
+    pub async fn next(&mut self) -> Result<Option<RangeMessage>, async_nats::Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let message = match tokio::time::timeout(Duration::from_secs(2), self.messages.next()).await
+        {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        let info = message.info()?;
+        let (seq, time, pending) = (info.stream_sequence, info.published, info.pending);
+        if seq > self.upper {
+            self.done = true;
+            return Ok(None);
+        }
+        self.done = pending == 0 || seq >= self.upper;
+        Ok(Some(RangeMessage { message, seq, time }))
+    }
 }
 
 /// The original headers, with a fresh message id and the replay markers.
