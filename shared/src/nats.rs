@@ -377,11 +377,28 @@ pub fn run_log_subject(event_id: &str) -> String {
 /// `IAC_RUN_LINKS`: the generated secret of the run links, written once (create-if-absent) so
 /// every reporter signs alike; kept forever, or old links would break.
 pub fn run_links_bucket_config(settings: &StreamSettings) -> kv::Config {
+    bucket_config(
+        RUN_LINKS_BUCKET,
+        "iac-runner: the secret run links are signed with",
+        settings,
+        Duration::ZERO,
+    )
+}
+
+/// A key-value bucket of the runner: the newest value per key only, `settings`' replicas, and
+/// entries kept `max_age` (`Duration::ZERO`: for ever).
+fn bucket_config(
+    bucket: &str,
+    description: &str,
+    settings: &StreamSettings,
+    max_age: Duration,
+) -> kv::Config {
     kv::Config {
-        bucket: RUN_LINKS_BUCKET.to_string(),
-        description: "iac-runner: the secret run links are signed with".into(),
+        bucket: bucket.to_string(),
+        description: description.to_string(),
         history: 1,
         num_replicas: settings.replicas.into(),
+        max_age,
         ..Default::default()
     }
 }
@@ -721,14 +738,12 @@ fn consumer_configs(settings: &ConsumerSettings) -> Vec<(&'static str, consumer:
 /// `IAC_STATUSES`: the newest status claimed per (repository, commit, context), kept as long as
 /// the streams.
 pub fn status_bucket_config(settings: &StreamSettings) -> kv::Config {
-    kv::Config {
-        bucket: STATUS_BUCKET.to_string(),
-        description: "iac-runner: newest status claimed per commit and context".into(),
-        history: 1,
-        num_replicas: settings.replicas.into(),
-        max_age: settings.max_age,
-        ..Default::default()
-    }
+    bucket_config(
+        STATUS_BUCKET,
+        "iac-runner: newest status claimed per commit and context",
+        settings,
+        settings.max_age,
+    )
 }
 
 /// Creates the status bucket, or corrects its drifted limits, like [`ensure_stream`].
@@ -746,26 +761,22 @@ pub const NONCE_RETENTION: Duration = Duration::from_secs(15 * 60);
 /// `IAC_DEPLOYMENTS`: one summary per deployment id (and the ids per environment and commit,
 /// under `ref.<env>.<commit>`), kept as long as the streams.
 pub fn deployments_bucket_config(settings: &StreamSettings) -> kv::Config {
-    kv::Config {
-        bucket: DEPLOYMENTS_BUCKET.to_string(),
-        description: "iac-runner: deployment summaries by deployment id".into(),
-        history: 1,
-        num_replicas: settings.replicas.into(),
-        max_age: settings.max_age,
-        ..Default::default()
-    }
+    bucket_config(
+        DEPLOYMENTS_BUCKET,
+        "iac-runner: deployment summaries by deployment id",
+        settings,
+        settings.max_age,
+    )
 }
 
 /// `IAC_NONCES`: the nonces of accepted signed requests, each kept [`NONCE_RETENTION`].
 pub fn nonces_bucket_config(settings: &StreamSettings) -> kv::Config {
-    kv::Config {
-        bucket: NONCES_BUCKET.to_string(),
-        description: "iac-runner: nonces of accepted signed requests".into(),
-        history: 1,
-        num_replicas: settings.replicas.into(),
-        max_age: NONCE_RETENTION,
-        ..Default::default()
-    }
+    bucket_config(
+        NONCES_BUCKET,
+        "iac-runner: nonces of accepted signed requests",
+        settings,
+        NONCE_RETENTION,
+    )
 }
 
 /// The deployment summaries and the nonces, created or corrected like [`ensure_bucket`]: the
@@ -790,27 +801,24 @@ pub async fn ensure_deployments_bucket(
 /// `IAC_NOTIFY`: the last notified state per (environment, service). Kept without an age limit:
 /// a record that expired while a service was failing would lose its recovery.
 pub fn notify_bucket_config(settings: &StreamSettings) -> kv::Config {
-    kv::Config {
-        bucket: NOTIFY_BUCKET.to_string(),
-        description: "iac-runner: last notified state per environment and service".into(),
-        history: 1,
-        num_replicas: settings.replicas.into(),
-        ..Default::default()
-    }
+    bucket_config(
+        NOTIFY_BUCKET,
+        "iac-runner: last notified state per environment and service",
+        settings,
+        Duration::ZERO,
+    )
 }
 
 /// `IAC_APPLIED`: what each environment and service last synced, and the events a newer
 /// push's sync covered, kept as long as the streams (an entry is rewritten on every sync, so
 /// only the covered marks of old events ever age out).
 pub fn applied_bucket_config(settings: &StreamSettings) -> kv::Config {
-    kv::Config {
-        bucket: APPLIED_BUCKET.to_string(),
-        description: "iac-runner: last synced commit per environment and service".into(),
-        history: 1,
-        num_replicas: settings.replicas.into(),
-        max_age: settings.max_age,
-        ..Default::default()
-    }
+    bucket_config(
+        APPLIED_BUCKET,
+        "iac-runner: last synced commit per environment and service",
+        settings,
+        settings.max_age,
+    )
 }
 
 /// Creates the notification bucket, or corrects its drifted limits, like [`ensure_stream`].
