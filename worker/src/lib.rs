@@ -197,7 +197,11 @@ async fn serve_events(
                 timeout: config.sync_timeout,
                 tail_lines: config.output_tail_lines.into(),
                 groups: workspace.task_groups(),
-                run_log: runlog::RunLog::new(js.clone(), config.run_log.max_bytes),
+                run_log: runlog::RunLog::new(
+                    js.clone(),
+                    config.run_log.max_bytes,
+                    shutdown.clone(),
+                ),
             },
             task_env: config.task_env(),
             // One set of task environments for every deployment environment: they are keyed

@@ -96,10 +96,11 @@ pub fn ensure_stream(js: &jetstream::Context, settings: &StreamSettings, shutdow
 }
 
 /// Where the worker publishes run logs; [`RunLog::default`] publishes nothing.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RunLog {
     js: Option<jetstream::Context>,
     max_bytes: u64,
+    shutdown: Shutdown,
 }
 
 impl std::fmt::Debug for RunLog {
@@ -111,11 +112,22 @@ impl std::fmt::Debug for RunLog {
     }
 }
 
+impl Default for RunLog {
+    fn default() -> Self {
+        RunLog {
+            js: None,
+            max_bytes: 0,
+            shutdown: Shutdown::never(),
+        }
+    }
+}
+
 impl RunLog {
-    pub fn new(js: jetstream::Context, max_bytes: u64) -> Self {
+    pub fn new(js: jetstream::Context, max_bytes: u64, shutdown: Shutdown) -> Self {
         RunLog {
             js: (max_bytes > 0).then_some(js),
             max_bytes,
+            shutdown,
         }
     }
 
@@ -131,6 +143,7 @@ impl RunLog {
                     max_bytes: self.max_bytes,
                     used: AtomicU64::new(0),
                     cut: AtomicBool::new(false),
+                    shutdown: self.shutdown.clone(),
                 })
             }),
         }
@@ -152,6 +165,8 @@ struct Run {
     used: AtomicU64,
     /// Whether the cut has been marked (once per run).
     cut: AtomicBool,
+    /// The end of a task stops waiting for its output when the worker shuts down.
+    shutdown: Shutdown,
 }
 
 impl std::fmt::Debug for Run {
@@ -179,6 +194,7 @@ impl RunOutput {
         TaskOutput {
             lines: Some(lines),
             dropped,
+            shutdown: Some(run.shutdown.clone()),
             done: Some(Arc::new(tokio::sync::Mutex::new(Some(tokio::spawn(
                 publisher.run(queue),
             ))))),
@@ -194,6 +210,7 @@ type Done = Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>;
 pub struct TaskOutput {
     lines: Option<mpsc::Sender<String>>,
     dropped: Arc<AtomicU64>,
+    shutdown: Option<Shutdown>,
     done: Option<Done>,
 }
 
@@ -208,8 +225,9 @@ impl TaskOutput {
         }
     }
 
-    /// Closes this handle; the last one to finish waits (a bounded time) until what was
-    /// queued is stored, so the output is complete when the result says the task ended.
+    /// Closes this handle; the last one to finish waits (a bounded time, and not past a
+    /// shutdown: output never holds the worker up) until what was queued is stored, so the
+    /// output is complete when the result says the task ended.
     pub async fn finish(mut self) {
         self.lines = None;
         let Some(done) = self.done.take() else {
@@ -218,8 +236,21 @@ impl TaskOutput {
         let Some(handle) = done.lock().await.take() else {
             return;
         };
-        if tokio::time::timeout(FINISH_TIMEOUT, handle).await.is_err() {
-            tracing::warn!("the end of the task's output could not be stored in time");
+        let stored = tokio::time::timeout(FINISH_TIMEOUT, handle);
+        let shutdown = self.shutdown.take();
+        let shutting_down = async {
+            match &shutdown {
+                Some(shutdown) => shutdown.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            stored = stored => if stored.is_err() {
+                tracing::warn!("the end of the task's output could not be stored in time");
+            },
+            _ = shutting_down => {
+                tracing::info!("shutting down: not waiting for the end of the task's output to be stored");
+            }
         }
     }
 }
